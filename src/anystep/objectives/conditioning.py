@@ -1,0 +1,24 @@
+"""Condition dropout (the null condition stands in for a dropped prompt or label)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def select_cond(keep: torch.Tensor, cond: Any, null_cond: Any) -> Any:
+    """Row-wise ``cond if keep else null_cond``; ``null_cond`` may have batch 1. Works on tensors and dicts."""
+    if isinstance(cond, dict):
+        return {k: select_cond(keep, cond[k], null_cond[k]) for k in cond}
+    null_cond = null_cond.to(cond.device).expand_as(cond) if null_cond.shape[0] == 1 else null_cond
+    mask = keep.view(-1, *([1] * (cond.ndim - 1)))
+    return torch.where(mask, cond, null_cond)
+
+
+def drop_condition(cond: Any, null_cond: Any, p: float, batch: int,
+                   generator: torch.Generator | None = None) -> tuple[Any, torch.Tensor]:
+    """Replace each row of ``cond`` by the null condition with probability ``p`` (official: 0.1, with Wan's
+    negative-prompt embedding as the null). Returns the new condition and the keep mask (B,) bool."""
+    keep = torch.rand(batch, generator=generator) >= p
+    return select_cond(keep, cond, null_cond), keep

@@ -1,0 +1,41 @@
+"""Plain flow matching: the teacher fine-tune and the Stage-2 critic.
+
+``x_t = (1 - s) x0 + s eps``, target ``v = eps - x0``, model queried with r = t (it is a velocity model),
+t logit-normal and shifted: ``t = 1000 shift(sigmoid(N(0, 1)))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..flowmap import FlowMap
+from ..time import T_MAX, logit_normal
+from .conditioning import drop_condition
+
+
+def noisy(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - t/1000) x0 + (t/1000) eps`` with per-sample t (B,)."""
+    s = (t.double() / T_MAX).to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - s) * x0 + s * eps
+
+
+def flow_matching_loss(model: FlowMap, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                       cond: Any) -> torch.Tensor:
+    """Per-sample ``mean((u(x_t, t, t) - (eps - x0))^2)``, shape (B,)."""
+    u = model(noisy(x0, eps, t), t, t, cond)
+    return (u.float() - (eps - x0).float()).pow(2).flatten(1).mean(1)
+
+
+def flow_matching_step(model: FlowMap, x0: torch.Tensor, cond: Any, null_cond: Any | None = None, *,
+                       shift: float = 5.0, cond_dropout: float = 0.1,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One flow-matching loss on a batch: logit-normal shifted t, condition dropout to the null condition."""
+    b = x0.shape[0]
+    if null_cond is not None and cond_dropout > 0:
+        cond, _ = drop_condition(cond, null_cond, cond_dropout, b, generator)
+    t = logit_normal(b, shift, generator=generator)
+    eps = torch.randn(x0.shape, generator=generator).to(x0)
+    loss = flow_matching_loss(model, x0, eps, t, cond).mean()
+    return loss, {"loss/flow_matching": loss.item()}

@@ -1,0 +1,244 @@
+"""Stage 1: forward flow-map training (the MeanFlow identity on real data, AnyFlow sec. 3).
+
+For a sample x0, noise eps, v = eps - x0 and a pair t >= r::
+
+    target = v - (t - r) dF/dt                         (MeanFlow identity, timestep units)
+    F~     = (F_c - (1 - w) sg(F_u)) / w               (guidance fusion, w = 3)
+    L_i    = beta08(t_i) * mean((F~_i - sg(target_i))^2)
+    L_i   <- L_i * sg(mean_diffusion / (L_i + c))      (non-diffusion samples; adaptive rebalance)
+
+dF/dt is the total derivative of the conditional output along the data path (dx/dt = v / 1000 per
+timestep unit, r fixed), divided by w: a central difference of the student itself (official, eps = 5
+timestep units) or an exact JVP (``derivative="jvp"``). Both are stop-gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..flowmap import FlowMap, cat_cond
+from ..time import T_MAX, beta08_weight, sample_time_pairs
+from .conditioning import drop_condition
+from .flow_matching import noisy
+
+
+@dataclass
+class Stage1Config:
+    """The Stage-1 objective. Defaults reproduce the official recipe unless marked *departure*."""
+
+    fuse_guidance_scale: float | None = 3.0  # w; None or 1 disables fusion (no unconditional call)
+    cond_dropout: float = 0.1                # rows replaced by the null condition
+    diffusion_ratio: float = 0.5             # r = t
+    consistency_ratio: float = 0.25          # r = 0; the rest is "free"
+    bucket_split: str = "stratified"         # departure (required): 'official' ties buckets to rank order
+    shift: float = 5.0
+    derivative: str = "central_difference"   # or 'jvp' (departure: exact forward-mode derivative)
+    epsilon: float = 5.0                     # central-difference step, timestep units
+    fd_boundary: str = "one_sided"           # departure: 'none' steps outside [r, 1000] like the official code
+    weight_type: str = "beta08"              # or 'uniform'
+    rebalance: bool = True
+    rebalance_eps: float = 1e-5
+    time_dtype: str = "float32"              # departure: 'bfloat16' emulates the official bf16 times
+
+    def __post_init__(self):
+        choices = {"derivative": ("central_difference", "jvp"), "fd_boundary": ("one_sided", "none"),
+                   "weight_type": ("beta08", "uniform"), "bucket_split": ("stratified", "official"),
+                   "time_dtype": ("float32", "bfloat16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"stage1.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.epsilon <= 0:
+            raise ValueError(f"stage1.epsilon must be > 0 timestep units, got {self.epsilon}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The formulas, one function each
+# ------------------------------------------------------------------------------------------------
+def meanflow_target(v: torch.Tensor, t: torch.Tensor, r: torch.Tensor, dudt: torch.Tensor) -> torch.Tensor:
+    """``v - (t - r) dF/dt`` with t, r (B,) in timestep units and dF/dt per timestep unit."""
+    return v - _bcast(t - r, v) * dudt
+
+
+def fuse_guidance(u_cond: torch.Tensor, u_null: torch.Tensor, w: float) -> torch.Tensor:
+    """``(F_c - (1 - w) sg(F_u)) / w``: the regressed quantity, so that F_c learns ``F_u + w (F~ - F_u)``."""
+    return (u_cond - (1 - w) * u_null.detach()) / w
+
+
+def fd_steps(t: torch.Tensor, r: torch.Tensor, eps: float, one_sided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward step sizes (h+, h-) of the difference at t. Central (eps, eps) inside the domain;
+    one-sided at the edges: h+ = min(eps, 1000 - t), h- = min(eps, t - r)."""
+    h_plus, h_minus = torch.full_like(t, eps), torch.full_like(t, eps)
+    if one_sided:
+        h_plus = torch.minimum(h_plus, T_MAX - t)
+        h_minus = torch.minimum(h_minus, t - r)
+    return h_plus, h_minus
+
+
+def difference_quotient(u_plus: torch.Tensor, u_minus: torch.Tensor, h_plus: torch.Tensor,
+                        h_minus: torch.Tensor) -> torch.Tensor:
+    """``(F(t + h+) - F(t - h-)) / (h+ + h-)``; zero where both steps vanish (t = r = 1000)."""
+    span = h_plus + h_minus
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(_bcast(span > 0, u_plus), (u_plus - u_minus) / _bcast(safe, u_plus), 0.0)
+
+
+def rebalance(losses: torch.Tensor, is_diffusion: torch.Tensor, diffusion_mean: torch.Tensor,
+              c: float = 1e-5) -> torch.Tensor:
+    """Non-diffusion samples: ``L_i * sg(mean_diffusion / (L_i + c))`` (value ~ mean_diffusion, adaptive
+    gradient scale). Diffusion samples unchanged."""
+    scale = (diffusion_mean / (losses.detach() + c)).detach()
+    return torch.where(is_diffusion, losses, losses * scale)
+
+
+def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return a.to(like.dtype if a.dtype.is_floating_point else a.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The derivative: central difference (official) or exact JVP
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def central_difference_and_null(model: FlowMap, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
+                                r: torch.Tensor, cond: Any, null_cond: Any | None, eps: float,
+                                one_sided: bool, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dF_c/dt by a difference quotient along the data path, and the unconditional output F_u, in **one**
+    batched no-grad call: [null branch (B) | plus points | minus points]. Only samples with ``need`` (t > r;
+    at t = r the derivative is multiplied by 0) get difference points."""
+    h_plus, h_minus = fd_steps(t, r, eps, one_sided)
+    idx = torch.nonzero(need).flatten()
+    xs, ts, rs, cs = [], [], [], []
+    if null_cond is not None:
+        xs.append(x_t), ts.append(t), rs.append(r), cs.append(null_cond)
+    if idx.numel():
+        xi, vi, ti, ri, ci = x_t[idx], v[idx], t[idx], r[idx], _rows(cond, idx)
+        hp, hm = h_plus[idx], h_minus[idx]
+        xs += [xi + _bcast(hp / T_MAX, vi) * vi, xi - _bcast(hm / T_MAX, vi) * vi]
+        ts += [ti + hp, ti - hm]
+        rs += [ri, ri]
+        cs += [ci, ci]
+    dudt = torch.zeros_like(x_t)
+    if not xs:
+        return dudt, None
+    cond_all = cs[0]
+    for c in cs[1:]:
+        cond_all = cat_cond(cond_all, c)
+    out = model(torch.cat(xs), torch.cat(ts), torch.cat(rs), cond_all)
+    b = x_t.shape[0] if null_cond is not None else 0
+    u_null = out[:b] if null_cond is not None else None
+    if idx.numel():
+        n = idx.numel()
+        u_plus, u_minus = out[b:b + n], out[b + n:b + 2 * n]
+        dudt[idx] = difference_quotient(u_plus, u_minus, h_plus[idx], h_minus[idx]).to(dudt.dtype)
+    return dudt, u_null
+
+
+def exact_derivative(model: FlowMap, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+                     cond: Any) -> torch.Tensor:
+    """dF_c/dt by forward-mode AD: ``jvp(F, (x, t), (v / 1000, 1))`` with r fixed. On CPU, attention must use
+    the math SDPA backend (no forward AD for the fused kernels); that is selected here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def f(x, tt):
+        return model(x, tt, r, cond)
+
+    ctx = sdpa_kernel(SDPBackend.MATH) if x_t.device.type == "cpu" else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        _, dudt = torch.func.jvp(f, (x_t, t), (v / T_MAX, torch.ones_like(t)))
+    return dudt
+
+
+def _rows(cond: Any, idx: torch.Tensor) -> Any:
+    if isinstance(cond, dict):
+        return {k: _rows(c, idx) for k, c in cond.items()}
+    return cond[idx]
+
+
+def _expand_null(null_cond: Any, b: int) -> Any:
+    if isinstance(null_cond, dict):
+        return {k: _expand_null(c, b) for k, c in null_cond.items()}
+    return null_cond.expand(b, *null_cond.shape[1:]) if null_cond.shape[0] == 1 else null_cond
+
+
+# ------------------------------------------------------------------------------------------------
+# The objective
+# ------------------------------------------------------------------------------------------------
+class Stage1Objective:
+    """The Stage-1 flow-map loss on a batch of real data. Holds one piece of state: a running mean of the
+    diffusion-bucket loss, the fallback for rebalancing a batch that has no diffusion sample."""
+
+    def __init__(self, cfg: Stage1Config, null_cond: Any | None = None):
+        self.cfg = cfg
+        self.null_cond = null_cond
+        self.diffusion_mean_ema = torch.tensor(float("nan"), dtype=torch.float64)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"diffusion_mean_ema": self.diffusion_mean_ema.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.diffusion_mean_ema = state["diffusion_mean_ema"].clone().double()
+
+    def __call__(self, model: FlowMap, x0: torch.Tensor, cond: Any, generator: torch.Generator | None = None,
+                 rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
+        """Returns the scalar loss (local batch mean) and logged statistics."""
+        cfg, b = self.cfg, x0.shape[0]
+        w = cfg.fuse_guidance_scale
+        fuse = w is not None and w != 1.0 and self.null_cond is not None
+        # 1. condition dropout, (t, r) with buckets, the noisy point on the straight path
+        null = _expand_null(self.null_cond, b) if self.null_cond is not None else None
+        if null is not None and cfg.cond_dropout > 0:
+            cond, _ = drop_condition(cond, null, cfg.cond_dropout, b, generator)
+        time_dtype = torch.bfloat16 if cfg.time_dtype == "bfloat16" else torch.float32
+        pairs = sample_time_pairs(b, cfg.shift, cfg.diffusion_ratio, cfg.consistency_ratio,
+                                  split=cfg.bucket_split, rank=rank, world_size=world_size,
+                                  generator=generator, time_dtype=time_dtype)
+        t, r = pairs.t.to(x0.device), pairs.r.to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator).to(x0)
+        v = eps - x0
+        x_t = noisy(x0, eps, t)
+        # 2. the student with grad; the null branch and the derivative in one no-grad batch
+        u_cond = model(x_t, t, r, cond)
+        need = (t > r) if cfg.derivative == "central_difference" else torch.zeros_like(t, dtype=torch.bool)
+        dudt, u_null = central_difference_and_null(model, x_t, v, t, r, cond, null if fuse else None,
+                                                   cfg.epsilon, cfg.fd_boundary == "one_sided", need)
+        if cfg.derivative == "jvp":
+            dudt = exact_derivative(model, x_t, v, t, r, cond)
+        # 3. fusion and the MeanFlow target
+        pred = fuse_guidance(u_cond, u_null, w) if fuse else u_cond
+        if fuse:
+            dudt = dudt / w
+        target = meanflow_target(v.float(), t, r, dudt.float()).detach()
+        # 4. per-sample loss, beta08 weight, rebalance to the (global) diffusion mean
+        losses = (pred.float() - target).pow(2).flatten(1).mean(1)
+        raw = losses.detach()
+        if cfg.weight_type == "beta08":
+            losses = losses * beta08_weight(t, cfg.shift).to(losses)
+        if cfg.rebalance:
+            losses = rebalance(losses, pairs.is_diffusion.to(losses.device),
+                               self._diffusion_mean(losses.detach(), pairs.is_diffusion), cfg.rebalance_eps)
+        loss = losses.mean()
+        stats = {"loss/stage1": loss.item()}
+        for name, k in (("diffusion", 0), ("consistency", 1), ("free", 2)):
+            sel = pairs.bucket == k
+            if sel.any():
+                stats[f"loss/{name}_mse"] = raw[sel.to(raw.device)].mean().item()
+        return loss, stats
+
+    def _diffusion_mean(self, losses: torch.Tensor, is_diffusion: torch.Tensor) -> torch.Tensor:
+        """Mean weighted loss of the diffusion bucket over all ranks; the running mean when there is none."""
+        is_diffusion = is_diffusion.to(losses.device)
+        total = torch.stack([losses[is_diffusion].sum(), is_diffusion.sum().to(losses.dtype)]).double()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        if total[1] > 0:
+            mean = total[0] / total[1]
+            ema = self.diffusion_mean_ema
+            self.diffusion_mean_ema = mean.cpu() if torch.isnan(ema) else 0.9 * ema + 0.1 * mean.cpu()
+            return mean.to(losses)
+        if torch.isnan(self.diffusion_mean_ema):
+            return losses  # no diffusion sample seen yet: leave the losses as they are (scale 1)
+        return self.diffusion_mean_ema.to(losses)

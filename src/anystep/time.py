@@ -1,0 +1,151 @@
+"""Time in AnyFlow: the shift, N-step grids, the (t, r) sampler, loss weights.
+
+Conventions (used by every module of anystep):
+
+* Rectified flow ``x_t = (1 - s) x0 + s eps`` with ``s = t / 1000``; data velocity ``v = eps - x0``.
+* Times are in *timestep units* ``[0, 1000]`` at every model boundary, ``t >= r``, and are kept in
+  float32/float64 in the math (the official code's bf16 times are a known flaw; ``time_dtype`` in the
+  Stage-1 config can emulate them).
+* shift(s) = k s / (1 + (k - 1) s), k = 5 by default (Wan / SD3 time shift).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+T_MAX = 1000.0
+
+
+def shift(s: torch.Tensor | float, k: float = 5.0) -> torch.Tensor:
+    """Time shift ``k s / (1 + (k - 1) s)``; monotone on [0, 1] with shift(0) = 0, shift(1) = 1."""
+    s = torch.as_tensor(s, dtype=torch.float64) if not torch.is_tensor(s) else s
+    return k * s / (1 + (k - 1) * s)
+
+
+def grid(num_steps: int, k: float = 5.0) -> torch.Tensor:
+    """The N-step inference grid ``tau_i = 1000 shift(1 - i/N)``, i = 0..N, terminal 0 included.
+
+    Equal to diffusers' ``FlowMapEulerDiscreteScheduler(shift=k).set_timesteps(N)``: its ``timesteps``
+    are ``tau_0..tau_{N-1}`` and its ``sigmas * 1000`` are all N + 1 values. Float64.
+    """
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"number of sampling steps must be an integer >= 1, got {num_steps!r}")
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    taus = T_MAX * shift(s, k)
+    taus[-1] = 0.0
+    return taus
+
+
+def custom_grid(timesteps: Sequence[float]) -> torch.Tensor:
+    """A user-given grid in timestep units; strictly decreasing, within [0, 1000]. A terminal 0 is appended
+    when missing (as diffusers does for custom schedules)."""
+    taus = torch.as_tensor(list(timesteps), dtype=torch.float64)
+    if taus.ndim != 1 or taus.numel() < 1:
+        raise ValueError("a custom grid needs at least one timestep")
+    if taus[-1] != 0:
+        taus = torch.cat([taus, taus.new_zeros(1)])
+    if (taus < 0).any() or (taus > T_MAX).any():
+        raise ValueError(f"grid timesteps must lie in [0, {T_MAX:g}], got {taus.tolist()}")
+    if not (taus[:-1] > taus[1:]).all():
+        raise ValueError(f"grid timesteps must be strictly decreasing, got {taus.tolist()}")
+    return taus
+
+
+def logit_normal(n: int, k: float = 5.0, mean: float = 0.0, std: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flow-matching training times: ``1000 shift(sigmoid(N(mean, std)))`` (teacher and critic), float32."""
+    z = torch.randn(n, generator=generator, dtype=torch.float64) * std + mean
+    return (T_MAX * shift(torch.sigmoid(z), k)).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# The Stage-1 (t, r) sampler with its three buckets
+# --------------------------------------------------------------------------------------------------
+DIFFUSION, CONSISTENCY, FREE = 0, 1, 2
+
+
+@dataclass
+class TimePairs:
+    """A batch of (t, r) in timestep units, float32, with each sample's bucket."""
+
+    t: torch.Tensor       # (B,)
+    r: torch.Tensor       # (B,)
+    bucket: torch.Tensor  # (B,) long: DIFFUSION (r = t), CONSISTENCY (r = 0), FREE
+
+    @property
+    def is_diffusion(self) -> torch.Tensor:
+        return self.bucket == DIFFUSION
+
+
+def assign_buckets(batch: int, diffusion: float = 0.5, consistency: float = 0.25, *,
+                   split: str = "stratified", rank: int = 0, world_size: int = 1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which bucket each sample of a local batch falls in.
+
+    ``split="official"``: the official code's rule. Global index ``g = rank * B + i`` of a global batch
+    ``G = world_size * B``; ``g < round(0.5 G)`` is diffusion, the next ``round(0.25 G)`` consistency, the rest
+    free. Buckets then depend on rank order, and a batch of 1 on one process is always diffusion.
+
+    ``split="stratified"`` (default, independent of rank): systematic sampling with a random offset,
+    ``u_i = (o + i) / B mod 1``, bucket = the interval of [0, 1) that u_i falls in, then a random permutation.
+    A batch of B gets exactly the rounded proportions, and a batch of 1 draws each bucket with its
+    probability over training.
+    """
+    if not 0 <= diffusion and 0 <= consistency and diffusion + consistency <= 1:
+        raise ValueError(f"bucket ratios must be >= 0 and sum to <= 1, got {diffusion}, {consistency}")
+    if split == "official":
+        g_batch = world_size * batch
+        g_index = rank * batch + torch.arange(batch)
+        n_diff, n_cons = round(diffusion * g_batch), round(consistency * g_batch)
+        bucket = torch.full((batch,), FREE, dtype=torch.long)
+        bucket[g_index < n_diff + n_cons] = CONSISTENCY
+        bucket[g_index < n_diff] = DIFFUSION
+        return bucket
+    if split == "stratified":
+        offset = torch.rand((), generator=generator, dtype=torch.float64)
+        u = ((offset + torch.arange(batch, dtype=torch.float64)) / batch) % 1.0
+        bucket = torch.full((batch,), FREE, dtype=torch.long)
+        bucket[u < diffusion + consistency] = CONSISTENCY
+        bucket[u < diffusion] = DIFFUSION
+        return bucket[torch.randperm(batch, generator=generator)]
+    raise ValueError(f"unknown bucket split {split!r}; expected 'stratified' or 'official'")
+
+
+def sample_time_pairs(batch: int, k: float = 5.0, diffusion: float = 0.5, consistency: float = 0.25, *,
+                      split: str = "stratified", rank: int = 0, world_size: int = 1,
+                      generator: torch.Generator | None = None,
+                      time_dtype: torch.dtype = torch.float32) -> TimePairs:
+    """Stage-1 (t, r): ``t = max(u1, u2)``, ``r = min(u1, u2)``, buckets (diffusion: r = t; consistency:
+    r = 0; free: as drawn), then both shifted and scaled to timestep units. ``time_dtype=torch.bfloat16``
+    reproduces the official code's bf16 times (its ``torch.rand(dtype=bf16)`` and bf16 shift)."""
+    bucket = assign_buckets(batch, diffusion, consistency, split=split, rank=rank,
+                            world_size=world_size, generator=generator)
+    u = torch.rand(batch, 2, generator=generator).to(time_dtype)
+    t, r = u.max(dim=1).values, u.min(dim=1).values
+    r = torch.where(bucket == DIFFUSION, t, r)
+    r = torch.where(bucket == CONSISTENCY, torch.zeros_like(r), r)
+    t = (T_MAX * shift(t, k)).to(time_dtype)
+    r = (T_MAX * shift(r, k)).to(time_dtype)
+    return TimePairs(t=t.float(), r=r.float(), bucket=bucket)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss weight
+# --------------------------------------------------------------------------------------------------
+def beta08_table(k: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official ``beta08`` loss-weight table: on the 1001 shifted grid points ``g_j = shift(j/1000)``,
+    ``y = g (1 - g)^0.5`` (an unnormalised Beta(2, 1.5) density in shifted sigma), scaled so that the
+    weights sum to 1000. Returns (grid in timestep units, weights), float64."""
+    g = shift(torch.linspace(0.0, 1.0, 1001, dtype=torch.float64), k)
+    y = g * (1 - g).clamp_min(0).sqrt()
+    return T_MAX * g, y * (1000.0 / y.sum())
+
+
+def beta08_weight(t: torch.Tensor, k: float = 5.0) -> torch.Tensor:
+    """Nearest-grid lookup of the beta08 weight at timesteps ``t`` (r plays no part), float32."""
+    g, w = beta08_table(k)
+    idx = (t.double()[:, None] - g[None, :]).abs().argmin(dim=1)
+    return w[idx].float()

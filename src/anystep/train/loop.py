@@ -1,0 +1,206 @@
+"""The generic training loop: optimizers, warm-up, clipping, EMA, NaN guard, checkpoints, progress, logs.
+
+It knows nothing of the algorithm. A :class:`~anystep.train.methods.Method` says, for each iteration, which
+*phases* run: a phase names the role whose optimizer steps and returns its loss terms. The loop sums the
+terms, checks that each is finite, back-propagates, clips, steps, and updates that role's EMA.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import find_checkpoint, load_tensors, load_trainer_state, save_checkpoint
+from .methods import Method
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; training stops and the last good checkpoint is kept."""
+
+
+class EMA:
+    """Exponential moving average of a module's trainable parameters (float32). The decay is 0 before
+    ``warmup_steps`` (the EMA follows the weights), then constant, as in the official ShardEMA."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, warmup_steps: int):
+        self.decay, self.warmup_steps = decay, warmup_steps
+        self.params = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = self.decay if step >= self.warmup_steps else 0.0
+        for n, p in module.named_parameters():
+            if n in self.params:
+                self.params[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    def state_dict_for(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The module's full state dict with the EMA parameters swapped in."""
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        for n, v in self.params.items():
+            state[n] = v.to(state[n].dtype)
+        return state
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for n in self.params:
+            self.params[n] = state[n].float().clone()
+
+
+class MetricsLog:
+    """Metrics to ``metrics.csv`` (one row per logged step, columns grow as new terms appear), and to
+    TensorBoard when it is installed."""
+
+    def __init__(self, out_dir: Path, resume_step: int = 0):
+        self.path = Path(out_dir) / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            with open(self.path) as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self.fields = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
+        self._write_all()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+        except Exception:  # tensorboard not installed
+            self.tb = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        row = {"step": step, **values}
+        self.rows.append(row)
+        new = [k for k in values if k not in self.fields]
+        if new:
+            self.fields += sorted(new)
+            self._write_all()
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.fields).writerow(row)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def _write_all(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, self.fields)
+            w.writeheader()
+            w.writerows(self.rows)
+
+
+def _lr_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+class Trainer:
+    """Runs a :class:`Method` for ``steps`` iterations with checkpoints under ``out_dir/checkpoints``."""
+
+    def __init__(self, method: Method, *, steps: int, out_dir: str | Path, seed: int = 0,
+                 optim: dict[str, Any] | None = None, log_every: int = 10, checkpoint_every: int = 500,
+                 keep_checkpoints: int = 2, config_yaml: str = "", progress: bool = True):
+        self.method, self.steps, self.out_dir = method, steps, Path(out_dir)
+        o = optim or {}
+        self.grad_clip = o.get("grad_clip", 1.0)
+        self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep_checkpoints
+        self.config_yaml, self.progress = config_yaml, progress
+        self.generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.optimizers, self.schedulers, self.emas = {}, {}, {}
+        for role, module in method.roles.items():
+            params = [p for p in module.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"role {role!r} has no trainable parameters")
+            ro = {**o, **method.optim_overrides.get(role, {})}
+            opt = torch.optim.AdamW(params, lr=ro.get("lr", 5e-5), betas=tuple(ro.get("betas", (0.9, 0.95))),
+                                    weight_decay=ro.get("weight_decay", 0.0))
+            self.optimizers[role] = opt
+            self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(ro.get("warmup_steps", 0)))
+            if role in method.ema_roles:
+                self.emas[role] = EMA(module, ro.get("ema_decay", 0.999), ro.get("ema_warmup_steps", 0))
+        self.step = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def save(self) -> Path:
+        weights = {role: m.state_dict() for role, m in self.method.roles.items()}
+        for role, ema in self.emas.items():
+            weights[f"{role}_ema"] = ema.state_dict_for(self.method.roles[role])
+        state = {
+            "step": self.step,
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "method": self.method.state_dict(),
+        }
+        return save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.config_yaml, self.keep)
+
+    def resume(self, path: str | Path | None = None) -> int:
+        """Restore everything from a checkpoint (default: this run's latest). Returns the step."""
+        ckpt = find_checkpoint(path or self.checkpoint_dir)
+        for role, module in self.method.roles.items():
+            module.load_state_dict(load_tensors(ckpt / f"{role}.safetensors"))
+        for role, ema in self.emas.items():
+            ema.load(load_tensors(ckpt / f"{role}_ema.safetensors"))
+        state = load_trainer_state(ckpt)
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.method.load_state_dict(state["method"])
+        self.step = int(state["step"])
+        return self.step
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self) -> dict[str, float]:
+        stats: dict[str, float] = {}
+        for phase in self.method.phases(self.step, self.generator):
+            module, opt = self.method.roles[phase.role], self.optimizers[phase.role]
+            opt.zero_grad(set_to_none=True)
+            terms, phase_stats = phase.run()
+            for name, value in terms.items():
+                if not torch.isfinite(value).all():
+                    raise NonFiniteLossError(
+                        f"step {self.step}: loss term {name!r} of role {phase.role!r} is {value.item()}; "
+                        f"training stopped, the last good checkpoint is in {self.checkpoint_dir}")
+            total = sum(terms.values())
+            total.backward()
+            params = [p for p in module.parameters() if p.requires_grad]
+            gnorm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+            opt.step()
+            self.schedulers[phase.role].step()
+            if phase.role in self.emas:
+                self.emas[phase.role].update(module, self.step)
+            stats.update(phase_stats)
+            stats[f"grad_norm/{phase.role}"] = float(gnorm)
+            stats[f"lr/{phase.role}"] = self.schedulers[phase.role].get_last_lr()[0]
+        return stats
+
+    def fit(self) -> Path | None:
+        log = MetricsLog(self.out_dir, self.step)
+        bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train",
+                   dynamic_ncols=True)
+        last = None
+        t0 = time.time()
+        while self.step < self.steps:
+            stats = self.train_step()
+            self.step += 1
+            bar.update(1)
+            if self.step % self.log_every == 0 or self.step == self.steps:
+                stats["time/sec_per_step"] = (time.time() - t0) / self.log_every
+                t0 = time.time()
+                log.log(self.step, stats)
+                shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in stats.items() if k.startswith("loss/")}
+                bar.set_postfix(shown, refresh=False)
+            if self.step % self.checkpoint_every == 0 or self.step == self.steps:
+                last = self.save()
+        bar.close()
+        return last

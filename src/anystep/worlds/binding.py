@@ -1,0 +1,145 @@
+"""One interface to both toy worlds, so the algorithms, the CLI and the sweep never ask which one they train.
+
+A binding gives: training batches ``(x0 (B, F, C, H, W), cond)``, the null condition, a fresh velocity
+network (the teacher architecture), the student built from a velocity network, the reference teacher for
+sweeps, a fixed evaluation set, the world's exact metrics, and a picture of samples.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, WorldConfig
+from ..flowmap import FlowMap
+from ..models.toy import ToyFlowMapNet
+from ..models.wan import AnyFlowStudent, WanVelocity, student_from_wan, tiny_wan
+from .gmm import GMMWorld
+from .shapes import ShapesWorld, TextEmbedder
+
+
+@dataclass
+class EvalSet:
+    noise: torch.Tensor   # (n, F, C, H, W)
+    cond: Any             # batch-first condition
+    meta: Any             # what the metrics need (labels, clip specs)
+
+
+class GMMBinding:
+    """The exact world: class labels as the condition, the analytic teacher as reference."""
+
+    name = "gmm"
+    primary_metric, higher_is_better = "fd", False
+
+    def __init__(self, cfg: WorldConfig):
+        self.world = GMMWorld(cfg.gmm)
+        self.shape = self.world.shape
+        self.null_cond = torch.tensor([self.world.null_label])
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = self.world.sample_labels(n, generator)
+        return self.world.sample_data(labels, generator), labels
+
+    def velocity_net(self, m: ModelConfig) -> nn.Module:
+        return ToyFlowMapNet(self.shape, self.world.num_classes, hidden=m.hidden, depth=m.depth,
+                             max_freq=m.max_freq, gate=m.gate_value, flowmap=False)
+
+    def student_from(self, velocity_net: nn.Module, m: ModelConfig) -> nn.Module:
+        if m.deltatime_type != "r":
+            raise ValueError("the gmm network supports deltatime_type 'r' only")
+        student = copy.deepcopy(velocity_net).to_flowmap()
+        student.gate = m.gate_value
+        return student
+
+    def reference_teacher(self) -> FlowMap:
+        """The analytic velocity (exact, float64 inside)."""
+        world = self.world
+
+        def u(x, t, r, labels):
+            return world.velocity(x.double(), t.double(), labels).to(x.dtype)
+        return u
+
+    def eval_set(self, n: int, seed: int) -> EvalSet:
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.arange(n) % self.world.num_classes
+        noise = torch.randn(n, *self.shape, generator=g)
+        return EvalSet(noise, labels, labels)
+
+    def evaluate(self, samples: torch.Tensor, ev: EvalSet, guidance: float) -> dict[str, float]:
+        return self.world.evaluate(samples, ev.meta, noise=ev.noise, guidance=guidance)
+
+    def save_picture(self, rows: dict[str, torch.Tensor], ev: EvalSet, path: Path) -> Path:
+        """Scatter of the first two coordinates per row (N), coloured by class, modes marked."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(rows)
+        fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 2.4), squeeze=False)
+        means = self.world.means.reshape(-1, self.world.dim)
+        for ax, name in zip(axes[0], names):
+            pts = rows[name].flatten(1)
+            ax.scatter(pts[:, 0], pts[:, 1], c=ev.meta, s=3, cmap="tab10", vmin=0, vmax=9)
+            ax.scatter(means[:, 0], means[:, 1], marker="x", c="k", s=20)
+            ax.set_title(name, fontsize=7)
+            ax.set_xticks([]), ax.set_yticks([])
+        fig.tight_layout()
+        path = Path(path).with_suffix(".png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+class ShapesBinding:
+    """The video world: prompts embedded by a fixed text embedder; the teacher is a trained tiny Wan."""
+
+    name = "shapes"
+    primary_metric, higher_is_better = "total", True
+
+    def __init__(self, cfg: WorldConfig):
+        self.world = ShapesWorld(cfg.shapes)
+        self.shape = (cfg.shapes.frames, 3, cfg.shapes.size, cfg.shapes.size)
+        self.embedder = TextEmbedder(cfg.text.dim, cfg.text.max_tokens)
+        self.prompt_embeds = self.embedder(self.world.prompts)   # (P, L, D)
+        self.null_cond = self.embedder([""])                      # (1, L, D): all zeros
+        self.text_dim = cfg.text.dim
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        videos, specs = self.world.sample(n, generator)
+        return videos, self.embed(specs)
+
+    def embed(self, specs) -> torch.Tensor:
+        idx = torch.tensor([self.world.prompt_index(s) for s in specs])
+        return self.prompt_embeds[idx]
+
+    def velocity_net(self, m: ModelConfig) -> nn.Module:
+        return WanVelocity(tiny_wan(in_channels=3, text_dim=self.text_dim, heads=m.heads, head_dim=m.head_dim,
+                                    layers=m.layers, ffn_dim=m.ffn_dim, patch=tuple(m.patch)))
+
+    def student_from(self, velocity_net: nn.Module, m: ModelConfig) -> nn.Module:
+        return AnyFlowStudent(student_from_wan(velocity_net.transformer, m.gate_value, m.deltatime_type))
+
+    def reference_teacher(self) -> None:
+        return None  # the shapes teacher is a trained network, loaded from its checkpoint
+
+    def eval_set(self, n: int, seed: int) -> EvalSet:
+        g = torch.Generator().manual_seed(seed)
+        specs = self.world.sample_specs(n, g)
+        noise = torch.randn(n, *self.shape, generator=g)
+        return EvalSet(noise, self.embed(specs), specs)
+
+    def evaluate(self, samples: torch.Tensor, ev: EvalSet, guidance: float) -> dict[str, float]:
+        return self.world.evaluate(samples.clamp(-1, 1), ev.meta)
+
+    def save_picture(self, rows: dict[str, torch.Tensor], ev: EvalSet, path: Path) -> Path:
+        from ..evaluate.media import save_video_grid
+        return save_video_grid(rows, path, columns=[s.prompt() for s in ev.meta])
+
+
+def make_binding(cfg: WorldConfig) -> GMMBinding | ShapesBinding:
+    return GMMBinding(cfg) if cfg.name == "gmm" else ShapesBinding(cfg)
