@@ -161,6 +161,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return tuple(_convert(a, v, path) for a, v in zip(args, value))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool) or tp is int and not isinstance(value, int):
         raise ValueError(f"config key {path!r} needs an integer, got {value!r}")
     if tp is bool and not isinstance(value, bool):

@@ -45,7 +45,9 @@ def as_batch_time(value: float | torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def cat_cond(a: Any, b: Any) -> Any:
-    """Concatenate two conditions along the batch (tensors; dicts of tensors)."""
+    """Concatenate two conditions along the batch (tensors; dicts of tensors; None for unconditional)."""
+    if a is None and b is None:
+        return None
     if isinstance(a, dict):
         return {k: cat_cond(a[k], b[k]) for k in a}
     return torch.cat([a, b], dim=0)

@@ -19,8 +19,8 @@ def sinusoidal(t: torch.Tensor, dim: int, max_freq: float) -> torch.Tensor:
     """cos/sin features of t (timestep units) at frequencies geometrically spaced in [1e-3, max_freq] rad per
     unit of *normalised* time t/1000. A low max_freq keeps the central difference accurate (see DESIGN.md)."""
     half = dim // 2
-    freqs = torch.exp(torch.linspace(math.log(1e-3), math.log(max_freq), half, dtype=torch.float32))
-    arg = (t.float() / 1000.0)[:, None] * freqs[None, :].to(t.device)
+    freqs = torch.exp(torch.linspace(math.log(1e-3), math.log(max_freq), half, dtype=torch.float64))
+    arg = (t / 1000.0)[:, None] * freqs[None, :].to(device=t.device, dtype=t.dtype)
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
 
 
@@ -31,7 +31,8 @@ class TimeEmbedder(nn.Module):
         self.linear_1, self.linear_2 = nn.Linear(freq_dim, dim), nn.Linear(dim, dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(nn.functional.silu(self.linear_1(sinusoidal(t, self.freq_dim, self.max_freq))))
+        feats = sinusoidal(t, self.freq_dim, self.max_freq).to(self.linear_1.weight.dtype)
+        return self.linear_2(nn.functional.silu(self.linear_1(feats)))
 
 
 class ResBlock(nn.Module):

@@ -36,13 +36,13 @@ def student_from_wan(wan: WanTransformer3DModel, gate_value: float = 0.25,
                          f"added_kv_proj_dim={cfg.added_kv_proj_dim!r}")
     student = AnyFlowTransformer3DModel(**{k: cfg[k] for k in _SHARED_KEYS}, gate_value=gate_value,
                                         deltatime_type=deltatime_type)
-    state = dict(wan.state_dict())
+    state = {k: v.detach().clone() for k, v in wan.state_dict().items()}  # own copies, the teacher's dtype
     prefix = "condition_embedder.time_embedder."
     for key in list(state):
         if key.startswith(prefix):
             state["condition_embedder.delta_embedder." + key[len(prefix):]] = state[key].clone()
-    student.load_state_dict(state, strict=True)
-    return student
+    student.load_state_dict(state, strict=True, assign=True)
+    return student.train(wan.training)
 
 
 class WanVelocity(nn.Module):
@@ -82,7 +82,8 @@ def _check_video(x: torch.Tensor, channels: int) -> None:
 def tiny_wan(in_channels: int = 3, text_dim: int = 32, heads: int = 4, head_dim: int = 16, layers: int = 4,
              ffn_dim: int = 256, patch: tuple[int, int, int] = (1, 2, 2), **extra: Any) -> WanTransformer3DModel:
     """A small Wan transformer for the shapes world (pixel space, no VAE)."""
-    return WanTransformer3DModel(patch_size=patch, num_attention_heads=heads, attention_head_dim=head_dim,
-                                 in_channels=in_channels, out_channels=in_channels, text_dim=text_dim,
-                                 freq_dim=256, ffn_dim=ffn_dim, num_layers=layers, cross_attn_norm=True,
-                                 qk_norm="rms_norm_across_heads", rope_max_seq_len=64, **extra)
+    kwargs = dict(patch_size=patch, num_attention_heads=heads, attention_head_dim=head_dim,
+                  in_channels=in_channels, out_channels=in_channels, text_dim=text_dim, freq_dim=256,
+                  ffn_dim=ffn_dim, num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                  rope_max_seq_len=64)
+    return WanTransformer3DModel(**{**kwargs, **extra})

@@ -153,6 +153,8 @@ def exact_derivative(model: FlowMap, x_t: torch.Tensor, v: torch.Tensor, t: torc
 
 
 def _rows(cond: Any, idx: torch.Tensor) -> Any:
+    if cond is None:
+        return None
     if isinstance(cond, dict):
         return {k: _rows(c, idx) for k, c in cond.items()}
     return cond[idx]

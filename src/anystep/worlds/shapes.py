@@ -28,7 +28,7 @@ import math
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -159,10 +159,15 @@ class JudgeConfig:
     """Constants of :meth:`ShapesWorld.judge` (colour distances in [0, 1] RGB, lengths in pixels).
 
     ``strong_frac``: a pixel is *strong foreground* when its distance to the background colour
-    exceeds ``strong_frac * min_k |colour_k - background|``. ``dirt_lo``/``dirt_hi``: a
-    background-region pixel at distance ``d`` is ``clamp((d - lo) / (hi - lo), 0, 1)`` dirty.
-    ``area_slack``: allowed foreground area is within ``[min_area / slack, max_area * slack]``
-    of the calibrated shape areas. ``k_*``: decay rates of the exponential penalties.
+    exceeds ``strong_frac * min_k |colour_k - background|``. ``top_frac``: the frame's
+    foreground colour is the mean of the strong pixels within ``top_frac`` of the largest
+    distance. ``dirt_lo``/``dirt_hi``: a background-region pixel at distance ``d`` is
+    ``clamp((d - lo) / (hi - lo), 0, 1)`` dirty (tolerates ~0.04 per-channel bias in [-1, 1]
+    units and noise of std ~0.03; noise of std 0.2 makes about half the background dirty).
+    ``region_slack``: the dilated foreground region may be this many times the calibrated
+    clean-shape region before the excess counts as dirt. ``area_slack``: the foreground area
+    must lie in ``[min_area / slack, max_area * slack]`` of the calibrated shape areas.
+    ``k_*``: decay rates of the exponential penalties (see the ``_score_*`` docstrings).
     """
 
     strong_frac: float = 0.5
@@ -362,7 +367,8 @@ class ShapesWorld:
         return videos
 
     def _analyse(self, videos: Tensor) -> dict[str, Tensor]:
-        """Per-frame statistics of ``(B, F, 3, H, W)`` videos in [-1, 1] (clamped, as a viewer would).
+        """Per-frame statistics of ``(B, F, 3, H, W)`` videos in [-1, 1] (clamped, as a viewer would;
+        NaN counts as mid-grey).
 
         * ``d``: per-pixel distance to the background colour in [0, 1] RGB.
         * ``strong``: ``d > strong_frac * contrast``; ``region``: strong dilated by a 3x3 box.
@@ -376,11 +382,12 @@ class ShapesWorld:
           disk and square, about -0.53 for the apex-up triangle).
         """
         c = self.cfg
-        x = (videos.detach().to(torch.float32).cpu().clamp(-1.0, 1.0) + 1.0) * 0.5
+        x = videos.detach().to(torch.float32).cpu().nan_to_num(0.0, 1.0, -1.0)
+        x = (x.clamp(-1.0, 1.0) + 1.0) * 0.5
         b, f = x.shape[:2]
         bg = self._bg.view(1, 1, 3, 1, 1)
         diff = x - bg
-        d = diff.norm(dim=2)  # (B, F, H, W)
+        d = (diff[:, :, 0] ** 2 + diff[:, :, 1] ** 2 + diff[:, :, 2] ** 2).sqrt()  # (B, F, H, W)
         strong = d > self.jcfg.strong_frac * self._contrast
         region = F.max_pool2d(strong.to(torch.float32).view(b * f, 1, c.size, c.size), 3, 1, 1)
         region = region.view(b, f, c.size, c.size) > 0
@@ -408,8 +415,9 @@ class ShapesWorld:
         var_y = (py * (pos - cy[..., None]) ** 2).sum(-1) / safe
         m3_y = (py * (pos - cy[..., None]) ** 3).sum(-1) / safe
         skew = torch.where(present, m3_y / var_y.clamp_min(1e-3) ** 1.5, torch.zeros_like(m3_y))
-        return dict(d=d, region=region, region_size=region.sum(dim=(-2, -1)).to(torch.float32),
-                    color=color, alpha=alpha, area=area, present=present, centroid=centroid, fill=fill, skew=skew)
+        return {"d": d, "region": region, "region_size": region.sum(dim=(-2, -1)).to(torch.float32),
+                "color": color, "alpha": alpha, "area": area, "present": present, "centroid": centroid,
+                "fill": fill, "skew": skew}
 
     def _score_background(self, st: dict[str, Tensor]) -> Tensor:
         """Clean background: ``1 - mean_f clamp((dirt_f + excess_f) / (HW - allow), 0, 1)``.

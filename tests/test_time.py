@@ -1,0 +1,106 @@
+import pytest
+import torch
+from diffusers import FlowMapEulerDiscreteScheduler
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anystep import time as T
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 8, 16, 32, 50, 64])
+def test_grid_equals_diffusers_scheduler(n):
+    sched = FlowMapEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0)
+    sched.set_timesteps(n)
+    ours = T.grid(n)
+    assert torch.allclose(ours, sched.sigmas.double() * 1000, atol=1e-9, rtol=0)
+    assert torch.allclose(ours[:-1], sched.timesteps.double(), atol=1e-9, rtol=0)
+
+
+def test_grid_reference_values():
+    # reference table (official scheduler, shift 5)
+    assert torch.allclose(T.grid(4), torch.tensor([1000, 937.5, 2500 / 3, 625, 0], dtype=torch.float64))
+    assert torch.allclose(T.grid(2), torch.tensor([1000, 2500 / 3, 0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_grid_rejects_bad_step_counts(bad):
+    with pytest.raises(ValueError, match="steps"):
+        T.grid(bad)
+
+
+def test_custom_grid():
+    assert T.custom_grid([1000, 500]).tolist() == [1000, 500, 0]
+    with pytest.raises(ValueError, match="decreasing"):
+        T.custom_grid([1000, 1000, 0])
+    with pytest.raises(ValueError, match="lie in"):
+        T.custom_grid([1200, 0])
+
+
+@given(st.floats(0, 1), st.floats(0, 1))
+@settings(max_examples=200, deadline=None)
+def test_shift_is_monotone_and_fixes_endpoints(a, b):
+    lo, hi = min(a, b), max(a, b)
+    assert float(T.shift(lo)) <= float(T.shift(hi)) + 1e-15
+    assert float(T.shift(0.0)) == 0.0 and float(T.shift(1.0)) == 1.0
+
+
+def test_buckets_exact_at_batch_64():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        b = T.assign_buckets(64, generator=g)
+        assert torch.bincount(b, minlength=3).tolist() == [32, 16, 16]
+
+
+def test_buckets_batch_one_sees_all_three_with_the_right_frequencies():
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([T.assign_buckets(1, generator=g) for _ in range(4000)])
+    freq = torch.bincount(draws, minlength=3).double() / draws.numel()
+    assert torch.allclose(freq, torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64), atol=0.03)
+
+
+def test_official_split_ties_buckets_to_rank_order():
+    # 16 GPUs x 2: ranks 0-7 diffusion, 8-11 consistency, 12-15 free
+    got = [T.assign_buckets(2, split="official", rank=k, world_size=16).tolist() for k in range(16)]
+    assert got[:8] == [[0, 0]] * 8 and got[8:12] == [[1, 1]] * 4 and got[12:] == [[2, 2]] * 4
+    # a batch of one on one process always lands in the same bucket (round(0.5) = 0: always 'free')
+    assert {T.assign_buckets(1, split="official").item() for _ in range(10)} == {T.FREE}
+
+
+def test_time_pairs_respect_buckets_and_order():
+    p = T.sample_time_pairs(512, generator=torch.Generator().manual_seed(1))
+    assert (p.r <= p.t).all() and (p.t <= 1000).all() and (p.r >= 0).all()
+    assert torch.equal(p.t[p.bucket == T.DIFFUSION], p.r[p.bucket == T.DIFFUSION])
+    assert (p.r[p.bucket == T.CONSISTENCY] == 0).all()
+    free = p.bucket == T.FREE
+    assert (p.r[free] < p.t[free]).all()
+
+
+def test_time_pairs_max_min_distribution():
+    # before the shift, t = max(u1, u2) has CDF s^2: check through the inverse shift
+    p = T.sample_time_pairs(20000, generator=torch.Generator().manual_seed(2))
+    s = p.t.double() / 1000
+    unshifted = s / (5 - 4 * s)  # inverse of 5s/(1+4s)
+    assert abs((unshifted <= 0.5).double().mean().item() - 0.25) < 0.015
+
+
+def test_bf16_times_emulate_the_official_quantisation():
+    p = T.sample_time_pairs(256, generator=torch.Generator().manual_seed(0), time_dtype=torch.bfloat16)
+    big = p.t[p.t > 512]
+    assert torch.equal(big, big.bfloat16().float())  # representable in bf16 (spacing 4 there)
+
+
+def test_beta08_reference_values():
+    # values computed from the official definition (reference sec. 3.6)
+    for sigma, expected in [(0.05, 0.17), (0.1, 0.35), (0.25, 0.80), (0.5, 1.29), (0.9, 1.04), (0.95, 0.78)]:
+        w = T.beta08_weight(torch.tensor([sigma * 1000]))
+        assert abs(w.item() - expected) < 0.011, (sigma, w.item())
+    g, w = T.beta08_table()
+    assert abs(w.sum().item() - 1000) < 1e-9
+    assert abs(g[w.argmax()].item() / 1000 - 2 / 3) < 0.01 and abs(w.max().item() - 1.41) < 0.01
+
+
+def test_logit_normal_is_shifted_and_in_range():
+    t = T.logit_normal(10000, generator=torch.Generator().manual_seed(0))
+    assert (t > 0).all() and (t < 1000).all()
+    # median of sigmoid(N(0,1)) is 0.5, shifted: 1000 * shift(0.5) = 833.3
+    assert abs(t.median().item() - 833.33) < 10

@@ -1,0 +1,85 @@
+import shutil
+
+import pytest
+import torch
+
+from anystep.config import resolve
+from anystep.recipes import build_trainer, load_model, train
+from anystep.train.checkpoint import CheckpointError, find_checkpoint, load_tensors
+from anystep.train.loop import NonFiniteLossError
+
+TINY = ["world.name=gmm", "model.hidden=32", "model.depth=1", "train.batch_size=16", "train.log_every=1",
+        "optim.warmup_steps=2", "optim.ema_warmup_steps=2", "optim.lr=1e-3"]
+
+
+def _cfg(tmp_path, *extra, kind="stage1"):
+    return resolve(None, [f"kind={kind}", f"train.out_dir={tmp_path}", *TINY, *extra])
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = train(_cfg(tmp_path / "a", "train.steps=6", "train.checkpoint_every=100"), progress=False)
+    # the same run, stopped after 3 steps and resumed
+    first = _cfg(tmp_path / "b", "train.steps=3", "train.checkpoint_every=100")
+    train(first, progress=False)
+    resumed = train(_cfg(tmp_path / "b", "train.steps=6", "train.checkpoint_every=100"), resume=True,
+                    progress=False)
+    for name in ("student", "student_ema"):
+        a, b = load_tensors(straight / f"{name}.safetensors"), load_tensors(resumed / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+
+
+def test_teacher_run_then_stage1_from_it(tmp_path):
+    ckpt = train(_cfg(tmp_path / "t", "train.steps=2", kind="teacher"), progress=False)
+    model, cfg, role = load_model(str(tmp_path / "t"))
+    assert role == "teacher" and cfg.kind == "teacher"
+    s1 = train(_cfg(tmp_path / "s", "train.steps=2", f"model.init={tmp_path / 't'}"), progress=False)
+    student, _, role = load_model(str(s1))
+    assert role == "student" and student.flowmap
+    assert ckpt.name == "step_000002"
+
+
+def test_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, "train.steps=6", "train.checkpoint_every=2")
+    trainer = build_trainer(cfg, progress=False)
+    trainer.steps = 2
+    good = trainer.fit()
+    before = load_tensors(good / "student.safetensors")
+    with torch.no_grad():
+        for p in trainer.method.roles["student"].parameters():
+            p.fill_(float("nan"))
+    trainer.steps = 6
+    with pytest.raises(NonFiniteLossError, match=r"step 2: loss term 'loss/stage1'"):
+        trainer.fit()
+    assert find_checkpoint(tmp_path) == good
+    after = load_tensors(good / "student.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_missing_and_corrupt_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(str(tmp_path / "nope"))
+    ckpt = train(_cfg(tmp_path / "run", "train.steps=1"), progress=False)
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    (bad / "student_ema.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt checkpoint file .*student_ema.safetensors"):
+        load_model(str(bad))
+    (bad / "student_ema.safetensors").unlink()
+    (bad / "student.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint|missing"):
+        load_model(str(bad))
+    (ckpt.parent / "latest").write_text("step_999999\n")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(str(tmp_path / "run"))
+
+
+def test_checkpoints_are_pruned_and_latest_points_to_the_newest(tmp_path):
+    ckpt = train(_cfg(tmp_path, "train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=2"),
+                 progress=False)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert kept == ["step_000004", "step_000005"] and find_checkpoint(tmp_path) == ckpt
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("step,") and len(lines) == 6
