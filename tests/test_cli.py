@@ -58,6 +58,10 @@ def test_bad_step_lists_are_refused(capsys):
 def test_gmm_teacher_stage1_sample_sweep_end_to_end(tmp_path, capsys):
     t, s = tmp_path / "teacher", tmp_path / "student"
     assert main(["teacher", "--config", "gmm_teacher", "--no-progress", f"train.out_dir={t}", *GMM_TINY]) == 0
+    # --resume is a flag: the overrides after it stay overrides
+    assert main(["teacher", "--config", "gmm_teacher", "--no-progress", "--resume", f"train.out_dir={t}",
+                 *GMM_TINY, "train.steps=4"]) == 0
+    assert (t / "checkpoints" / "step_000004").is_dir()
     assert main(["stage1", "--config", "gmm_stage1", "--no-progress", f"train.out_dir={s}",
                  f"model.init={t}", *GMM_TINY]) == 0
     assert main(["sample", str(s), "--steps", "2", "--out", str(tmp_path / "smp")]) == 0

@@ -56,9 +56,6 @@ def load_model(spec: str, role: str | None = None, ema: bool = True) -> tuple[nn
 
 def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
     """The Method for ``cfg.kind`` with its models, inside a :class:`Trainer`."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.set_flush_denormal(True)  # subnormal floats make CPU steps 10-30x slower
     torch.manual_seed(cfg.train.seed)
     binding = make_binding(cfg.world)
     if cfg.kind == "teacher":

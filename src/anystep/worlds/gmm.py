@@ -106,6 +106,21 @@ def chi2_quantile(p: float, dof: int, iters: int = 200) -> float:
     return 0.5 * (lo + hi)
 
 
+def _softmax_no_subnormals(logits: Tensor) -> Tensor:
+    """Softmax over the last dim (log-sum-exp stable) that sets weights below ``e^-700`` to 0.
+
+    Equal to ``torch.softmax`` up to ~1e-304 relative, but never produces subnormal floats,
+    which are orders of magnitude slower on CPUs. ``-inf`` logits give exactly 0.
+    """
+    z = logits - logits.amax(dim=-1, keepdim=True)
+    keep = z > _LOG_TINY
+    e = torch.where(keep, torch.exp(z.clamp_min(_LOG_TINY)), torch.zeros_like(z))
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+_LOG_TINY = -700.0
+
+
 # ----------------------------------------------------------------------------------------------
 # the world
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +269,7 @@ class GMMWorld:
         a = (1.0 - s)[:, None]
         var = a**2 * self.mode_std**2 + s[:, None] ** 2  # (B, 1)
         d2 = (xf[:, None, :] - a[:, :, None] * mu[None]).pow(2).sum(-1)  # (B, K*M)
-        return torch.softmax(log_prior[labels] - 0.5 * d2 / var, dim=-1)
+        return _softmax_no_subnormals(log_prior[labels] - 0.5 * d2 / var)
 
     def _velocity_flat(self, xf: Tensor, s: Tensor, labels: Tensor) -> Tensor:
         """``v = c x - (c a + 1) sum_j post_j mu_j``, ``c = (s - a sigma^2) / V``; float64 (B, D)."""
