@@ -12,15 +12,6 @@ from hypothesis import strategies as st
 from anystep.worlds.gmm import GMMConfig, GMMWorld, chi2_quantile, frechet_distance_moments, sqrtm_psd
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # Tiny tensors: intra-op threads only add overhead (and thrash when the CPU is shared).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def world() -> GMMWorld:
     return GMMWorld(GMMConfig())
