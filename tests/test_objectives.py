@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from anystep.models.toy import ToyFlowMapNet
+from anystep.models.wan import AnyFlowStudent, student_from_wan, tiny_wan
 from anystep.objectives.flow_matching import flow_matching_loss, noisy
 from anystep.objectives.flowmap import (
     Stage1Config,
@@ -11,8 +13,6 @@ from anystep.objectives.flowmap import (
     meanflow_target,
     rebalance,
 )
-from anystep.models.toy import ToyFlowMapNet
-from anystep.models.wan import AnyFlowStudent, student_from_wan, tiny_wan
 
 
 def _smooth_net(max_freq=5.0):

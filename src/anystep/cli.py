@@ -114,7 +114,6 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from .evaluate.media import save_video_grid
     from .flowmap import guided, sample
     from .recipes import load_model
     from .worlds.binding import make_binding
@@ -201,10 +200,10 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
-    torch.set_flush_denormal(True)  # process-wide: subnormal floats made CPU steps 10-30x slower
     handlers = {"demo": cmd_demo, "teacher": cmd_train, "stage1": cmd_train, "sample": cmd_sample,
                 "sweep": cmd_sweep}
+    import torch
+    torch.set_flush_denormal(True)  # subnormal floats made CPU steps 10-30x slower
     from .train.checkpoint import CheckpointError
     from .train.loop import NonFiniteLossError
     try:
@@ -212,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError) as err:
         print(f"anystep {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_flush_denormal(False)  # back to the process default for callers of main()
 
 
 if __name__ == "__main__":

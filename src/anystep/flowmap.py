@@ -11,7 +11,8 @@ is an ordinary (instantaneous) velocity model, so a teacher is a flow-map model 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 

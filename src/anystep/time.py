@@ -11,8 +11,8 @@ Conventions (used by every module of anystep):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -64,7 +64,7 @@ class ToyFlowMapNet(nn.Module):
         self.norm_out = nn.LayerNorm(hidden)
         self.proj_out = nn.Linear(hidden, self.dim)
 
-    def to_flowmap(self) -> "ToyFlowMapNet":
+    def to_flowmap(self) -> ToyFlowMapNet:
         """Turn a trained velocity network into the initial flow-map student: E_r := copy of E_t."""
         self.delta_embedder.load_state_dict(self.time_embedder.state_dict())
         self.flowmap = True

@@ -8,8 +8,9 @@ A Method holds its trainable ``roles`` (name -> module) and returns, per iterati
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
