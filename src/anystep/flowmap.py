@@ -39,12 +39,6 @@ def euler_step(x: torch.Tensor, u: torch.Tensor, t: torch.Tensor, r: torch.Tenso
     return x - dt.view(-1, *([1] * (x.ndim - 1))) * u
 
 
-def as_batch_time(value: float | torch.Tensor, batch: int) -> torch.Tensor:
-    """A scalar or (B,) time as a float32 (B,) tensor."""
-    value = torch.as_tensor(value, dtype=torch.float32)
-    return value.expand(batch).clone() if value.ndim == 0 else value.float()
-
-
 def cat_cond(a: Any, b: Any) -> Any:
     """Concatenate two conditions along the batch (tensors; dicts of tensors; None for unconditional)."""
     if a is None and b is None:

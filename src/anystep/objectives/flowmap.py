@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..flowmap import FlowMap, cat_cond
+from ..flowmap import FlowMap, cat_cond, expand_cond
 from ..time import T_MAX, beta08_weight, sample_time_pairs
 from .conditioning import drop_condition
 from .flow_matching import noisy
@@ -160,12 +160,6 @@ def _rows(cond: Any, idx: torch.Tensor) -> Any:
     return cond[idx]
 
 
-def _expand_null(null_cond: Any, b: int) -> Any:
-    if isinstance(null_cond, dict):
-        return {k: _expand_null(c, b) for k, c in null_cond.items()}
-    return null_cond.expand(b, *null_cond.shape[1:]) if null_cond.shape[0] == 1 else null_cond
-
-
 # ------------------------------------------------------------------------------------------------
 # The objective
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +185,7 @@ class Stage1Objective:
         w = cfg.fuse_guidance_scale
         fuse = w is not None and w != 1.0 and self.null_cond is not None
         # 1. condition dropout, (t, r) with buckets, the noisy point on the straight path
-        null = _expand_null(self.null_cond, b) if self.null_cond is not None else None
+        null = expand_cond(self.null_cond, b) if self.null_cond is not None else None
         if null is not None and cfg.cond_dropout > 0:
             cond, _ = drop_condition(cond, null, cfg.cond_dropout, b, generator)
         time_dtype = torch.bfloat16 if cfg.time_dtype == "bfloat16" else torch.float32
