@@ -1,6 +1,7 @@
 import csv
 
 import pytest
+import torch
 import yaml
 
 from anystep.cli import main
@@ -89,3 +90,83 @@ def test_shapes_teacher_stage1_sample_sweep_end_to_end(tmp_path):
     assert {"total", "quality", "semantic"} <= set(rows[0])
     assert (s / "sweep" / "grid.mp4").stat().st_size > 0
     assert main(["sample", str(s), "--prompt", "a purple blob moving sideways"]) == 2
+
+
+def test_gmm_stage2_and_baselines_end_to_end(tmp_path, capsys):
+    """teacher -> Stage 1 -> Stage 2 (exact teacher), teacher -> consistency -> consistency + DMD; one sweep."""
+    t, s1, s2, cd, cbs = (tmp_path / n for n in ("teacher", "s1", "s2", "cd", "cbs"))
+    stage2_tiny = [*GMM_TINY, "stage2.dmd_batch_size=8", "stage2.rollout_steps=[2,4]"]
+    assert main(["teacher", "--config", "gmm_teacher", "--no-progress", f"train.out_dir={t}", *GMM_TINY]) == 0
+    assert main(["stage1", "--config", "gmm_stage1", "--no-progress", f"train.out_dir={s1}", f"model.init={t}",
+                 *GMM_TINY]) == 0
+    assert main(["stage2", "--config", "gmm_stage2", "--no-progress", f"train.out_dir={s2}",
+                 f"model.init={s1}", *stage2_tiny]) == 0
+    assert main(["consistency", "--config", "gmm_consistency", "--no-progress", f"train.out_dir={cd}",
+                 f"model.init={t}", *GMM_TINY]) == 0
+    assert main(["stage2", "--config", "gmm_cbs", "--no-progress", f"train.out_dir={cbs}", f"model.init={cd}",
+                 *stage2_tiny]) == 0
+    ckpt = cbs / "checkpoints" / "step_000003"
+    assert {p.name for p in ckpt.glob("*.safetensors")} == {"student.safetensors", "student_ema.safetensors",
+                                                            "critic.safetensors"}
+    capsys.readouterr()
+    assert main(["sweep", str(s1), str(s2), str(cd), str(cbs), "--steps", "1,2", "--num-samples", "32",
+                 "--no-progress", "--out", str(tmp_path / "sw")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))
+    assert [r["sampler"] for r in rows[::2]] == ["AnyFlow Stage 1 (s1)", "AnyFlow Stage 2 (s2)",
+                                                 "consistency distillation (cd)", "consistency + DMD (cbs)",
+                                                 "teacher (exact) Euler"]
+    # a Stage-2 run needs a Stage-1 student to start from
+    assert main(["stage2", "--config", "gmm_stage2", "--no-progress", f"train.out_dir={tmp_path / 'x'}",
+                 f"model.init={t}", *stage2_tiny]) == 2
+    assert "no 'student' weights" in capsys.readouterr().err
+    assert main(["stage2", "--config", "gmm_stage2", "--dry-run", "stage2.rollout=backwards"]) == 2
+
+
+def test_shapes_stage2_end_to_end(tmp_path):
+    t, s1, s2 = tmp_path / "teacher", tmp_path / "s1", tmp_path / "s2"
+    assert main(["teacher", "--no-progress", f"train.out_dir={t}", *SHAPES_TINY]) == 0
+    assert main(["stage1", "--no-progress", f"train.out_dir={s1}", f"model.init={t}", *SHAPES_TINY]) == 0
+    assert main(["stage2", "--no-progress", f"train.out_dir={s2}", f"model.init={s1}", *SHAPES_TINY,
+                 "stage2.dmd_batch_size=2", "stage2.rollout_steps=[2]"]) == 0
+    assert main(["sample", str(s2), "--steps", "2", "--num", "2", "--out", str(tmp_path / "clip")]) == 0
+    assert (tmp_path / "clip.mp4").stat().st_size > 0
+
+
+def test_demo_dry_run_resolves_every_stage(capsys):
+    assert main(["demo", "--dry-run", "--budget", "5,4,3,2", "train.threads=1"]) == 0
+    docs = [yaml.safe_load(d.split("\n", 1)[1]) for d in capsys.readouterr().out.split("\n# ")]
+    assert [(d["kind"], d["train"]["steps"], d["train"]["threads"]) for d in docs] == [
+        ("stage1", 5, 1), ("stage2", 4, 1), ("consistency", 3, 1), ("stage2", 2, 1)]
+    assert docs[1]["model"]["init"] == "runs/demo/stage1" and docs[3]["stage2"]["rollout"] == "consistency"
+    assert docs[1]["stage2"]["optim"]["betas"] == [0.0, 0.999]
+
+
+def test_shapes_lora_roles_on_one_frozen_base_end_to_end(tmp_path):
+    """model.lora_rank > 0: Stage 1 trains a student adapter, Stage 2 adds a critic adapter on the same frozen
+    base (the teacher), checkpoints hold adapter tensors only, and sampling rebuilds base + adapter."""
+    from anystep.recipes import load_model
+    from anystep.train.checkpoint import load_tensors
+
+    t, s1, s2 = tmp_path / "teacher", tmp_path / "s1", tmp_path / "s2"
+    lora = ["model.lora_rank=4"]
+    assert main(["teacher", "--no-progress", f"train.out_dir={t}", *SHAPES_TINY]) == 0
+    assert main(["stage1", "--no-progress", f"train.out_dir={s1}", f"model.init={t}", *SHAPES_TINY, *lora]) == 0
+    assert main(["stage2", "--no-progress", f"train.out_dir={s2}", f"model.init={s1}", *SHAPES_TINY, *lora,
+                 "stage2.dmd_batch_size=2", "stage2.rollout_steps=[2]"]) == 0
+    weights = load_tensors(s2 / "checkpoints" / "step_000002" / "student.safetensors")
+    assert weights and all("lora_" in k for k in weights)
+    critic = load_tensors(s2 / "checkpoints" / "step_000002" / "critic.safetensors")
+    assert critic and not any("embedder" in k for k in critic)
+    teacher, _, _ = load_model(str(t), role="teacher")
+    student, _, _ = load_model(str(s2))
+    x, tt = torch.randn(1, 4, 3, 16, 16), torch.tensor([700.0])
+    text = torch.randn(1, 8, 32)
+    with torch.no_grad():
+        assert student(x, tt, tt, text).shape == x.shape
+        # the base under the adapters is the teacher, untouched: the adapters off give the teacher's output
+        base = student.shared.role("teacher")
+        assert torch.allclose(base(x, tt, tt, text), teacher(x, tt, tt, text), atol=1e-5)
+        assert not torch.allclose(student(x, tt, tt, text), teacher(x, tt, tt, text), atol=1e-5)
+    assert main(["sample", str(s2), "--steps", "2", "--num", "1", "--out", str(tmp_path / "clip")]) == 0
+    assert main(["stage2", "--no-progress", f"train.out_dir={tmp_path / 'x'}", f"model.init={s1}", *SHAPES_TINY,
+                 "model.lora_rank=8"]) == 2

@@ -83,3 +83,18 @@ def test_checkpoints_are_pruned_and_latest_points_to_the_newest(tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".tmp*"))
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("step,") and len(lines) == 6
+
+
+def test_stage2_resume_equals_an_uninterrupted_run(tmp_path):
+    """Stage 2 carries more state (critic, its optimizer, the (N, k) plan stream, the rebalance mean)."""
+    t = train(_cfg(tmp_path / "t", "train.steps=2", kind="teacher"), progress=False)
+    s1 = train(_cfg(tmp_path / "s1", "train.steps=2", f"model.init={t.parent.parent}"), progress=False)
+    extra = [f"model.init={s1.parent.parent}", "stage2.dmd_batch_size=4", "train.checkpoint_every=100"]
+    straight = train(_cfg(tmp_path / "a", "train.steps=6", *extra, kind="stage2"), progress=False)
+    train(_cfg(tmp_path / "b", "train.steps=3", *extra, kind="stage2"), progress=False)
+    resumed = train(_cfg(tmp_path / "b", "train.steps=6", *extra, kind="stage2"), resume=True, progress=False)
+    for name in ("student", "student_ema", "critic"):
+        a, b = load_tensors(straight / f"{name}.safetensors"), load_tensors(resumed / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert not (straight / "critic_ema.safetensors").exists()

@@ -3,8 +3,10 @@
     anystep demo                      the whole method on the toy shapes world, in minutes on a CPU
     anystep teacher  [--config P] [key=value ...]     flow-matching teacher (fine-tune)
     anystep stage1   [--config P] [key=value ...]     Stage 1: forward flow-map training
+    anystep stage2   [--config P] [key=value ...]     Stage 2: on-policy flow-map distillation (DMD)
+    anystep consistency [--config P] [key=value ...]  the consistency-distillation baseline
     anystep sample   CHECKPOINT --steps N             sample videos at any N
-    anystep sweep    CHECKPOINT --steps 1,2,4,...     metrics vs N: table, plot, video grid
+    anystep sweep    RUN [RUN ...] --steps 1,2,4,...  metrics vs N: table, plot, video grid
 """
 
 from __future__ import annotations
@@ -35,6 +37,24 @@ def _parse_steps(text: str) -> tuple[int, ...]:
     return steps
 
 
+DEMO_SHORT = (1200, 300, 1200, 300)   # Stage 1, Stage 2, consistency distillation, consistency + DMD
+DEMO_FULL = (2400, 600, 2400, 600)
+
+
+def _budget_text(budget) -> str:
+    return ", ".join(f"{n} {s}" for n, s in zip(("Stage 1", "Stage 2", "CD", "CBS+DMD"), budget))
+
+
+def _parse_budget(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budget takes four integers S1,S2,CD,CBS, got {text!r}") from None
+    if len(steps) != 4 or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"--budget takes four integers >= 1 (S1,S2,CD,CBS), got {text!r}")
+    return steps
+
+
 def _train_parser(sub, name: str, help_: str, preset: str) -> None:
     p = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG + ", ".join(preset_names()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,17 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
                     "world by default.", epilog=__doc__.split("\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="teacher -> Stage 1 -> sweep on the shapes world (about 10 min on 2 cores)",
-                       description="The main job: start from the shipped shapes teacher, run Stage 1, then sweep "
-                                   "N = 1..32 for the student and the teacher's Euler sampler. Prints the table "
-                                   "and where the plot and videos are.")
+    d = sub.add_parser("demo", help="Stage 1 -> Stage 2 -> baselines -> sweep on the shapes world (~10 min)",
+                       description="The main job, from the shipped shapes teacher: Stage 1 (forward flow-map "
+                                   "training), Stage 2 (on-policy distillation), the two consistency baselines "
+                                   "(consistency distillation; consistency backward simulation + DMD), then the "
+                                   "sweep N = 1..32 of every student and the teacher's Euler sampler: table, "
+                                   "plot and videos. --full runs the longer budgets.")
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    d.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the Stage-1 config")
-    d.add_argument("--dry-run", action="store_true", help="print the resolved Stage-1 config and exit")
+    d.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides applied to every stage's config (e.g. train.threads=1)")
+    d.add_argument("--full", action="store_true",
+                   help=f"longer budgets: {_budget_text(DEMO_FULL)} (about 25 min on 2 cores)")
+    d.add_argument("--budget", type=_parse_budget, default=None, metavar="S1,S2,CD,CBS",
+                   help=f"training steps of each stage (default {','.join(map(str, DEMO_SHORT))})")
+    d.add_argument("--no-baselines", action="store_true", help="skip the consistency baselines")
+    d.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
     d.add_argument("--no-progress", action="store_true")
 
     _train_parser(sub, "teacher", "train a velocity teacher by flow matching", "shapes_teacher")
     _train_parser(sub, "stage1", "Stage 1: forward flow-map training of the student", "shapes_stage1")
+    _train_parser(sub, "stage2", "Stage 2: on-policy flow-map distillation (flow-map backward simulation + "
+                                 "DMD against the teacher, a critic, the co-trained Stage-1 loss); "
+                                 "stage2.rollout=consistency is the consistency backward-simulation baseline",
+                  "shapes_stage2")
+    _train_parser(sub, "consistency", "the consistency-distillation baseline: an endpoint map from the "
+                                      "teacher's ODE, sampled by predict-x0-then-re-noise", "shapes_consistency")
 
     s = sub.add_parser("sample", help="sample from a trained model at any number of steps",
                        description="Sample a trained student (flow-map Euler) or teacher (Euler + CFG) at N "
@@ -83,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="metrics vs number of steps: table, plot and video grid",
                        description="Sample the student at every N with the same noises and prompts, score with "
                                    "the world's exact judge, and compare with the teacher's Euler sampler.")
-    w.add_argument("checkpoint", help="the student's run folder or checkpoint")
+    w.add_argument("checkpoint", nargs="+", help="one or more students' run folders or checkpoints (each is "
+                                                "sampled its own way: flow map, or consistency for baselines)")
     w.add_argument("--steps", type=_parse_steps, default=None, help="comma-separated N (default 1,2,4,8,16,32)")
     w.add_argument("--teacher", default=None, help="teacher checkpoint for the Euler baseline (default: the "
-                                                   "student run's model.init; gmm: the exact teacher)")
+                                                   "first run's teacher; gmm: the exact teacher)")
     w.add_argument("--num-samples", type=int, default=None)
     w.add_argument("--out", default=None, help="output folder (default: <run>/sweep)")
     w.add_argument("--no-progress", action="store_true")
@@ -114,7 +149,7 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from .flowmap import guided, sample
+    from .evaluate.sweep import Sampler, sample_batched
     from .recipes import load_model
     from .worlds.binding import make_binding
 
@@ -129,22 +164,30 @@ def cmd_sample(args) -> int:
         g = torch.Generator().manual_seed(args.seed)
         specs = [binding.world.sample_specs(1, g, prompt=p)[0] for p in (args.prompt * args.num)[:args.num]]
         ev.cond, ev.meta = binding.embed(specs), specs
-    student = role == "student"
-    default_w = 1.0 if student else (cfg.stage1.fuse_guidance_scale or 1.0)
-    w = default_w if args.guidance is None else args.guidance
-    x = sample(guided(model, w, binding.null_cond), ev.noise, ev.cond, args.steps, mean_velocity=student)
-    rows = {f"{role} N={args.steps}": x}
-    path = binding.save_picture(rows, ev, Path(args.out))
+    default_w = 1.0 if role == "student" else (cfg.stage1.fuse_guidance_scale or 1.0)
+    sampler = Sampler(role, model, default_w if args.guidance is None else args.guidance, cfg.sampler)
+    x = sample_batched(sampler, binding.null_cond, ev.noise, ev.cond, args.steps, cfg.sweep.shift, seed=args.seed)
+    path = binding.save_picture({f"{role} N={args.steps}": x}, ev, Path(args.out))
     print(f"wrote {path}" + (" (+ .gif, .png strip)" if path.suffix == ".mp4" else ""))
     return 0
 
 
+def run_label(cfg, spec: str) -> str:
+    """A sweep row's name: what the run is, and its folder."""
+    what = {"stage1": "AnyFlow Stage 1", "stage2": "AnyFlow Stage 2", "consistency": "consistency distillation",
+            "teacher": "teacher"}[cfg.kind]
+    if cfg.kind == "stage2" and cfg.stage2.rollout == "consistency":
+        what = "consistency + DMD"
+    return f"{what} ({Path(spec).name})"
+
+
 def cmd_sweep(args) -> int:
     from .evaluate.sweep import Sampler, markdown_table, run_sweep
-    from .recipes import load_model, resolve_checkpoint
+    from .recipes import ancestor_teacher, load_model, resolve_checkpoint
     from .worlds.binding import make_binding
 
-    student, cfg, role = load_model(args.checkpoint)
+    runs = [(spec, *load_model(spec)) for spec in args.checkpoint]
+    cfg = runs[0][2]
     sweep = cfg.sweep
     if args.steps:
         sweep = replace(sweep, steps=args.steps)
@@ -152,19 +195,26 @@ def cmd_sweep(args) -> int:
         sweep = replace(sweep, num_samples=args.num_samples)
     binding = make_binding(cfg.world)
     w = cfg.stage1.fuse_guidance_scale or 1.0
-    samplers = [Sampler(role, student, sweep.student_guidance if role == "student" else w, role == "student")]
-    teacher_spec = args.teacher or cfg.model.init
+    samplers = []
+    for spec, model, run_cfg, role in runs:
+        if run_cfg.world != cfg.world:
+            raise ValueError(f"{spec} was trained in another world than {args.checkpoint[0]}; sweep them apart")
+        guidance = sweep.student_guidance if role == "student" else w
+        samplers.append(Sampler(run_label(run_cfg, spec) if len(runs) > 1 else role, model, guidance,
+                                run_cfg.sampler))
     if sweep.teacher and binding.reference_teacher() is not None:
-        samplers.append(Sampler("teacher (exact) Euler", binding.reference_teacher(), sweep.teacher_guidance, False))
-    elif sweep.teacher and teacher_spec and role == "student":
-        teacher, _, _ = load_model(teacher_spec, role="teacher")
-        samplers.append(Sampler("teacher Euler", teacher, sweep.teacher_guidance, False))
-    run_dir = resolve_checkpoint(args.checkpoint)
+        samplers.append(Sampler("teacher (exact) Euler", binding.reference_teacher(), sweep.teacher_guidance,
+                                "euler"))
+    elif sweep.teacher and runs[0][3] == "student":
+        teacher, _, _ = load_model(args.teacher or ancestor_teacher(args.checkpoint[0]), role="teacher")
+        samplers.append(Sampler("teacher Euler", teacher, sweep.teacher_guidance, "euler"))
+    run_dir = resolve_checkpoint(args.checkpoint[0])
     out = Path(args.out) if args.out else (run_dir.parent.parent if run_dir.parent.name == "checkpoints"
                                            else run_dir) / "sweep"
     rows = run_sweep(samplers, binding, sweep, out, eval_guidance=w, progress=not args.no_progress)
     print(markdown_table(rows))
-    print(f"table: {out / 'sweep.md'}  plot: {out / 'sweep.png'}  videos: {out / 'grid.mp4'}")
+    grid = "grid.png" if binding.name == "gmm" else "grid.mp4"
+    print(f"table: {out / 'sweep.md'}  plot: {out / 'sweep.png'}  samples: {out / grid}")
     return 0
 
 
@@ -174,21 +224,41 @@ def cmd_demo(args) -> int:
     from .worlds.binding import make_binding
 
     out = Path(args.out)
-    cfg = resolve("shapes_stage1", [f"train.out_dir={out / 'stage1'}", *args.overrides])
+    budget = args.budget or (DEMO_FULL if args.full else DEMO_SHORT)
+    s1, s2, cd, cbs = out / "stage1", out / "stage2", out / "consistency", out / "consistency_dmd"
+    stages = [("Stage 1 (forward flow-map training) from the shipped teacher", "shapes_stage1", s1, None, budget[0]),
+              ("Stage 2 (on-policy flow-map distillation) from Stage 1", "shapes_stage2", s2, s1, budget[1])]
+    if not args.no_baselines:
+        stages += [("baseline: consistency distillation from the shipped teacher", "shapes_consistency", cd,
+                    None, budget[2]),
+                   ("baseline: consistency backward simulation + DMD", "shapes_cbs", cbs, cd, budget[3])]
+    configs = []
+    for title, preset, run, init, steps in stages:
+        extra = [f"model.init={init}"] if init else []
+        configs.append((title, resolve(preset, [f"train.out_dir={run}", f"train.steps={steps}", *extra,
+                                                *args.overrides])))
     if args.dry_run:
-        print(to_yaml(cfg), end="")
+        for title, cfg in configs:
+            print(f"# {title}\n{to_yaml(cfg)}")
         return 0
     start = time.time()
-    print(f"[1/2] Stage 1 from the shipped teacher ({cfg.model.init}): {cfg.train.steps} steps")
-    ckpt = train(cfg, progress=not args.no_progress)
-    print(f"      done in {time.time() - start:.0f} s: {ckpt}")
-    print("[2/2] sweep N =", ",".join(map(str, cfg.sweep.steps)))
-    student, _, _ = load_model(str(ckpt))
+    total = len(configs) + 1
+    for i, (title, cfg) in enumerate(configs):
+        t0 = time.time()
+        print(f"[{i + 1}/{total}] {title}: {cfg.train.steps} steps")
+        ckpt = train(cfg, progress=not args.no_progress)
+        print(f"      done in {time.time() - t0:.0f} s: {ckpt}")
+    cfg = configs[0][1]
+    print(f"[{total}/{total}] sweep N =", ",".join(map(str, cfg.sweep.steps)))
+    names = {s1: "AnyFlow Stage 1", s2: "AnyFlow Stage 2", cd: "consistency distillation", cbs: "consistency + DMD"}
+    samplers = []
+    for _, run_cfg in configs:
+        model, _, _ = load_model(run_cfg.train.out_dir)
+        samplers.append(Sampler(names[Path(run_cfg.train.out_dir)], model, 1.0, run_cfg.sampler))
     teacher, _, _ = load_model(cfg.model.init, role="teacher")
+    samplers.append(Sampler("teacher Euler", teacher, cfg.sweep.teacher_guidance, "euler"))
     binding = make_binding(cfg.world)
     w = cfg.stage1.fuse_guidance_scale or 1.0
-    samplers = [Sampler("student", student, 1.0, True),
-                Sampler("teacher Euler", teacher, cfg.sweep.teacher_guidance, False)]
     rows = run_sweep(samplers, binding, cfg.sweep, out / "sweep", eval_guidance=w, progress=not args.no_progress)
     print()
     print(markdown_table(rows))
@@ -200,8 +270,8 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"demo": cmd_demo, "teacher": cmd_train, "stage1": cmd_train, "sample": cmd_sample,
-                "sweep": cmd_sweep}
+    handlers = {"demo": cmd_demo, "teacher": cmd_train, "stage1": cmd_train, "stage2": cmd_train,
+                "consistency": cmd_train, "sample": cmd_sample, "sweep": cmd_sweep}
     import torch
     torch.set_flush_denormal(True)  # subnormal floats made CPU steps 10-30x slower
     from .train.checkpoint import CheckpointError

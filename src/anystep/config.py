@@ -49,6 +49,11 @@ class ModelConfig:
     init: str | None = None
     gate_value: float = 0.25          # g in (1 - g) E_t(t) + g E_r(r)
     deltatime_type: str = "r"         # the delta embedder sees r ('r') or t - r ('t-r')
+    # LoRA roles on one frozen base (Wan/AnyFlow transformers only): > 0 trains peft adapters of this rank
+    # (student: attention, FFN and both time MLPs; critic: attention and FFN; teacher = the bare base).
+    # Official: 256 (alpha 256). 0 = full fine-tune, the toy presets' choice for a 0.3M-parameter model.
+    lora_rank: int = 0
+    lora_alpha: float | None = None   # None: = lora_rank
     # shapes (Wan transformer)
     patch: tuple[int, int, int] = (1, 2, 2)
     heads: int = 4
@@ -72,6 +77,53 @@ class OptimConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup_steps: int = 1000       # EMA equals the weights until this step (official ShardEMA)
+
+
+def _stage2_optim() -> OptimConfig:
+    return OptimConfig(lr=2e-6, betas=(0.0, 0.999), warmup_steps=0, ema_decay=0.99, ema_warmup_steps=200)
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: on-policy flow-map distillation (flow-map backward simulation + DMD, a critic, the co-trained
+    Stage-1 loss). Defaults are the official recipe's; ``rollout="consistency"`` is the consistency
+    backward-simulation baseline (Self-Forcing / rCM style) and needs a consistency-distilled student."""
+
+    rollout: str = "flowmap"                   # 'flowmap' (AnyFlow) or 'consistency' (baseline)
+    rollout_steps: tuple[int, ...] = (2, 4, 8, 16, 50)   # N drawn uniformly; k uniform in [0, N)
+    rollout_grad: str = "all"                  # 'all' segments (official) or 'one' (FastVideo's port)
+    dmd_batch_size: int = 2                    # rollouts per generator step (official 1.3B: 2, 14B: 1)
+    real_guidance: float = 3.0                 # teacher x0: c + s (c - u), s = 3 ("CFG 4")
+    dmd_shift: float = 5.0
+    dmd_weight: float = 1.0
+    cotrain_weight: float = 1.0                # the Stage-1 loss on a real batch, in the generator step
+    critic_ratio: int = 1                      # generator steps every `critic_ratio` iterations; critic every one
+    critic_shift: float = 5.0                  # critic flow matching: logit-normal t, shift
+    cond_dropout: float = 0.1                  # prompts of the DMD and critic batches dropped to the null one
+    teacher: str | None = None                 # teacher checkpoint; None: the student's init run's model.init;
+                                               # 'exact': the world's analytic teacher (gmm)
+    critic_lr: float | None = None             # None: the same as optim.lr
+    optim: OptimConfig = field(default_factory=_stage2_optim)   # official: lr 2e-6, betas (0, 0.999), EMA 0.99
+
+    def __post_init__(self):
+        for name, allowed in (("rollout", ("flowmap", "consistency")), ("rollout_grad", ("all", "one"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"stage2.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.rollout_steps or min(self.rollout_steps) < 1:
+            raise ValueError(f"stage2.rollout_steps must be integers >= 1, got {list(self.rollout_steps)}")
+        if self.dmd_batch_size < 1 or self.critic_ratio < 1:
+            raise ValueError("stage2.dmd_batch_size and stage2.critic_ratio must be >= 1")
+
+
+@dataclass
+class ConsistencyConfig:
+    """The consistency-distillation baseline (an endpoint map at r = 0, from the teacher's ODE)."""
+
+    intervals: int = 32                        # discretisation of [0, 1000] (shifted grid)
+    teacher_guidance: float = 3.0              # CFG of the teacher's ODE step (the student is fused)
+    teacher: str | None = None                 # None: model.init (a teacher run); 'exact': analytic (gmm)
+    cond_dropout: float = 0.1
+    shift: float = 5.0
 
 
 @dataclass
@@ -108,18 +160,37 @@ class SweepConfig:
 
 @dataclass
 class RunConfig:
-    kind: str = "stage1"               # 'teacher' or 'stage1'
+    kind: str = "stage1"               # 'teacher', 'stage1', 'stage2' or 'consistency' (baseline)
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self):
-        if self.kind not in ("teacher", "stage1"):
-            raise ValueError(f"kind must be 'teacher' or 'stage1', got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def sampler(self) -> str:
+        """How this run's model samples: 'euler' (a teacher), 'flowmap' (AnyFlow), 'consistency' (baseline)."""
+        if self.kind == "teacher":
+            return "euler"
+        if self.kind == "consistency" or (self.kind == "stage2" and self.stage2.rollout == "consistency"):
+            return "consistency"
+        return "flowmap"
+
+    @property
+    def train_optim(self) -> OptimConfig:
+        """The optimizer settings of this kind of run (Stage 2 has its own, official lr 2e-6)."""
+        return self.stage2.optim if self.kind == "stage2" else self.optim
+
+
+KINDS = ("teacher", "stage1", "stage2", "consistency")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,6 +39,18 @@ def euler_step(x: torch.Tensor, u: torch.Tensor, t: torch.Tensor, r: torch.Tenso
     return x - dt.view(-1, *([1] * (x.ndim - 1))) * u
 
 
+def noisy(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The point on the straight path: ``x_t = (1 - t/1000) x0 + (t/1000) eps`` with per-sample t (B,)."""
+    s = (t.double() / T_MAX).to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+    return (1 - s) * x0 + s * eps
+
+
+def endpoint(model: FlowMap, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    """A flow map used as an endpoint (consistency) map: ``x0 = x_t - (t/1000) u(x_t, t, 0)``."""
+    zero = torch.zeros_like(t)
+    return euler_step(x, model(x, t.float(), zero.float(), cond), t, zero)
+
+
 def cat_cond(a: Any, b: Any) -> Any:
     """Concatenate two conditions along the batch (tensors; dicts of tensors; None for unconditional)."""
     if a is None and b is None:
@@ -98,3 +110,18 @@ def sample(model: FlowMap, noise: torch.Tensor, cond: Any, steps: int | Sequence
         if callback is not None:
             callback(i, x)
     return x
+
+
+@torch.no_grad()
+def sample_consistency(model: FlowMap, noise: torch.Tensor, cond: Any, steps: int | Sequence[float] = 4, *,
+                       shift: float = 5.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Multistep consistency sampling (the baselines' sampler): at each grid time predict x0 with the
+    endpoint map, then re-noise it with fresh noise to the next grid time."""
+    taus = sampling_grid(steps, shift)
+    x, b = noise, noise.shape[0]
+    for i in range(len(taus) - 1):
+        x0 = endpoint(model, x, taus[i].expand(b), cond)
+        if taus[i + 1] > 0:
+            fresh = torch.randn(x.shape, generator=generator).to(x)
+            x = noisy(x0, fresh, taus[i + 1].expand(b))
+    return x0

@@ -1,7 +1,7 @@
 """The step-scaling sweep: one set of noises and conditions, every N, the world's exact metrics.
 
-Rows are samplers: each student at N steps (flow-map Euler, r = next t, its fused guidance, so scale 1) and
-the teacher's Euler sampler (r = t, with CFG). Outputs: ``sweep.md`` and ``sweep.csv`` (a row per sampler
+Rows are samplers: each student at N steps (flow-map Euler, r = next t, its fused guidance, so scale 1), the
+teacher's Euler sampler (r = t, with CFG) and the consistency baselines (predict x0, re-noise). Outputs: ``sweep.md`` and ``sweep.csv`` (a row per sampler
 and N), ``sweep.png`` (each metric against N, log-x) and a grid of samples with one row per N.
 """
 
@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import SweepConfig
-from ..flowmap import FlowMap, guided, sample
+from ..flowmap import FlowMap, guided, sample, sample_consistency
 
 
 @dataclass
@@ -24,16 +24,25 @@ class Sampler:
     name: str
     model: FlowMap
     guidance: float
-    mean_velocity: bool   # True: flow-map student (r = next t); False: Euler with the velocity (r = t)
+    mode: str = "flowmap"   # 'flowmap' (r = next t), 'euler' (a velocity model, r = t), 'consistency'
+
+    def __post_init__(self):
+        if self.mode not in ("flowmap", "euler", "consistency"):
+            raise ValueError(f"sampler mode must be 'flowmap', 'euler' or 'consistency', got {self.mode!r}")
 
 
 def sample_batched(s: Sampler, null_cond: Any, noise: torch.Tensor, cond: Any, steps: int, shift: float,
-                   chunk: int = 64) -> torch.Tensor:
+                   chunk: int = 64, seed: int = 0) -> torch.Tensor:
+    """Sample in chunks; the consistency sampler's re-noising draws from a generator seeded by ``seed``."""
     model = guided(s.model, s.guidance, null_cond)
+    generator = torch.Generator().manual_seed(seed)
     outs = []
     for i in range(0, noise.shape[0], chunk):
-        c = cond[i:i + chunk]
-        outs.append(sample(model, noise[i:i + chunk], c, steps, shift=shift, mean_velocity=s.mean_velocity))
+        x, c = noise[i:i + chunk], cond[i:i + chunk]
+        if s.mode == "consistency":
+            outs.append(sample_consistency(model, x, c, steps, shift=shift, generator=generator))
+        else:
+            outs.append(sample(model, x, c, steps, shift=shift, mean_velocity=s.mode == "flowmap"))
     return torch.cat(outs)
 
 
@@ -50,7 +59,7 @@ def run_sweep(samplers: list[Sampler], binding: Any, cfg: SweepConfig, out_dir: 
     bar = tqdm(jobs, desc="sweep", disable=not progress, dynamic_ncols=True)
     for s, n in bar:
         bar.set_postfix_str(f"{s.name} N={n}")
-        x = sample_batched(s, binding.null_cond, ev.noise, ev.cond, n, cfg.shift)
+        x = sample_batched(s, binding.null_cond, ev.noise, ev.cond, n, cfg.shift, seed=cfg.seed + n)
         metrics = binding.evaluate(x, ev, eval_guidance)
         rows.append({"sampler": s.name, "N": n, **metrics})
         grid[f"{s.name} N={n}"] = x[:cfg.grid_samples]

@@ -10,15 +10,9 @@ from typing import Any
 
 import torch
 
-from ..flowmap import FlowMap
-from ..time import T_MAX, logit_normal
+from ..flowmap import FlowMap, noisy
+from ..time import logit_normal
 from .conditioning import drop_condition
-
-
-def noisy(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``x_t = (1 - t/1000) x0 + (t/1000) eps`` with per-sample t (B,)."""
-    s = (t.double() / T_MAX).to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
-    return (1 - s) * x0 + s * eps
 
 
 def flow_matching_loss(model: FlowMap, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,

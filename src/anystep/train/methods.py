@@ -15,6 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..backward_simulation import consistency_backward_simulation, draw_plan, flowmap_backward_simulation
+from ..config import ConsistencyConfig, Stage2Config
+from ..flowmap import FlowMap, expand_cond, guided
+from ..objectives.conditioning import drop_condition
+from ..objectives.consistency import consistency_distillation_loss
+from ..objectives.dmd import dmd_loss
 from ..objectives.flow_matching import flow_matching_step
 from ..objectives.flowmap import Stage1Config, Stage1Objective
 
@@ -79,3 +85,108 @@ class Stage1(Method):
 
     def load_state_dict(self, state):
         self.objective.load_state_dict(state["objective"])
+
+
+class Stage2(Method):
+    """On-policy flow-map distillation (official ``Wan_AnyFlow_OnPolicy_Trainer``).
+
+    Generator step (every ``critic_ratio`` iterations): DMD on a backward-simulated rollout from fresh noise
+    plus the co-trained Stage-1 loss on a real batch. Critic step (every iteration): flow matching on a
+    stop-grad rollout. The teacher is frozen. With ``cfg.rollout="consistency"`` the rollout is the
+    consistency backward simulation and there is no co-trained loss (the baseline).
+    """
+
+    def __init__(self, student: nn.Module, critic: nn.Module, teacher: FlowMap, world: Any, batch_size: int,
+                 cfg: Stage2Config, stage1: Stage1Config, seed: int = 0):
+        opt = {"betas": cfg.optim.betas}
+        super().__init__(roles={"student": student, "critic": critic}, ema_roles=("student",),
+                         optim_overrides={"critic": {**opt, "lr": cfg.critic_lr or cfg.optim.lr}})
+        self.teacher, self.world, self.batch_size, self.cfg = teacher, world, batch_size, cfg
+        self.stage1 = Stage1Objective(stage1, world.null_cond) if cfg.cotrain_weight > 0 else None
+        self.plans = torch.Generator().manual_seed(seed + 1)   # (N, k) draws: their own reproducible stream
+
+    def rollout(self, noise: torch.Tensor, cond: Any, generator: torch.Generator) -> torch.Tensor:
+        plan = draw_plan(self.cfg.rollout_steps, self.plans)
+        student = self.roles["student"]
+        if self.cfg.rollout == "consistency":
+            return consistency_backward_simulation(student, noise, cond, plan, shift=self.cfg.dmd_shift,
+                                                   generator=generator)
+        return flowmap_backward_simulation(student, noise, cond, plan, shift=self.cfg.dmd_shift,
+                                           grad=self.cfg.rollout_grad)
+
+    def _rollout_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, Any, torch.Tensor, Any]:
+        """A data batch (for the co-trained loss), and the rollout's prompts (dropped) and noise."""
+        x0, cond = self.world.batch(self.batch_size, generator)
+        n = min(self.cfg.dmd_batch_size, self.batch_size)
+        rollout_cond = _rows(cond, n)
+        if self.cfg.cond_dropout > 0:
+            rollout_cond, _ = drop_condition(rollout_cond, expand_cond(self.world.null_cond, n),
+                                             self.cfg.cond_dropout, n, generator)
+        noise = torch.randn((n, *x0.shape[1:]), generator=generator)
+        return x0, cond, noise, rollout_cond
+
+    def phases(self, step, generator):
+        cfg = self.cfg
+
+        def generator_step():
+            x0, cond, noise, rcond = self._rollout_batch(generator)
+            x_hat = self.rollout(noise, rcond, generator)
+            loss, stats = dmd_loss(x_hat, self.roles["critic"], self.teacher, rcond, self.world.null_cond,
+                                   guidance=cfg.real_guidance, shift_k=cfg.dmd_shift, generator=generator)
+            terms = {"loss/dmd": cfg.dmd_weight * loss}
+            if self.stage1 is not None:
+                s1, s1_stats = self.stage1(self.roles["student"], x0, cond, generator)
+                terms["loss/stage1"] = cfg.cotrain_weight * s1
+                stats.update(s1_stats)
+            return terms, stats
+
+        def critic_step():
+            _, _, noise, rcond = self._rollout_batch(generator)
+            with torch.no_grad():
+                x_hat = self.rollout(noise, rcond, generator)
+            loss, _ = flow_matching_step(self.roles["critic"], x_hat, rcond, shift=cfg.critic_shift,
+                                         cond_dropout=0.0, generator=generator)
+            return {"loss/critic": loss}, {"loss/critic": loss.item()}
+
+        phases = [Phase("student", generator_step)] if step % cfg.critic_ratio == 0 else []
+        return phases + [Phase("critic", critic_step)]
+
+    def state_dict(self):
+        state = {"plans": self.plans.get_state()}
+        if self.stage1 is not None:
+            state["objective"] = self.stage1.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        self.plans.set_state(state["plans"])
+        if self.stage1 is not None:
+            self.stage1.load_state_dict(state["objective"])
+
+
+class ConsistencyDistillation(Method):
+    """The consistency-distillation baseline: an endpoint map (the student at r = 0) distilled from the
+    guided teacher's ODE."""
+
+    def __init__(self, student: nn.Module, teacher: FlowMap, world: Any, batch_size: int,
+                 cfg: ConsistencyConfig):
+        super().__init__(roles={"student": student}, ema_roles=("student",))
+        self.teacher = guided(teacher, cfg.teacher_guidance, world.null_cond)
+        self.world, self.batch_size, self.cfg = world, batch_size, cfg
+
+    def phases(self, step, generator):
+        def run():
+            x0, cond = self.world.batch(self.batch_size, generator)
+            if self.cfg.cond_dropout > 0:
+                cond, _ = drop_condition(cond, expand_cond(self.world.null_cond, x0.shape[0]),
+                                         self.cfg.cond_dropout, x0.shape[0], generator)
+            loss, stats = consistency_distillation_loss(self.roles["student"], self.teacher, x0, cond,
+                                                        intervals=self.cfg.intervals, shift=self.cfg.shift,
+                                                        generator=generator)
+            return {"loss/consistency": loss}, stats
+        return [Phase("student", run)]
+
+
+def _rows(cond: Any, n: int) -> Any:
+    if isinstance(cond, dict):
+        return {k: v[:n] for k, v in cond.items()}
+    return cond[:n]

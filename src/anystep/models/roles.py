@@ -1,0 +1,304 @@
+"""Stage-2 roles (student, critic, teacher) on one frozen base with peft LoRA adapters.
+
+The official code holds three full transformers: the student (flow map), the critic and the frozen teacher
+(velocity models), each with its own LoRA. Here one frozen ``AnyFlowTransformer3DModel`` built with
+:func:`~anystep.models.wan.student_from_wan` (so at r = t it *is* the Wan teacher) carries two adapters:
+
+* ``"student"``: LoRA on ``attn1.{to_q,to_k,to_v,to_out.0}``, ``ffn.net.0.proj``, ``ffn.net.2`` and the
+  linears of ``condition_embedder.{time,delta}_embedder`` (the official Stage-1/2 student targets; the
+  delta embedder trains through its LoRA, its base weights stay frozen as in the official code);
+* ``"critic"``: LoRA on the same block linears, not on the embedders (the official teacher/critic targets);
+* the teacher is the base with every adapter disabled (or, optionally, a frozen ``"teacher"`` adapter).
+
+A training run asks :meth:`SharedBase.role` for a :class:`RoleView` per role. A view follows anystep's
+flow-map contract ``u = view(x[B, F, C, H, W], t[B], r[B], text[B, L, D])`` and switches the shared base
+to its adapter for the duration of each call. A velocity view (critic, teacher) ignores ``r`` and feeds
+r = t, like :class:`~anystep.models.wan.WanVelocity`. What the generic trainer sees of a view,
+``parameters()``, ``named_parameters()``, ``state_dict()`` and ``load_state_dict()``, is exactly that
+role's adapter tensors, under peft's adapter-free key names (``blocks.0.attn1.to_q.lora_A.weight``): the
+base is held outside nn.Module's bookkeeping, and the adapter Parameters are registered on the view too.
+
+Adapter switching never touches ``requires_grad``: peft's ``set_adapter``/``enable_adapters`` freeze the
+inactive adapters, which would silently drop the student's gradient when the critic or teacher runs between
+the student's forward and its backward (DMD does exactly that), and which raises inside ``torch.func.jvp``.
+The switch here sets only the LoRA layers' active-adapter and disabled flags.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AnyFlowTransformer3DModel, WanTransformer3DModel
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .wan import _check_video, student_from_wan
+
+# Substrings of the nn.Linear names that get LoRA (the official ``filter_learnable_module``).
+VELOCITY_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+STUDENT_TARGETS = VELOCITY_TARGETS + ("condition_embedder.time_embedder", "condition_embedder.delta_embedder")
+
+
+@dataclass
+class Adapter:
+    """One LoRA adapter on the base: its targets (qualified module names), rank, alpha and Parameters
+    (keyed by peft's adapter-free names, e.g. ``blocks.0.attn1.to_q.lora_A.weight``)."""
+
+    name: str
+    targets: list[str]
+    rank: int
+    alpha: float
+    trainable: bool
+    params: dict[str, nn.Parameter] = field(default_factory=dict)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class Role:
+    adapter: str | None   # None: the bare base (all adapters disabled)
+    flowmap: bool         # True: uses r (student); False: a velocity model, r := t (critic, teacher)
+
+
+def lora_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Qualified names of the ``nn.Linear`` modules whose name contains one of ``patterns`` (a layer that
+    already carries LoRA counts as its base linear; peft's inner modules are skipped)."""
+    tuner_paths = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    names = []
+    for name, module in model.named_modules():
+        inner = any(name.startswith(p + ".") for p in tuner_paths)
+        is_linear = isinstance(module, nn.Linear) or (isinstance(module, LoraLayer)
+                                                      and isinstance(module.get_base_layer(), nn.Linear))
+        if is_linear and not inner and any(s in name for s in patterns):
+            names.append(name)
+    return names
+
+
+class SharedBase(nn.Module):
+    """A frozen ``AnyFlowTransformer3DModel`` with one LoRA adapter per trainable role.
+
+    Args:
+        base: the base transformer, e.g. ``student_from_wan(wan)``; every base parameter is frozen.
+        rank, alpha: LoRA rank and alpha of the student and critic adapters (official: 256 / 256;
+            ``alpha=None`` means alpha = rank). The scaling is alpha / rank.
+        teacher_adapter: also add a frozen ``"teacher"`` adapter (velocity targets) for a teacher that is
+            itself a LoRA on the base; by default the teacher is the bare base.
+
+    ``role(name)`` gives the view of ``"student"``, ``"critic"`` or ``"teacher"``. Move the whole thing with
+    ``shared.to(...)`` (or any view's ``.to(...)``, which moves the shared base). For gradient checkpointing
+    call :meth:`enable_gradient_checkpointing` here, not on the base: the recomputation in backward must
+    run with the adapter of the forward, not with whichever is active then.
+    """
+
+    def __init__(self, base: AnyFlowTransformer3DModel, *, rank: int = 256, alpha: float | None = None,
+                 teacher_adapter: bool = False):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.adapters: dict[str, Adapter] = {}
+        self.roles: dict[str, Role] = {}
+        self._views: dict[str, RoleView] = {}
+        self._active: str | None = None
+        self._tuners: list[LoraLayer] = []
+        self.add_role("student", targets=STUDENT_TARGETS, flowmap=True, rank=rank, alpha=alpha)
+        self.add_role("critic", targets=VELOCITY_TARGETS, flowmap=False, rank=rank, alpha=alpha)
+        self.add_role("teacher", targets=VELOCITY_TARGETS if teacher_adapter else None, flowmap=False,
+                      trainable=False, rank=rank, alpha=alpha)
+
+    @classmethod
+    def from_wan(cls, wan: WanTransformer3DModel, *, gate_value: float = 0.25, **kwargs) -> SharedBase:
+        """The shared base of a Wan teacher: ``student_from_wan(wan)`` (its own copy of the weights)."""
+        return cls(student_from_wan(wan, gate_value=gate_value), **kwargs)
+
+    # ------------------------------------------------------------------ building
+    def add_role(self, name: str, *, targets: Sequence[str] | None, flowmap: bool, trainable: bool = True,
+                 rank: int = 256, alpha: float | None = None) -> None:
+        """Add a role; ``targets`` (substrings of linear names) gives it a LoRA adapter of the same name,
+        ``None`` makes it the bare base."""
+        if name in self.roles:
+            raise ValueError(f"role {name!r} exists already")
+        if targets is not None:
+            self._add_adapter(name, lora_targets(self.base, targets), rank, rank if alpha is None else alpha,
+                              trainable)
+        self.roles[name] = Role(adapter=name if targets is not None else None, flowmap=flowmap)
+
+    def _add_adapter(self, name: str, targets: list[str], rank: int, alpha: float, trainable: bool) -> None:
+        if not targets:
+            raise ValueError(f"adapter {name!r}: no linear layer matches the targets")
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=targets)
+        with warnings.catch_warnings():  # peft warns that a second adapter makes "multiple adapters"
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            self.base.add_adapter(config, adapter_name=name)  # diffusers' PeftAdapterMixin
+        self.adapters[name] = Adapter(name, targets, rank, float(alpha), trainable)
+        self._collect()
+        for module in self._tuners:
+            if not (hasattr(module, "_active_adapter") and hasattr(module, "_disable_adapters")):
+                raise RuntimeError(f"this peft version's LoRA layers lack _active_adapter/_disable_adapters; "
+                                   f"anystep's adapter switch needs them ({type(module).__name__})")
+        self._activate(None)
+        self._restore_requires_grad()  # add_adapter froze the adapters added before this one
+
+    def _collect(self) -> None:
+        """(Re)read the LoRA layers and each adapter's Parameters from the base."""
+        self._tuners = [m for m in self.base.modules() if isinstance(m, LoraLayer)]
+        for adapter in self.adapters.values():
+            adapter.params = {}
+        for path, module in self.base.named_modules():
+            if isinstance(module, LoraLayer):
+                for layer_name in module.adapter_layer_names:
+                    holder = getattr(module, layer_name)
+                    for name, adapter in self.adapters.items():
+                        if name not in holder:
+                            continue
+                        item = holder[name]   # a module (lora_A/B) or a bare Parameter (ParameterDict)
+                        pairs = [("", item)] if isinstance(item, nn.Parameter) else item.named_parameters()
+                        for pname, p in pairs:
+                            adapter.params[".".join(filter(None, (path, layer_name, pname)))] = p
+        for view in self._views.values():
+            view._register_adapter_params()
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self._collect()  # in case the conversion made new Parameter objects
+        return self
+
+    def _restore_requires_grad(self) -> None:
+        for adapter in self.adapters.values():
+            for p in adapter.params.values():
+                p.requires_grad_(adapter.trainable)
+
+    # ------------------------------------------------------------------ switching
+    def _activate(self, adapter: str | None) -> None:
+        # peft's set_adapter / enable_adapters would also set requires_grad (freezing the inactive adapters),
+        # which drops gradients still in flight and is an error inside torch.func transforms (jvp): set the
+        # two state attributes they set, and nothing else. A layer without this adapter runs its base only.
+        for module in self._tuners:
+            module._disable_adapters = adapter is None
+            if adapter is not None:
+                module._active_adapter = [adapter]
+        self._active = adapter
+
+    @contextmanager
+    def using(self, adapter: str | None) -> Iterator[None]:
+        """Run the base with ``adapter`` active (``None``: all disabled), then switch back."""
+        previous = self._active
+        if adapter != previous:
+            self._activate(adapter)
+        try:
+            yield
+        finally:
+            if adapter != previous:
+                self._activate(previous)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint every block; the recomputation re-activates the adapter its forward ran with."""
+        self.base.enable_gradient_checkpointing(self._checkpoint)
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.base.disable_gradient_checkpointing()
+
+    def _checkpoint(self, block: nn.Module, *args):
+        adapter = self._active
+
+        def run(*a):
+            with self.using(adapter):
+                return block(*a)
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+    # ------------------------------------------------------------------ views and export
+    def role(self, name: str) -> RoleView:
+        """The role's view (one object per role and SharedBase)."""
+        if name not in self.roles:
+            raise KeyError(f"unknown role {name!r}; roles: {sorted(self.roles)}")
+        if name not in self._views:
+            self._views[name] = RoleView(self, name)
+        return self._views[name]
+
+    def merged(self, role: str = "student",
+               lora_state: Mapping[str, torch.Tensor] | None = None) -> AnyFlowTransformer3DModel:
+        """A plain copy of the base (no peft layers) with the role's adapter merged in:
+        ``W + (alpha / rank) B A``. ``lora_state`` (a view's state dict, e.g. its EMA) replaces the live
+        adapter weights."""
+        name = self.roles[role].adapter
+        state = {}
+        for key, value in self.base.state_dict().items():
+            if ".lora_" not in key:
+                state[key.replace(".base_layer.", ".")] = value.detach().clone()
+        if name is not None:
+            adapter = self.adapters[name]
+            lora = dict(lora_state) if lora_state is not None else adapter.params
+            for path in adapter.targets:
+                w = state[f"{path}.weight"]
+                a, b = (lora[f"{path}.lora_{ab}.weight"].to(w.device, torch.float32) for ab in "AB")
+                state[f"{path}.weight"] = (w.float() + adapter.scaling * (b @ a)).to(w.dtype)
+        model = type(self.base).from_config(self.base.config)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.train(self.base.training)
+
+
+class RoleView(nn.Module):
+    """One role of a :class:`SharedBase` as a flow-map model. Its parameters and state dict are the role's
+    adapter tensors only (none for the bare teacher); the base is not a submodule."""
+
+    def __init__(self, shared: SharedBase, role: str):
+        super().__init__()
+        object.__setattr__(self, "_shared", shared)  # a plain attribute: not in parameters()/state_dict()
+        spec = shared.roles[role]
+        self.role, self.adapter, self.flowmap = role, spec.adapter, spec.flowmap
+        self._register_adapter_params()
+
+    def _register_adapter_params(self) -> None:
+        for name in list(self._modules):
+            del self._modules[name]
+        if self.adapter is None:
+            return
+        for key, p in self._shared.adapters[self.adapter].params.items():
+            *path, leaf = key.split(".")
+            module: nn.Module = self
+            for part in path:  # mirror the base's module path, so the names are peft's
+                if part not in module._modules:
+                    module.add_module(part, nn.Module())
+                module = module._modules[part]
+            module.register_parameter(leaf, p)
+
+    @property
+    def shared(self) -> SharedBase:
+        return self._shared
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        shared = self._shared
+        base = shared.base
+        _check_video(x, base.config.in_channels)
+        if base.gradient_checkpointing and base._gradient_checkpointing_func != shared._checkpoint:
+            raise RuntimeError("gradient checkpointing was enabled on the base directly; use "
+                               "SharedBase.enable_gradient_checkpointing() so that backward recomputes with "
+                               "the right adapter")
+        if not self.flowmap:
+            r = t
+        frames = x.shape[1]
+        with shared.using(self.adapter):
+            return base(hidden_states=x, timestep=t[:, None].expand(-1, frames),
+                        r_timestep=r[:, None].expand(-1, frames), encoder_hidden_states=text,
+                        return_dict=False)[0]
+
+    def _apply(self, fn, recurse: bool = True):
+        # moving/casting a view moves the shared base (and so this view's tensors, which live in it)
+        self._shared._apply(fn, recurse)
+        return self
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        return (f"RoleView(role={self.role!r}, adapter={self.adapter!r}, flowmap={self.flowmap}, "
+                f"adapter_params={n})")

@@ -1,0 +1,245 @@
+"""Stage 2: backward simulation, DMD, the critic, the consistency baselines, and the Stage-2 method."""
+
+import pytest
+import torch
+
+from anystep.backward_simulation import (
+    RolloutPlan,
+    consistency_backward_simulation,
+    draw_plan,
+    flowmap_backward_simulation,
+)
+from anystep.config import Stage2Config
+from anystep.flowmap import sample_consistency
+from anystep.objectives.consistency import consistency_pairs
+from anystep.objectives.dmd import dmd_loss
+from anystep.objectives.flowmap import Stage1Config
+from anystep.train.methods import Stage2
+from anystep.worlds.gmm import GMMConfig, GMMWorld
+
+
+def _grid(n, k=5.0):
+    """The shifted grid written out independently: 1000 * k s / (1 + (k - 1) s), s = 1 - i/n."""
+    s = [1 - i / n for i in range(n + 1)]
+    return [1000 * k * v / (1 + (k - 1) * v) for v in s]
+
+
+class Spy(torch.nn.Module):
+    """u = theta * x (theta a scalar parameter); records each call's (t, r, grad enabled)."""
+
+    def __init__(self, theta=0.5):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.tensor(theta, dtype=torch.float64))
+        self.calls, self.inputs = [], []
+        self.perturb = None  # (call index, delta): use theta + delta on that call only
+        self.replay = {}     # call index -> output to return instead (a call held constant)
+
+    def forward(self, x, t, r, cond):
+        self.calls.append((float(t[0]), float(r[0]), torch.is_grad_enabled()))
+        self.inputs.append(x.detach().clone())
+        if len(self.calls) - 1 in self.replay:
+            return self.replay[len(self.calls) - 1]
+        theta = self.theta
+        if self.perturb is not None and self.perturb[0] == len(self.calls) - 1:
+            theta = theta + self.perturb[1]
+        return theta * x
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 8, 50])
+def test_flowmap_rollout_makes_exactly_the_expected_calls(n):
+    taus = _grid(n)
+    for k in range(n):
+        spy = Spy()
+        flowmap_backward_simulation(spy, torch.randn(2, 1, 1, 2, 2, dtype=torch.float64), None,
+                                    RolloutPlan(n, k))
+        expected = ([(1000.0, taus[k])] if k > 0 else []) + [(taus[k], taus[k + 1])]
+        expected += [(taus[k + 1], 0.0)] if k < n - 1 else []
+        got = [(t, r) for t, r, _ in spy.calls]
+        assert len(got) == len(expected) == 1 + (k > 0) + (k < n - 1)
+        for (t, r), (te, re) in zip(got, expected):
+            assert t == pytest.approx(te, rel=1e-6) and r == pytest.approx(re, rel=1e-6, abs=1e-9)
+        assert all(grad for _, _, grad in spy.calls)
+
+
+def _rollout(spy, noise, plan, grad):
+    spy.calls.clear()
+    return flowmap_backward_simulation(spy, noise, None, plan, grad=grad)
+
+
+@pytest.mark.parametrize("plan", [RolloutPlan(4, 0), RolloutPlan(4, 2), RolloutPlan(8, 7), RolloutPlan(2, 1)])
+def test_rollout_gradient_reaches_the_parameters_through_every_segment(plan):
+    """d(sum x^)/d theta by autograd against a central difference in theta (every call perturbed); with
+    grad='one', against a difference that perturbs the fine step's call only and holds the other calls'
+    outputs at their unperturbed values (they run without gradient)."""
+    noise = torch.randn(3, 1, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    spy = Spy()
+    fine = (plan.k > 0)  # index of the fine call: after the first jump when there is one
+    for grad, perturbed in (("all", None), ("one", fine)):
+        spy.theta.grad = None
+        _rollout(spy, noise, plan, grad).sum().backward()
+        if perturbed is not None:
+            with torch.no_grad():
+                outs = [spy.theta * x for x in spy.inputs[-len(spy.calls):]]
+            spy.replay = {i: o for i, o in enumerate(outs) if i != fine}
+        h = 1e-6
+        vals = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                if perturbed is None:
+                    spy.theta += sign * h
+                else:
+                    spy.perturb = (perturbed, sign * h)
+                vals.append(_rollout(spy, noise, plan, grad).sum())
+                if perturbed is None:
+                    spy.theta -= sign * h
+                spy.perturb = None
+        spy.replay = {}
+        numeric = (vals[0] - vals[1]) / (2 * h)
+        assert spy.theta.grad is not None
+        assert float(spy.theta.grad) == pytest.approx(float(numeric), rel=1e-5), grad
+    # with several calls, 'one' and 'all' must differ (the other segments carry gradient under 'all')
+    if len(spy.calls) > 1:
+        spy.theta.grad = None
+        _rollout(spy, noise, plan, "all").sum().backward()
+        g_all = float(spy.theta.grad)
+        spy.theta.grad = None
+        _rollout(spy, noise, plan, "one").sum().backward()
+        assert abs(g_all - float(spy.theta.grad)) > 1e-3
+
+
+def test_consistency_rollout_calls_and_gradient():
+    spy = Spy()
+    out = consistency_backward_simulation(spy, torch.randn(2, 1, 1, 2, 2, dtype=torch.float64), None,
+                                          RolloutPlan(8, 5), generator=torch.Generator().manual_seed(0))
+    taus = _grid(8)
+    assert [t for t, _, _ in spy.calls] == pytest.approx(taus[:6])
+    assert all(r == 0 for _, r, _ in spy.calls)
+    assert [g for _, _, g in spy.calls] == [False] * 5 + [True]
+    out.sum().backward()
+    assert spy.theta.grad is not None
+
+
+def test_plans_are_reproducible_and_cover_all_steps():
+    a = [draw_plan((2, 4, 8, 16, 50), torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert a[0] == a[1]
+    g = torch.Generator().manual_seed(0)
+    plans = [draw_plan((2, 4), g) for _ in range(400)]
+    assert {(p.n, p.k) for p in plans} == {(2, 0), (2, 1), (4, 0), (4, 1), (4, 2), (4, 3)}
+    with pytest.raises(ValueError, match="0 <= k < n"):
+        RolloutPlan(4, 4)
+
+
+class Recorder(torch.nn.Module):
+    """A velocity model f(z, t) = a z + b cond (cond a tensor); records its inputs."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+        self.inputs = []
+
+    def forward(self, z, t, r, cond):
+        self.inputs.append((z.clone(), t.clone(), r.clone(), cond.clone()))
+        return self.a * z + self.b * cond.view(-1, 1, 1, 1, 1)
+
+
+def test_dmd_gradient_equals_a_hand_computation():
+    torch.manual_seed(0)
+    x_hat = torch.randn(2, 2, 1, 2, 2, dtype=torch.float64, requires_grad=True)
+    cond, null = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.float64)
+    critic, teacher = Recorder(0.3, 0.1), Recorder(-0.2, 0.5)
+    loss, _ = dmd_loss(x_hat, critic, teacher, cond, null, guidance=3.0, generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    (z, tau, r, c_cond), = critic.inputs
+    (zt, taut, rt, t_cond), = teacher.inputs
+    assert torch.equal(r, tau) and torch.equal(zt[:2], z) and torch.equal(zt[2:], z) and torch.equal(c_cond, cond)
+    assert torch.equal(taut, torch.cat([tau, tau])) and torch.equal(rt, taut)
+    assert torch.equal(t_cond, torch.tensor([1.0, -2.0, 0.0, 0.0], dtype=torch.float64))
+    s = (tau.double() / 1000).view(-1, 1, 1, 1, 1)
+    c = cond.view(-1, 1, 1, 1, 1)
+    x0_fake = z - s * (0.3 * z + 0.1 * c)
+    x0_c, x0_u = z - s * (-0.2 * z + 0.5 * c), z - s * (-0.2 * z)
+    x0_real = x0_c + 3.0 * (x0_c - x0_u)
+    g = (x0_fake - x0_real) / (x_hat.detach() - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    assert torch.allclose(x_hat.grad, 2 * g / x_hat.numel(), atol=1e-12)
+    # the re-noised point lies on the straight path from the rollout
+    assert bool(((tau >= 0) & (tau <= 1000)).all())
+
+
+def _gmm_binding():
+    from anystep.config import WorldConfig
+    from anystep.worlds.binding import GMMBinding
+    return GMMBinding(WorldConfig(name="gmm"))
+
+
+def _stage2(student, critic, teacher, **cfg):
+    binding = _gmm_binding()
+    return Stage2(student, critic, teacher, binding, 8, Stage2Config(**cfg), Stage1Config(fuse_guidance_scale=1.0))
+
+
+def test_critic_step_is_flow_matching_on_the_stop_grad_rollout():
+    """The critic sees z = (1 - t/1000) x^ + (t/1000) eps at (t, r = t) and regresses eps - x^, with x^ the
+    rollout made without gradient."""
+    student = Spy(0.0)  # u = 0: the rollout returns its own noise, x^ = noise
+    critic = Recorder(0.7, 0.0)
+    method = _stage2(student, critic, Recorder(0.0, 0.0), dmd_batch_size=4, cond_dropout=0.0)
+    critic_phase = next(p for p in method.phases(1, torch.Generator().manual_seed(0)) if p.role == "critic")
+    terms, _ = critic_phase.run()
+    assert student.calls and all(not g for _, _, g in student.calls)
+    x_hat = student.inputs[0]
+    (z, t, r, _), = critic.inputs
+    assert torch.equal(r, t) and z.shape == x_hat.shape == (4, *_gmm_binding().shape)
+    s = (t.double() / 1000).view(-1, 1, 1, 1, 1)
+    eps = (z.double() - (1 - s) * x_hat.double()) / s
+    assert eps.std().item() == pytest.approx(1.0, abs=0.35)        # it is the fresh noise
+    expected = (0.7 * z.double() - (eps - x_hat.double())).pow(2).mean()
+    assert terms["loss/critic"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_generator_step_updates_no_other_role():
+    torch.manual_seed(0)
+    world = _gmm_binding()
+    from anystep.models.toy import ToyFlowMapNet
+    net = ToyFlowMapNet(world.shape, world.world.num_classes, hidden=16, depth=1)
+    student = ToyFlowMapNet(world.shape, world.world.num_classes, hidden=16, depth=1).to_flowmap()
+    critic = ToyFlowMapNet(world.shape, world.world.num_classes, hidden=16, depth=1)
+    teacher = net.requires_grad_(False)
+    method = _stage2(student, critic, teacher, dmd_batch_size=4)
+    gen_phase, critic_phase = method.phases(0, torch.Generator().manual_seed(0))
+    assert (gen_phase.role, critic_phase.role) == ("student", "critic")
+    terms, _ = gen_phase.run()
+    assert set(terms) == {"loss/dmd", "loss/stage1"}
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in critic.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.delta_embedder.parameters())
+    terms, _ = critic_phase.run()
+    student.zero_grad(set_to_none=True)
+    terms["loss/critic"].backward()
+    assert all(p.grad is None for p in student.parameters())
+    assert all(p.grad is not None for n, p in critic.named_parameters() if not n.startswith("delta_embedder"))
+    # critic_ratio 2: the generator steps every other iteration only
+    method = _stage2(student, critic, teacher, critic_ratio=2)
+    assert [p.role for p in method.phases(1, torch.Generator())] == ["critic"]
+
+
+def test_consistency_sampler_with_the_exact_flow_map_reproduces_the_exact_ode():
+    world = GMMWorld(GMMConfig())
+    labels = torch.arange(8) % world.num_classes
+    noise = torch.randn(8, *world.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def exact(x, t, r, lab):
+        return world.average_velocity(x.double(), t.double(), r.double(), lab)
+
+    one = sample_consistency(exact, noise, labels, 1)
+    assert torch.allclose(one, world.sample_ode(noise, labels), atol=1e-6)
+    # more steps re-noise with fresh noise: the samples differ from the ODE's but stay on the data
+    four = sample_consistency(exact, noise, labels, 4, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(four, one, atol=1e-3)
+
+
+def test_consistency_pairs_are_adjacent_grid_times():
+    t, s = consistency_pairs(500, 8, generator=torch.Generator().manual_seed(0))
+    taus = torch.tensor(_grid(8), dtype=torch.float64)
+    idx = [int(torch.argmin((taus - v).abs())) for v in t]
+    assert torch.allclose(t, taus[idx]) and torch.allclose(s, taus[[i + 1 for i in idx]])
+    assert len(set(idx)) == 8
