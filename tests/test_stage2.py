@@ -243,3 +243,24 @@ def test_consistency_pairs_are_adjacent_grid_times():
     idx = [int(torch.argmin((taus - v).abs())) for v in t]
     assert torch.allclose(t, taus[idx]) and torch.allclose(s, taus[[i + 1 for i in idx]])
     assert len(set(idx)) == 8
+
+
+def _plan_on_rank(rank, world, init_file, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        # each rank seeds differently on purpose: the plan must still be rank 0's everywhere
+        plans = [draw_plan((2, 4, 8, 16, 50), torch.Generator().manual_seed(100 + rank + i)) for i in range(8)]
+        out[rank] = [(p.n, p.k) for p in plans]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plans_are_identical_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_plan_on_rank, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    rank0 = [(p.n, p.k) for p in (draw_plan((2, 4, 8, 16, 50), torch.Generator().manual_seed(100 + i))
+                                  for i in range(8))]
+    assert out[0] == out[1] == rank0

@@ -37,7 +37,7 @@ def _parse_steps(text: str) -> tuple[int, ...]:
     return steps
 
 
-DEMO_SHORT = (1200, 300, 1200, 300)   # Stage 1, Stage 2, consistency distillation, consistency + DMD
+DEMO_SHORT = (800, 300, 800, 300)   # Stage 1, Stage 2, consistency distillation, consistency + DMD
 DEMO_FULL = (2400, 600, 2400, 600)
 
 
