@@ -19,12 +19,11 @@ import argparse
 import time
 
 import torch
+from _shapes import shapes_setup
 
-from anystep.config import ModelConfig, WorldConfig
 from anystep.objectives.flow_matching import flow_matching_step, noisy
 from anystep.objectives.flowmap import Stage1Config, Stage1Objective, fuse_guidance, meanflow_target
 from anystep.time import beta08_weight, sample_time_pairs
-from anystep.worlds.binding import ShapesBinding
 
 
 def official_layout_loss(model, x0, cond, null, generator, w=3.0, eps_fd=5.0):
@@ -63,12 +62,7 @@ def main():
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    torch.manual_seed(0)
-    binding = ShapesBinding(WorldConfig(name="shapes"))
-    mcfg = ModelConfig(patch=(1, 4, 4), heads=4, head_dim=16, layers=4, ffn_dim=256)
+    binding, mcfg = shapes_setup(args.threads)
     student = binding.student_from(binding.velocity_net(mcfg), mcfg)
     params = [p for p in student.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)

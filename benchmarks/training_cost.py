@@ -29,12 +29,12 @@ import tempfile
 import time
 
 import torch
+from _shapes import shapes_setup
 
-from anystep.config import ModelConfig, Stage2Config, WorldConfig
+from anystep.config import Stage2Config
 from anystep.objectives.flowmap import Stage1Config
 from anystep.train.loop import Trainer
 from anystep.train.methods import Stage1, Stage2, TeacherFineTune
-from anystep.worlds.binding import ShapesBinding
 
 
 def seconds_per_iter(method, iters: int, warmup: int = 2) -> float:
@@ -56,12 +56,7 @@ def main():
     ap.add_argument("--dmd-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    torch.manual_seed(0)
-    binding = ShapesBinding(WorldConfig(name="shapes"))
-    mcfg = ModelConfig(patch=(1, 4, 4), heads=4, head_dim=16, layers=4, ffn_dim=256)
+    binding, mcfg = shapes_setup(args.threads)
     teacher = binding.velocity_net(mcfg)
 
     def student():

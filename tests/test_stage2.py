@@ -264,3 +264,16 @@ def test_plans_are_identical_on_every_rank(tmp_path):
     rank0 = [(p.n, p.k) for p in (draw_plan((2, 4, 8, 16, 50), torch.Generator().manual_seed(100 + i))
                                   for i in range(8))]
     assert out[0] == out[1] == rank0
+
+
+def test_dmd_times_follow_the_shifted_uniform_and_the_optional_clamp():
+    from anystep.objectives.dmd import dmd_times
+    g = torch.Generator().manual_seed(0)
+    tau = dmd_times(20000, 5.0, g)
+    # P(tau <= 1000 shift(s)) = s for the shifted uniform: check at s = 0.5 (tau = 833.3)
+    assert float((tau <= 1000 * 5 * 0.5 / (1 + 4 * 0.5)).double().mean()) == pytest.approx(0.5, abs=0.015)
+    clamped = dmd_times(20000, 5.0, torch.Generator().manual_seed(0), 20.0, 980.0)
+    assert float(clamped.min()) == 20.0 and float(clamped.max()) == 980.0
+    assert torch.equal(clamped, tau.clamp(20.0, 980.0))
+    with pytest.raises(ValueError, match="dmd_time_range"):
+        Stage2Config(dmd_time_range=(500.0, 100.0))

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides applied to every stage's config (e.g. train.threads=1)")
     d.add_argument("--full", action="store_true",
-                   help=f"longer budgets: {_budget_text(DEMO_FULL)} (about 25 min on 2 cores)")
+                   help=f"longer budgets: {_budget_text(DEMO_FULL)} (about 2.5x the default run)")
     d.add_argument("--budget", type=_parse_budget, default=None, metavar="S1,S2,CD,CBS",
                    help=f"training steps of each stage (default {','.join(map(str, DEMO_SHORT))})")
     d.add_argument("--no-baselines", action="store_true", help="skip the consistency baselines")

@@ -95,6 +95,7 @@ class Stage2Config:
     dmd_batch_size: int = 2                    # rollouts per generator step (official 1.3B: 2, 14B: 1)
     real_guidance: float = 3.0                 # teacher x0: c + s (c - u), s = 3 ("CFG 4")
     dmd_shift: float = 5.0
+    dmd_time_range: tuple[float, float] = (0.0, 1000.0)   # clamp of the DMD times (official: none, 0..1000)
     dmd_weight: float = 1.0
     cotrain_weight: float = 1.0                # the Stage-1 loss on a real batch, in the generator step
     critic_ratio: int = 1                      # generator steps every `critic_ratio` iterations; critic every one
@@ -111,6 +112,9 @@ class Stage2Config:
                 raise ValueError(f"stage2.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.rollout_steps or min(self.rollout_steps) < 1:
             raise ValueError(f"stage2.rollout_steps must be integers >= 1, got {list(self.rollout_steps)}")
+        lo, hi = self.dmd_time_range
+        if not 0.0 <= lo < hi <= 1000.0:
+            raise ValueError(f"stage2.dmd_time_range must satisfy 0 <= min < max <= 1000, got {self.dmd_time_range}")
         if self.dmd_batch_size < 1 or self.critic_ratio < 1:
             raise ValueError("stage2.dmd_batch_size and stage2.critic_ratio must be >= 1")
 

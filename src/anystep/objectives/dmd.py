@@ -24,9 +24,10 @@ from ..flowmap import FlowMap, cat_cond, expand_cond, noisy
 from ..time import T_MAX, shift
 
 
-def dmd_times(batch: int, k: float = 5.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One DMD time per sample: ``1000 shift(U(0, 1))`` (official: no min/max clamp besides [0, 1000])."""
-    return (T_MAX * shift(torch.rand(batch, generator=generator, dtype=torch.float64), k)).clamp(0, T_MAX)
+def dmd_times(batch: int, k: float = 5.0, generator: torch.Generator | None = None, min_t: float = 0.0,
+              max_t: float = T_MAX) -> torch.Tensor:
+    """One DMD time per sample: ``clamp(1000 shift(U(0, 1)), min_t, max_t)`` (official: min 0, max 1000)."""
+    return (T_MAX * shift(torch.rand(batch, generator=generator, dtype=torch.float64), k)).clamp(min_t, max_t)
 
 
 def x0_from_velocity(z: torch.Tensor, tau: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
@@ -54,13 +55,13 @@ def dmd_mse(x_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def dmd_loss(x_hat: torch.Tensor, critic: FlowMap, teacher: FlowMap, cond: Any, null_cond: Any, *,
-             guidance: float = 3.0, shift_k: float = 5.0,
+             guidance: float = 3.0, shift_k: float = 5.0, time_range: tuple[float, float] = (0.0, T_MAX),
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The DMD generator loss for rollout samples ``x_hat`` (B, F, C, H, W) with gradient. The critic and
     the teacher are velocity models (called with r = t) and run without gradient."""
     b = x_hat.shape[0]
     with torch.no_grad():
-        tau = dmd_times(b, shift_k, generator)
+        tau = dmd_times(b, shift_k, generator, *time_range)
         n = torch.randn(x_hat.shape, generator=generator).to(x_hat)
         z = noisy(x_hat.detach(), n, tau)
         t = tau.float()

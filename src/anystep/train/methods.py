@@ -132,7 +132,8 @@ class Stage2(Method):
             x0, cond, noise, rcond = self._rollout_batch(generator)
             x_hat = self.rollout(noise, rcond, generator)
             loss, stats = dmd_loss(x_hat, self.roles["critic"], self.teacher, rcond, self.world.null_cond,
-                                   guidance=cfg.real_guidance, shift_k=cfg.dmd_shift, generator=generator)
+                                   guidance=cfg.real_guidance, shift_k=cfg.dmd_shift,
+                                   time_range=cfg.dmd_time_range, generator=generator)
             terms = {"loss/dmd": cfg.dmd_weight * loss}
             if self.stage1 is not None:
                 s1, s1_stats = self.stage1(self.roles["student"], x0, cond, generator)
