@@ -277,3 +277,35 @@ def test_dmd_times_follow_the_shifted_uniform_and_the_optional_clamp():
     assert torch.equal(clamped, tau.clamp(20.0, 980.0))
     with pytest.raises(ValueError, match="dmd_time_range"):
         Stage2Config(dmd_time_range=(500.0, 100.0))
+
+
+def test_consistency_sampler_renoises_with_fresh_noise_between_steps():
+    """With u = 0 the endpoint map returns its input, so two steps give exactly the re-noised point
+    (1 - s1) noise + s1 fresh at s1 = tau_1 / 1000, fresh drawn from the sampler's generator."""
+    noise = torch.randn(3, 1, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = sample_consistency(lambda x, t, r, c: torch.zeros_like(x), noise, None, 2,
+                             generator=torch.Generator().manual_seed(1))
+    fresh = torch.randn(noise.shape, generator=torch.Generator().manual_seed(1)).to(noise)
+    s1 = _grid(2)[1] / 1000
+    assert torch.allclose(out, (1 - s1) * noise + s1 * fresh, atol=1e-12)
+
+
+def test_consistency_distillation_loss_equals_a_hand_computation():
+    """Student u = 0.3 x, teacher v = -0.5 x, one sample: f(x_t, t) against sg f(x_s, s), x_s one teacher
+    Euler step from x_t, f(x, t) = x - (t/1000) u(x, t, 0), (t, s) adjacent on the 8-interval grid."""
+    from anystep.objectives.consistency import consistency_distillation_loss
+    taus = _grid(8)
+    for seed in range(3):
+        student, teacher = Spy(0.3), Spy(-0.5)
+        x0 = torch.randn(1, 1, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        loss, _ = consistency_distillation_loss(student, teacher, x0, None, intervals=8,
+                                                generator=torch.Generator().manual_seed(seed))
+        (t, r, tgrad), = teacher.calls
+        (s, r1, g1), (t2, r2, g2) = student.calls
+        assert r == pytest.approx(t) and not tgrad and (r1, r2, g1, g2) == (0.0, 0.0, False, True)
+        assert t2 == pytest.approx(t) and any(abs(t - a) < 1e-3 and abs(s - b) < 1e-3 for a, b in zip(taus, taus[1:]))
+        x_t = teacher.inputs[0]
+        x_s = x_t - (t - s) / 1000 * (-0.5 * x_t)
+        assert torch.allclose(student.inputs[0], x_s, atol=1e-6)
+        pred, target = x_t - t / 1000 * 0.3 * x_t, x_s - s / 1000 * 0.3 * x_s
+        assert loss.item() == pytest.approx((pred - target).pow(2).mean().item(), rel=1e-5)
