@@ -170,3 +170,13 @@ def test_shapes_lora_roles_on_one_frozen_base_end_to_end(tmp_path):
     assert main(["sample", str(s2), "--steps", "2", "--num", "1", "--out", str(tmp_path / "clip")]) == 0
     assert main(["stage2", "--no-progress", f"train.out_dir={tmp_path / 'x'}", f"model.init={s1}", *SHAPES_TINY,
                  "model.lora_rank=8"]) == 2
+
+
+def test_demo_runs_every_stage_and_sweeps_them_together(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--budget", "2,1,2,1", "sweep.num_samples=4", "sweep.steps=[1,2]",
+                 "stage2.dmd_batch_size=2", "--no-progress"]) == 0
+    with open(tmp_path / "sweep" / "sweep.csv") as f:
+        samplers = list(dict.fromkeys(r["sampler"] for r in csv.DictReader(f)))
+    assert samplers == ["AnyFlow Stage 1", "AnyFlow Stage 2", "consistency distillation", "consistency + DMD",
+                        "teacher Euler"]
+    assert (tmp_path / "sweep" / "grid.mp4").stat().st_size > 0

@@ -172,13 +172,13 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def run_label(cfg, spec: str) -> str:
-    """A sweep row's name: what the run is, and its folder."""
+def run_label(cfg, spec: str | None = None) -> str:
+    """A sweep row's name: what the run is, and its folder when given."""
     what = {"stage1": "AnyFlow Stage 1", "stage2": "AnyFlow Stage 2", "consistency": "consistency distillation",
             "teacher": "teacher"}[cfg.kind]
     if cfg.kind == "stage2" and cfg.stage2.rollout == "consistency":
         what = "consistency + DMD"
-    return f"{what} ({Path(spec).name})"
+    return f"{what} ({Path(spec).name})" if spec else what
 
 
 def cmd_sweep(args) -> int:
@@ -250,11 +250,10 @@ def cmd_demo(args) -> int:
         print(f"      done in {time.time() - t0:.0f} s: {ckpt}")
     cfg = configs[0][1]
     print(f"[{total}/{total}] sweep N =", ",".join(map(str, cfg.sweep.steps)))
-    names = {s1: "AnyFlow Stage 1", s2: "AnyFlow Stage 2", cd: "consistency distillation", cbs: "consistency + DMD"}
     samplers = []
     for _, run_cfg in configs:
         model, _, _ = load_model(run_cfg.train.out_dir)
-        samplers.append(Sampler(names[Path(run_cfg.train.out_dir)], model, 1.0, run_cfg.sampler))
+        samplers.append(Sampler(run_label(run_cfg), model, 1.0, run_cfg.sampler))
     teacher, _, _ = load_model(cfg.model.init, role="teacher")
     samplers.append(Sampler("teacher Euler", teacher, cfg.sweep.teacher_guidance, "euler"))
     binding = make_binding(cfg.world)

@@ -60,6 +60,15 @@ def cat_cond(a: Any, b: Any) -> Any:
     return torch.cat([a, b], dim=0)
 
 
+def take_rows(cond: Any, idx: torch.Tensor | slice) -> Any:
+    """Rows ``idx`` of a batch-first condition (tensors; dicts of tensors; None stays None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: take_rows(c, idx) for k, c in cond.items()}
+    return cond[idx]
+
+
 def expand_cond(cond: Any, batch: int) -> Any:
     """Repeat a single-row condition (e.g. the null prompt) to a batch."""
     if isinstance(cond, dict):

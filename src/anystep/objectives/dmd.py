@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..flowmap import FlowMap, cat_cond, expand_cond, noisy
+from ..flowmap import FlowMap, cat_cond, euler_step, expand_cond, noisy
 from ..time import T_MAX, shift
 
 
@@ -32,8 +32,7 @@ def dmd_times(batch: int, k: float = 5.0, generator: torch.Generator | None = No
 
 def x0_from_velocity(z: torch.Tensor, tau: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
     """One Euler jump from tau to 0: ``z - (tau/1000) v``."""
-    s = (tau.double() / T_MAX).to(z.dtype).view(-1, *([1] * (z.ndim - 1)))
-    return z - s * velocity
+    return euler_step(z, velocity, tau, torch.zeros_like(tau))
 
 
 def real_x0(x0_cond: torch.Tensor, x0_null: torch.Tensor, scale: float) -> torch.Tensor:

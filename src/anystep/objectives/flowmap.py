@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..flowmap import FlowMap, cat_cond, expand_cond
+from ..flowmap import FlowMap, cat_cond, expand_cond, take_rows
 from ..time import T_MAX, beta08_weight, sample_time_pairs
 from .conditioning import drop_condition
 from .flow_matching import noisy
@@ -115,7 +115,7 @@ def central_difference_and_null(model: FlowMap, x_t: torch.Tensor, v: torch.Tens
     if null_cond is not None:
         xs.append(x_t), ts.append(t), rs.append(r), cs.append(null_cond)
     if idx.numel():
-        xi, vi, ti, ri, ci = x_t[idx], v[idx], t[idx], r[idx], _rows(cond, idx)
+        xi, vi, ti, ri, ci = x_t[idx], v[idx], t[idx], r[idx], take_rows(cond, idx)
         hp, hm = h_plus[idx], h_minus[idx]
         xs += [xi + _bcast(hp / T_MAX, vi) * vi, xi - _bcast(hm / T_MAX, vi) * vi]
         ts += [ti + hp, ti - hm]
@@ -150,14 +150,6 @@ def exact_derivative(model: FlowMap, x_t: torch.Tensor, v: torch.Tensor, t: torc
     with torch.no_grad(), ctx:
         _, dudt = torch.func.jvp(f, (x_t, t), (v / T_MAX, torch.ones_like(t)))
     return dudt
-
-
-def _rows(cond: Any, idx: torch.Tensor) -> Any:
-    if cond is None:
-        return None
-    if isinstance(cond, dict):
-        return {k: _rows(c, idx) for k, c in cond.items()}
-    return cond[idx]
 
 
 # ------------------------------------------------------------------------------------------------

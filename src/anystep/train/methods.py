@@ -17,7 +17,7 @@ from torch import nn
 
 from ..backward_simulation import consistency_backward_simulation, draw_plan, flowmap_backward_simulation
 from ..config import ConsistencyConfig, Stage2Config
-from ..flowmap import FlowMap, expand_cond, guided
+from ..flowmap import FlowMap, expand_cond, guided, take_rows
 from ..objectives.conditioning import drop_condition
 from ..objectives.consistency import consistency_distillation_loss
 from ..objectives.dmd import dmd_loss
@@ -98,9 +98,8 @@ class Stage2(Method):
 
     def __init__(self, student: nn.Module, critic: nn.Module, teacher: FlowMap, world: Any, batch_size: int,
                  cfg: Stage2Config, stage1: Stage1Config, seed: int = 0):
-        opt = {"betas": cfg.optim.betas}
         super().__init__(roles={"student": student, "critic": critic}, ema_roles=("student",),
-                         optim_overrides={"critic": {**opt, "lr": cfg.critic_lr or cfg.optim.lr}})
+                         optim_overrides={"critic": {"lr": cfg.critic_lr or cfg.optim.lr}})
         self.teacher, self.world, self.batch_size, self.cfg = teacher, world, batch_size, cfg
         self.stage1 = Stage1Objective(stage1, world.null_cond) if cfg.cotrain_weight > 0 else None
         self.plans = torch.Generator().manual_seed(seed + 1)   # (N, k) draws: their own reproducible stream
@@ -118,7 +117,7 @@ class Stage2(Method):
         """A data batch (for the co-trained loss), and the rollout's prompts (dropped) and noise."""
         x0, cond = self.world.batch(self.batch_size, generator)
         n = min(self.cfg.dmd_batch_size, self.batch_size)
-        rollout_cond = _rows(cond, n)
+        rollout_cond = take_rows(cond, slice(n))
         if self.cfg.cond_dropout > 0:
             rollout_cond, _ = drop_condition(rollout_cond, expand_cond(self.world.null_cond, n),
                                              self.cfg.cond_dropout, n, generator)
@@ -186,8 +185,3 @@ class ConsistencyDistillation(Method):
             return {"loss/consistency": loss}, stats
         return [Phase("student", run)]
 
-
-def _rows(cond: Any, n: int) -> Any:
-    if isinstance(cond, dict):
-        return {k: v[:n] for k, v in cond.items()}
-    return cond[:n]
