@@ -7,6 +7,13 @@
     anystep consistency [--config P] [key=value ...]  the consistency-distillation baseline
     anystep sample   CHECKPOINT --steps N             sample videos at any N
     anystep sweep    RUN [RUN ...] --steps 1,2,4,...  metrics vs N: table, plot, video grid
+
+  the real Wan2.1 path (local diffusers folders; nothing is downloaded):
+    anystep cache      --model WAN_DIR --videos VIDEOS --out CACHE   videos + captions -> latents + embeddings
+    anystep synthesize --model WAN_DIR --prompts FILE --out CACHE    teacher samples -> the same format
+    anystep teacher|stage1|stage2 --config wan1.3b_stage1 world.wan.model=WAN_DIR world.wan.data=CACHE
+    anystep export     RUN --out DIR                                 an AnyFlowPipeline folder
+    anystep tiny-wan   DIR                                           a tiny random Wan2.1 folder (tests, trying)
 """
 
 from __future__ import annotations
@@ -114,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CFG scale (default: 1 for a student, whose guidance is fused; the run's w for a teacher)")
     s.add_argument("--out", default="samples/sample", help="output path stem (default samples/sample)")
 
+    _real_path_parsers(sub)
+
     w = sub.add_parser("sweep", help="metrics vs number of steps: table, plot and video grid",
                        description="Sample the student at every N with the same noises and prompts, score with "
                                    "the world's exact judge, and compare with the teacher's Euler sampler.")
@@ -126,6 +135,112 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", default=None, help="output folder (default: <run>/sweep)")
     w.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _real_path_parsers(sub) -> None:
+    c = sub.add_parser("cache", help="encode videos + captions into a latent cache (VAE + UMT5, once)",
+                       description="Encode (video, caption) pairs with the model folder's VAE (posterior mean, "
+                                   "normalised with the VAE's latents mean/std) and UMT5 text encoder (zero "
+                                   "padding), plus the negative-prompt embedding used as the null prompt; "
+                                   "sharded safetensors, resumable (run it again to continue).")
+    c.add_argument("--model", required=True, help="local Wan2.1 diffusers folder (vae/, text_encoder/, tokenizer/)")
+    c.add_argument("--videos", required=True, help="a folder of .mp4 with captions.json / captions.txt / "
+                                                   "same-name .txt files, or webdataset .tar shard(s)")
+    _cache_args(c)
+    c.add_argument("--stride", type=int, default=1, help="take every stride-th frame (default 1)")
+    c.add_argument("--limit", type=int, default=None, help="cache only the first LIMIT videos")
+
+    s = sub.add_parser("synthesize", help="teacher-generated training data: prompts -> teacher samples",
+                       description="Sample the teacher (the folder's Wan transformer, or a teacher run's) with "
+                                   "CFG for every prompt and store the latents and embeddings in the cache "
+                                   "format (the paper trains on 256K such prompt-video pairs). Resumable.")
+    s.add_argument("--model", required=True, help="local Wan2.1 diffusers folder")
+    s.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or .json (a list)")
+    s.add_argument("--teacher", default=None, help="a teacher run to sample instead of the folder's transformer")
+    s.add_argument("--steps", type=int, default=50, help="teacher sampling steps (default 50)")
+    s.add_argument("--guidance", type=float, default=5.0, help="CFG scale (default 5, Wan's)")
+    s.add_argument("--seed", type=int, default=0)
+    _cache_args(s)
+
+    e = sub.add_parser("export", help="write a trained student as a diffusers AnyFlowPipeline folder",
+                       description="The student's EMA weights, LoRA merged (or kept as adapters), with the "
+                                   "source folder's VAE, text encoder and tokenizer and "
+                                   "FlowMapEulerDiscreteScheduler(shift=5): load it with "
+                                   "AnyFlowPipeline.from_pretrained(DIR) and sample at any number of steps.")
+    e.add_argument("run", help="a Stage-1 or Stage-2 run (world.name=wan) or one of its checkpoints")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--adapters", action="store_true",
+                   help="keep the LoRA as an adapter file beside the base (pipe.load_lora_weights(DIR))")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cast the transformer for release (default: keep float32)")
+    e.add_argument("--shift", type=float, default=5.0, help="the scheduler's time shift (official 5)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    t = sub.add_parser("tiny-wan", help="write a tiny random-weight Wan2.1 T2V folder (offline tests, trying)",
+                       description="A Wan2.1 T2V diffusers folder with every part tiny and random: the whole "
+                                   "real path (cache, synthesize, train, export) runs on it in seconds.")
+    t.add_argument("out", help="output folder")
+    t.add_argument("--seed", type=int, default=0)
+
+
+def _cache_args(p) -> None:
+    p.add_argument("--out", required=True, help="cache folder (created; an existing one is continued)")
+    p.add_argument("--frames", type=int, default=81, help="frames per clip, 4k+1 (default 81)")
+    p.add_argument("--height", type=int, default=480, help="default 480")
+    p.add_argument("--width", type=int, default=832, help="default 832")
+    p.add_argument("--max-text-len", type=int, default=512, help="UMT5 tokens (default 512, Wan's)")
+    p.add_argument("--shard-size", type=int, default=64, help="items per shard file (default 64)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+                   help="storage and encoder dtype (default bfloat16)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_cache(args) -> int:
+    from .data.cache import cache_videos
+    from .recipes import resolve_device
+
+    out = cache_videos(args.model, args.videos, args.out, frames=args.frames, height=args.height,
+                       width=args.width, stride=args.stride, max_text_len=args.max_text_len,
+                       shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
+                       device=resolve_device(args.device), progress=not args.no_progress, limit=args.limit)
+    print(f"cache: {out} (train with world.wan.data={out})")
+    return 0
+
+
+def cmd_synthesize(args) -> int:
+    from .data.synthesize import read_prompts, synthesize
+    from .recipes import resolve_device, teacher_transformer
+
+    transformer = teacher_transformer(args.teacher, args.model) if args.teacher else None
+    out = synthesize(args.model, read_prompts(args.prompts), args.out, steps=args.steps, guidance=args.guidance,
+                     frames=args.frames, height=args.height, width=args.width, seed=args.seed,
+                     batch_size=args.batch_size, max_text_len=args.max_text_len, shard_size=args.shard_size,
+                     dtype=args.dtype, device=resolve_device(args.device), transformer=transformer,
+                     progress=not args.no_progress)
+    print(f"cache: {out} (train with world.wan.data={out})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .recipes import export_run
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = export_run(args.run, args.out, adapters=args.adapters, dtype=dtype, overwrite=args.overwrite,
+                     shift=args.shift)
+    print(f"exported: {out}\n  from diffusers import AnyFlowPipeline; pipe = AnyFlowPipeline.from_pretrained("
+          f"{str(out)!r})" + ("; pipe.load_lora_weights(...)" if args.adapters else ""))
+    return 0
+
+
+def cmd_tiny_wan(args) -> int:
+    from .models.tiny_folder import build_tiny_wan_folder
+
+    print(f"wrote {build_tiny_wan_folder(args.out, seed=args.seed)}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -270,14 +385,16 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"demo": cmd_demo, "teacher": cmd_train, "stage1": cmd_train, "stage2": cmd_train,
-                "consistency": cmd_train, "sample": cmd_sample, "sweep": cmd_sweep}
+                "consistency": cmd_train, "sample": cmd_sample, "sweep": cmd_sweep, "cache": cmd_cache,
+                "synthesize": cmd_synthesize, "export": cmd_export, "tiny-wan": cmd_tiny_wan}
     import torch
     torch.set_flush_denormal(True)  # subnormal floats made CPU steps 10-30x slower
+    from .data.shards import CacheError
     from .train.checkpoint import CheckpointError
     from .train.loop import NonFiniteLossError
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError) as err:
+    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, CacheError) as err:
         print(f"anystep {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:

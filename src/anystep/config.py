@@ -30,15 +30,27 @@ class TextConfig:
 
 
 @dataclass
+class WanWorldConfig:
+    """The real path: a local Wan2.1 T2V diffusers folder (the base weights) and a latent cache made by
+    ``anystep cache`` or ``anystep synthesize`` (VAE latents + UMT5 embeddings; the VAE and text encoder are
+    never loaded for training)."""
+
+    model: str | None = None        # local diffusers folder: Wan2.1 T2V, or a released AnyFlow folder (import)
+    data: str | None = None         # latent cache folder (index.json + shards)
+    max_text_len: int = 512         # prompt embeddings zero-padded to this length (Wan: 512)
+
+
+@dataclass
 class WorldConfig:
-    name: str = "shapes"  # 'shapes' (video world) or 'gmm' (exact world)
+    name: str = "shapes"  # 'shapes' (video world), 'gmm' (exact world) or 'wan' (a real Wan2.1 model)
     gmm: GMMConfig = field(default_factory=GMMConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    wan: WanWorldConfig = field(default_factory=WanWorldConfig)
 
     def __post_init__(self):
-        if self.name not in ("shapes", "gmm"):
-            raise ValueError(f"world.name must be 'shapes' or 'gmm', got {self.name!r}")
+        if self.name not in ("shapes", "gmm", "wan"):
+            raise ValueError(f"world.name must be 'shapes', 'gmm' or 'wan', got {self.name!r}")
 
 
 @dataclass
@@ -140,6 +152,17 @@ class TrainConfig:
     keep_checkpoints: int = 2
     out_dir: str = "runs/run"
     threads: int | None = None         # torch.set_num_threads; None leaves torch's default
+    device: str = "auto"               # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
+    # memory levers for real models (official: bf16 mixed precision and gradient checkpointing on)
+    mixed_precision: str = "no"        # 'no' (fp32) or 'bf16' (autocast; weights, EMA, optimizer stay fp32)
+    gradient_checkpointing: bool = False   # recompute transformer blocks in backward
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"train.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"train.steps must be >= 0 and train.batch_size >= 1, got {self.steps}, "
+                             f"{self.batch_size}")
 
 
 @dataclass

@@ -35,13 +35,13 @@ def check_times(t: torch.Tensor, r: torch.Tensor) -> None:
 
 def euler_step(x: torch.Tensor, u: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``x_r = x_t - (t - r)/1000 * u`` with per-sample t, r of shape (B,) (computed in float64)."""
-    dt = ((t.double() - r.double()) / T_MAX).to(x.dtype)
+    dt = ((t.double() - r.double()) / T_MAX).to(x.device, x.dtype)
     return x - dt.view(-1, *([1] * (x.ndim - 1))) * u
 
 
 def noisy(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The point on the straight path: ``x_t = (1 - t/1000) x0 + (t/1000) eps`` with per-sample t (B,)."""
-    s = (t.double() / T_MAX).to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+    s = (t.double() / T_MAX).to(x0.device, x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
     return (1 - s) * x0 + s * eps
 
 

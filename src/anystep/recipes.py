@@ -14,7 +14,7 @@ from .flowmap import FlowMap
 from .train.checkpoint import CheckpointError, find_checkpoint, load_module
 from .train.loop import Trainer
 from .train.methods import ConsistencyDistillation, Stage1, Stage2, TeacherFineTune
-from .worlds.binding import make_binding
+from .worlds.binding import OnDevice, make_binding
 
 SHIPPED_PREFIX = "shipped:"
 
@@ -50,8 +50,11 @@ def load_model(spec: str, role: str | None = None, ema: bool = True) -> tuple[nn
     role = role or ("teacher" if cfg.kind == "teacher" else "student")
     if not any((ckpt / f"{role}{sfx}.safetensors").is_file() for sfx in ("", "_ema")):
         raise CheckpointError(f"{ckpt} has no {role!r} weights (a {cfg.kind!r} run)")
-    if cfg.model.lora_rank > 0 and role != "teacher":
-        net = shared_base(cfg).role(role)        # the adapter on the frozen teacher base
+    if cfg.model.lora_rank > 0:               # an adapter on the frozen base
+        if role == "teacher":
+            net = shared_base(cfg, roles=(), teacher_adapter=True).role("teacher")
+        else:
+            net = shared_base(cfg, roles=(role,)).role(role)
     else:
         net = binding.velocity_net(cfg.model)
         if role == "student":
@@ -61,28 +64,47 @@ def load_model(spec: str, role: str | None = None, ema: bool = True) -> tuple[nn
     return net.eval(), cfg, role
 
 
-def shared_base(cfg: RunConfig):
-    """One frozen base (the AnyFlow transformer built from the run's teacher) with fresh student and critic
-    LoRA adapters (:mod:`anystep.models.roles`); the teacher is the bare base."""
-    from .models.roles import SharedBase
-
+def lora_base(cfg: RunConfig) -> nn.Module:
+    """The frozen base transformer of a LoRA run: the model folder's (wan world, as the official recipe,
+    which adds every LoRA to the raw Wan2.1 weights), else the full-weight teacher run its chain starts from."""
     if cfg.world.name == "gmm":
         raise ValueError("model.lora_rank > 0 needs a Wan/AnyFlow transformer; the gmm world's MLP trains fully")
+    if cfg.world.name == "wan":
+        from .models.folder import load_transformer
+        return load_transformer(make_binding(cfg.world).model_folder())
+    if cfg.kind == "teacher":
+        raise ValueError("a LoRA teacher run needs a pretrained base: world.name=wan with world.wan.model")
     teacher, _, _ = load_model(ancestor_teacher(cfg.model.init), role="teacher")
+    return teacher.transformer
+
+
+def shared_base(cfg: RunConfig, roles=("student", "critic"), teacher_adapter: bool = False,
+                teacher_trainable: bool = False):
+    """One frozen base (:func:`lora_base` as an AnyFlow transformer) with fresh LoRA adapters for ``roles``
+    (:mod:`anystep.models.roles`); the teacher is the bare base, or a ``teacher`` adapter when asked."""
+    from .models.roles import SharedBase
+
     m = cfg.model
-    return SharedBase.from_wan(teacher.transformer, gate_value=m.gate_value, rank=m.lora_rank, alpha=m.lora_alpha)
+    return SharedBase.from_wan(lora_base(cfg), gate_value=m.gate_value, rank=m.lora_rank, alpha=m.lora_alpha,
+                               roles=roles, teacher_adapter=teacher_adapter, teacher_trainable=teacher_trainable)
 
 
-def ancestor_teacher(spec: str) -> str:
+def find_teacher(spec: str | None) -> str | None:
     """The nearest teacher run along the ``model.init`` chain that starts at ``spec`` (a Stage-2 run's init is
-    a Stage-1 or consistency run, whose init is the teacher)."""
-    start = spec
+    a Stage-1 or consistency run, whose init is the teacher), or None."""
     while spec:
         cfg = checkpoint_config(resolve_checkpoint(spec))
         if cfg.kind == "teacher":
             return spec
         spec = cfg.model.init
-    raise ValueError(f"no teacher run in the model.init chain of {start}: name the teacher explicitly")
+    return None
+
+
+def ancestor_teacher(spec: str) -> str:
+    found = find_teacher(spec)
+    if found is None:
+        raise ValueError(f"no teacher run in the model.init chain of {spec}: name the teacher explicitly")
+    return found
 
 
 def frozen_teacher(spec: str | None, init: str, binding) -> tuple[FlowMap, str]:
@@ -104,59 +126,148 @@ def _require_init(cfg: RunConfig) -> None:
         raise ValueError(f"a {cfg.kind} run starts from a trained model: set model.init to {what}")
 
 
-def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
-    """The Method for ``cfg.kind`` with its models, inside a :class:`Trainer`."""
-    torch.manual_seed(cfg.train.seed)
-    binding = make_binding(cfg.world)
-    if cfg.kind == "stage2":
+def _load_adapter(view: nn.Module, run: str, role: str) -> None:
+    """Load ``role``'s adapter weights (EMA when saved) of LoRA run ``run`` into ``view``."""
+    ckpt = resolve_checkpoint(run)
+    name = f"{role}_ema" if (ckpt / f"{role}_ema.safetensors").is_file() else role
+    load_module(view, ckpt / f"{name}.safetensors")
+
+
+def _check_same_lora(cfg: RunConfig, run: str) -> RunConfig:
+    """A LoRA run that shares this run's base: same base folder (wan), rank and alpha."""
+    other = checkpoint_config(resolve_checkpoint(run))
+    if other.model.lora_rank > 0:
+        if (other.model.lora_rank, other.model.lora_alpha) != (cfg.model.lora_rank, cfg.model.lora_alpha):
+            raise ValueError(f"model.lora_rank/alpha must match {run}'s "
+                             f"({other.model.lora_rank}, {other.model.lora_alpha})")
+        if cfg.world.name == "wan" and other.world.wan.model != cfg.world.wan.model:
+            raise ValueError(f"{run} adapts another base model ({other.world.wan.model}) than world.wan.model "
+                             f"({cfg.world.wan.model})")
+    return other
+
+
+def _is_anyflow_folder(folder: str | None) -> bool:
+    from .models.folder import transformer_class_name
+    return bool(folder) and transformer_class_name(folder) == "AnyFlowTransformer3DModel"
+
+
+def _lora_roles(cfg: RunConfig) -> dict[str, nn.Module]:
+    """The roles of a LoRA run on one frozen base (official layout: every role is LoRA on the raw model)."""
+    kind, init = cfg.kind, cfg.model.init
+    init_cfg = _check_same_lora(cfg, init) if init else None
+    continues = init_cfg is not None and init_cfg.model.lora_rank > 0 and init_cfg.kind == kind
+    if kind == "teacher":
+        teacher = shared_base(cfg, roles=(), teacher_adapter=True, teacher_trainable=True).role("teacher")
+        if continues:
+            _load_adapter(teacher, init, "teacher")
+        return {"teacher": teacher}
+    if kind == "stage1":
+        if cfg.world.name != "wan":
+            _require_init(cfg)   # the toy worlds' base is the teacher run named by model.init
+        student = shared_base(cfg, roles=("student",)).role("student")
+        if init_cfg is not None and init_cfg.model.lora_rank > 0 and init_cfg.kind in ("stage1", "stage2"):
+            _load_adapter(student, init, "student")   # continue a flow-map run (e.g. on new data)
+        return {"student": student}
+    if kind != "stage2":
+        raise ValueError(f"model.lora_rank > 0 is for teacher, stage1 and stage2 runs, not {kind!r}")
+    if cfg.stage2.teacher == "exact":
+        raise ValueError("stage2.teacher=exact needs the gmm world, which has no LoRA")
+    teacher_run = cfg.stage2.teacher or find_teacher(init)
+    lora_teacher = teacher_run is not None and _check_same_lora(cfg, teacher_run).model.lora_rank > 0
+    base_teacher = find_teacher(init) if cfg.world.name != "wan" else None   # the toy worlds' base
+    if teacher_run and not lora_teacher and teacher_run != base_teacher:
+        raise ValueError(f"teacher {teacher_run} is a full fine-tune of other weights than the base; with LoRA "
+                         "roles the teacher is the base itself or a LoRA teacher run on it")
+    shared = shared_base(cfg, roles=("student", "critic"), teacher_adapter=lora_teacher)
+    if lora_teacher:
+        _load_adapter(shared.role("teacher"), teacher_run, "teacher")
+        shared.copy_adapter("teacher", "critic")      # the critic starts as the teacher (official)
+    if init:
+        _load_adapter(shared.role("student"), init, "student")
+    elif not (cfg.world.name == "wan" and _is_anyflow_folder(cfg.world.wan.model)):
+        _require_init(cfg)   # only an imported AnyFlow model is a student before any training here
+    return {r: shared.role(r) for r in ("student", "critic", "teacher")}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+    return device
+
+
+def _full_roles(cfg: RunConfig, binding) -> tuple[dict[str, nn.Module], FlowMap | None]:
+    """The roles of a full fine-tune (every weight trains; the toy presets), and the frozen teacher."""
+    kind = cfg.kind
+    if kind == "stage2":
         _require_init(cfg)
-        if cfg.model.lora_rank > 0:   # student, critic and teacher share one frozen base
-            if cfg.stage2.teacher is not None:
-                raise ValueError("with LoRA roles the teacher is the shared base: leave stage2.teacher unset")
-            init_cfg = checkpoint_config(resolve_checkpoint(cfg.model.init))
-            if (init_cfg.model.lora_rank, init_cfg.model.lora_alpha) != (cfg.model.lora_rank, cfg.model.lora_alpha):
-                raise ValueError(f"model.lora_rank/alpha must match the Stage-1 run's "
-                                 f"({init_cfg.model.lora_rank}, {init_cfg.model.lora_alpha})")
-            shared = shared_base(cfg)
-            student, critic, teacher = (shared.role(n) for n in ("student", "critic", "teacher"))
-            init = resolve_checkpoint(cfg.model.init)
-            name = "student_ema" if (init / "student_ema.safetensors").is_file() else "student"
-            load_module(student, init / f"{name}.safetensors")
-        else:
-            teacher, critic_init = frozen_teacher(cfg.stage2.teacher, cfg.model.init, binding)
-            student, _, _ = load_model(cfg.model.init, role="student")
-            critic, _, _ = load_model(critic_init, role="teacher")   # the critic starts as the teacher network
-        method = Stage2(student.train(), critic.train(), teacher, binding, cfg.train.batch_size, cfg.stage2,
-                        cfg.stage1, seed=cfg.train.seed)
-    elif cfg.kind == "consistency":
+        teacher, critic_init = frozen_teacher(cfg.stage2.teacher, cfg.model.init, binding)
+        student, _, _ = load_model(cfg.model.init, role="student")
+        critic, _, _ = load_model(critic_init, role="teacher")   # the critic starts as the teacher network
+        return {"student": student.train(), "critic": critic.train()}, teacher
+    if kind == "consistency":
         _require_init(cfg)
         teacher, network = frozen_teacher(cfg.consistency.teacher, cfg.model.init, binding)
         velocity, _, _ = load_model(network, role="teacher")
-        student = binding.student_from(velocity, cfg.model).train()
-        method = ConsistencyDistillation(student, teacher, binding, cfg.train.batch_size, cfg.consistency)
-    elif cfg.kind == "teacher":
+        return {"student": binding.student_from(velocity, cfg.model).train()}, teacher
+    if kind == "teacher":
         net = binding.velocity_net(cfg.model)
         if cfg.model.init:
             init, _, _ = load_model(cfg.model.init, role="teacher")
             net.load_state_dict(init.state_dict())
-        method = TeacherFineTune(net, binding, cfg.train.batch_size, cfg.teacher.shift, cfg.teacher.cond_dropout)
+        return {"teacher": net}, None
+    if cfg.model.init:
+        velocity, _, _ = load_model(cfg.model.init, role="teacher")
     else:
-        if cfg.model.lora_rank > 0:
-            _require_init(cfg)
-            student = shared_base(cfg).role("student").train()
-        else:
-            if cfg.model.init:
-                velocity, _, _ = load_model(cfg.model.init, role="teacher")
-            else:
-                velocity = binding.velocity_net(cfg.model)
-            student = binding.student_from(velocity, cfg.model).train()
-        method = Stage1(student, binding, cfg.train.batch_size, cfg.stage1)
+        velocity = binding.velocity_net(cfg.model)
+    return {"student": binding.student_from(velocity, cfg.model).train()}, None
+
+
+def _enable_checkpointing(module: nn.Module) -> None:
+    """Gradient checkpointing of a role's transformer blocks (through the shared base for LoRA views)."""
+    if hasattr(module, "shared"):
+        module.shared.enable_gradient_checkpointing()
+    elif hasattr(module, "transformer"):
+        module.transformer.enable_gradient_checkpointing()
+
+
+def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
+    """The Method for ``cfg.kind`` with its models, inside a :class:`Trainer`."""
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    binding = make_binding(cfg.world)
+    if cfg.model.lora_rank > 0:   # every role an adapter on one frozen base
+        roles = _lora_roles(cfg)
+        teacher = roles.pop("teacher", None) if cfg.kind == "stage2" else None
+    else:
+        roles, teacher = _full_roles(cfg, binding)
+    for module in [*roles.values(), teacher]:
+        if isinstance(module, nn.Module):
+            module.to(device)
+            if cfg.train.gradient_checkpointing:
+                _enable_checkpointing(module)
+    if device.type != "cpu":
+        binding = OnDevice(binding, device)
+    n = cfg.train.batch_size
+    if cfg.kind == "stage2":
+        method = Stage2(roles["student"].train(), roles["critic"].train(), teacher, binding, n, cfg.stage2,
+                        cfg.stage1, seed=cfg.train.seed)
+    elif cfg.kind == "consistency":
+        method = ConsistencyDistillation(roles["student"], teacher, binding, n, cfg.consistency)
+    elif cfg.kind == "teacher":
+        method = TeacherFineTune(roles["teacher"].train(), binding, n, cfg.teacher.shift, cfg.teacher.cond_dropout)
+    else:
+        method = Stage1(roles["student"].train(), binding, n, cfg.stage1)
     o = cfg.train_optim
     optim = dict(lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps,
                  grad_clip=o.grad_clip, ema_decay=o.ema_decay, ema_warmup_steps=o.ema_warmup_steps)
     return Trainer(method, steps=cfg.train.steps, out_dir=cfg.train.out_dir, seed=cfg.train.seed, optim=optim,
                    log_every=cfg.train.log_every, checkpoint_every=cfg.train.checkpoint_every,
-                   keep_checkpoints=cfg.train.keep_checkpoints, config_yaml=to_yaml(cfg), progress=progress)
+                   keep_checkpoints=cfg.train.keep_checkpoints, config_yaml=to_yaml(cfg), progress=progress,
+                   mixed_precision=cfg.train.mixed_precision)
 
 
 def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True) -> Path:
@@ -168,3 +279,41 @@ def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True) -> 
     (Path(cfg.train.out_dir) / "config.yaml").write_text(to_yaml(cfg))
     last = trainer.fit()
     return last if last is not None else find_checkpoint(trainer.checkpoint_dir)
+
+
+def export_run(spec: str, out: str | Path, *, adapters: bool = False, dtype: torch.dtype | None = None,
+               overwrite: bool = False, shift: float = 5.0) -> Path:
+    """Export a wan-world student (its EMA weights) as a diffusers ``AnyFlowPipeline`` folder: LoRA merged,
+    or with ``adapters=True`` the base plus a LoRA file for ``pipe.load_lora_weights``."""
+    from .export import export_pipeline, export_student
+
+    ckpt = resolve_checkpoint(spec)
+    cfg = checkpoint_config(ckpt)
+    if cfg.world.name != "wan":
+        raise ValueError(f"{spec} is a {cfg.world.name!r}-world run; export writes an AnyFlowPipeline folder (VAE, "
+                         "text encoder, transformer), so it takes runs trained with world.name=wan")
+    if cfg.sampler != "flowmap":
+        raise ValueError(f"{spec} is a {cfg.kind!r} run sampled by {cfg.sampler!r}; AnyFlowPipeline samples flow "
+                         "maps (export a Stage-1 or Stage-2 run)")
+    student, _, _ = load_model(spec, role="student")
+    kwargs = dict(shift=shift, overwrite=overwrite, dtype=dtype)
+    if cfg.model.lora_rank > 0:
+        return export_student(student.shared, cfg.world.wan.model, out, as_adapter=adapters, **kwargs)
+    if adapters:
+        raise ValueError(f"{spec} is a full fine-tune (model.lora_rank=0): it has no adapters to keep")
+    return export_pipeline(student.transformer, cfg.world.wan.model, out, **kwargs)
+
+
+def teacher_transformer(spec: str, model_folder: str | None = None):
+    """A teacher run's velocity model as a plain ``WanTransformer3DModel`` (LoRA merged, EMA weights), e.g.
+    to synthesize training data with diffusers' ``WanPipeline``."""
+    from .models.wan import wan_from_student
+
+    teacher, cfg, _ = load_model(spec, role="teacher")
+    if cfg.kind != "teacher":
+        raise ValueError(f"{spec} is a {cfg.kind!r} run, not a teacher run")
+    if model_folder and cfg.world.name == "wan" and Path(cfg.world.wan.model).resolve() != Path(model_folder).resolve():
+        raise ValueError(f"{spec} fine-tuned {cfg.world.wan.model}, not {model_folder}")
+    if cfg.model.lora_rank > 0:
+        return wan_from_student(teacher.shared.merged("teacher"))
+    return teacher.transformer

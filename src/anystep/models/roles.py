@@ -89,8 +89,11 @@ class SharedBase(nn.Module):
         base: the base transformer, e.g. ``student_from_wan(wan)``; every base parameter is frozen.
         rank, alpha: LoRA rank and alpha of the student and critic adapters (official: 256 / 256;
             ``alpha=None`` means alpha = rank). The scaling is alpha / rank.
-        teacher_adapter: also add a frozen ``"teacher"`` adapter (velocity targets) for a teacher that is
-            itself a LoRA on the base; by default the teacher is the bare base.
+        roles: the trainable roles to add among ``"student"`` and ``"critic"`` (both by default; a LoRA
+            teacher fine-tune needs neither).
+        teacher_adapter: also add a ``"teacher"`` adapter (velocity targets) for a teacher that is itself a
+            LoRA on the base (the official teacher fine-tune); by default the teacher is the bare base.
+        teacher_trainable: the teacher adapter trains (a teacher fine-tune run); frozen otherwise.
 
     ``role(name)`` gives the view of ``"student"``, ``"critic"`` or ``"teacher"``. Move the whole thing with
     ``shared.to(...)`` (or any view's ``.to(...)``, which moves the shared base). For gradient checkpointing
@@ -99,23 +102,41 @@ class SharedBase(nn.Module):
     """
 
     def __init__(self, base: AnyFlowTransformer3DModel, *, rank: int = 256, alpha: float | None = None,
-                 teacher_adapter: bool = False):
+                 roles: Sequence[str] = ("student", "critic"), teacher_adapter: bool = False,
+                 teacher_trainable: bool = False):
         super().__init__()
+        if set(roles) - {"student", "critic"}:
+            raise ValueError(f"roles must be among 'student', 'critic'; got {list(roles)}")
         self.base = base.requires_grad_(False)
         self.adapters: dict[str, Adapter] = {}
         self.roles: dict[str, Role] = {}
         self._views: dict[str, RoleView] = {}
         self._active: str | None = None
         self._tuners: list[LoraLayer] = []
-        self.add_role("student", targets=STUDENT_TARGETS, flowmap=True, rank=rank, alpha=alpha)
-        self.add_role("critic", targets=VELOCITY_TARGETS, flowmap=False, rank=rank, alpha=alpha)
+        if "student" in roles:
+            self.add_role("student", targets=STUDENT_TARGETS, flowmap=True, rank=rank, alpha=alpha)
+        if "critic" in roles:
+            self.add_role("critic", targets=VELOCITY_TARGETS, flowmap=False, rank=rank, alpha=alpha)
         self.add_role("teacher", targets=VELOCITY_TARGETS if teacher_adapter else None, flowmap=False,
-                      trainable=False, rank=rank, alpha=alpha)
+                      trainable=teacher_trainable, rank=rank, alpha=alpha)
 
     @classmethod
-    def from_wan(cls, wan: WanTransformer3DModel, *, gate_value: float = 0.25, **kwargs) -> SharedBase:
-        """The shared base of a Wan teacher: ``student_from_wan(wan)`` (its own copy of the weights)."""
-        return cls(student_from_wan(wan, gate_value=gate_value), **kwargs)
+    def from_wan(cls, wan: WanTransformer3DModel | AnyFlowTransformer3DModel, *, gate_value: float = 0.25,
+                 **kwargs) -> SharedBase:
+        """The shared base of a Wan teacher: ``student_from_wan(wan)`` (its own copy of the weights). An
+        AnyFlow transformer (a released AnyFlow model, imported to train on) is the base as it is."""
+        base = wan if isinstance(wan, AnyFlowTransformer3DModel) else student_from_wan(wan, gate_value=gate_value)
+        return cls(base, **kwargs)
+
+    def copy_adapter(self, source: str, target: str) -> None:
+        """Set adapter ``target``'s weights to ``source``'s (the critic starts as the LoRA teacher). Both
+        must have the same targets and rank."""
+        src, dst = self.adapters[source], self.adapters[target]
+        if (src.targets, src.rank) != (dst.targets, dst.rank):
+            raise ValueError(f"adapters {source!r} and {target!r} differ in targets or rank")
+        with torch.no_grad():
+            for key, p in dst.params.items():
+                p.copy_(src.params[key])
 
     # ------------------------------------------------------------------ building
     def add_role(self, name: str, *, targets: Sequence[str] | None, flowmap: bool, trainable: bool = True,
@@ -287,7 +308,7 @@ class RoleView(nn.Module):
                                "the right adapter")
         if not self.flowmap:
             r = t
-        frames = x.shape[1]
+        frames, t, r = x.shape[1], t.to(x.device), r.to(x.device)
         with shared.using(self.adapter):
             return base(hidden_states=x, timestep=t[:, None].expand(-1, frames),
                         r_timestep=r[:, None].expand(-1, frames), encoder_hidden_states=text,

@@ -45,6 +45,22 @@ def student_from_wan(wan: WanTransformer3DModel, gate_value: float = 0.25,
     return student.train(wan.training)
 
 
+def wan_from_student(student: AnyFlowTransformer3DModel) -> WanTransformer3DModel:
+    """The Wan velocity model inside an AnyFlow transformer whose delta embedder equals its time embedder
+    (a merged LoRA teacher: the teacher adapter leaves the embedders alone). At r = t both give the same
+    output; the delta embedder is dropped. Raises if the two embedders differ (a trained flow-map student)."""
+    cfg = student.config
+    state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    for key in [k for k in state if k.startswith("condition_embedder.delta_embedder.")]:
+        twin = key.replace("delta_embedder", "time_embedder")
+        if not torch.equal(state.pop(key), state[twin]):
+            raise ValueError("this AnyFlow transformer's delta embedder differs from its time embedder: it is a "
+                             "flow-map student, not a velocity teacher")
+    wan = WanTransformer3DModel(**{k: cfg[k] for k in _SHARED_KEYS}, qk_norm="rms_norm_across_heads")
+    wan.load_state_dict(state, strict=True, assign=True)
+    return wan.train(student.training)
+
+
 class WanVelocity(nn.Module):
     """A Wan transformer as a flow-map model that ignores r (a velocity model: teacher, critic)."""
 
@@ -55,7 +71,7 @@ class WanVelocity(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         _check_video(x, self.transformer.config.in_channels)
         out = self.transformer(hidden_states=x.permute(0, 2, 1, 3, 4),   # (B, C, F, H, W)
-                               timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+                               timestep=t.to(x.device), encoder_hidden_states=text, return_dict=False)[0]
         return out.permute(0, 2, 1, 3, 4)                                # (B, F, C, H, W)
 
 
@@ -68,7 +84,7 @@ class AnyFlowStudent(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         _check_video(x, self.transformer.config.in_channels)
-        frames = x.shape[1]
+        frames, t, r = x.shape[1], t.to(x.device), r.to(x.device)
         return self.transformer(hidden_states=x, timestep=t[:, None].expand(-1, frames),
                                 r_timestep=r[:, None].expand(-1, frames), encoder_hidden_states=text,
                                 return_dict=False)[0]

@@ -7,6 +7,7 @@ terms, checks that each is finite, back-propagates, clips, steps, and updates th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import time
@@ -100,12 +101,16 @@ class Trainer:
 
     def __init__(self, method: Method, *, steps: int, out_dir: str | Path, seed: int = 0,
                  optim: dict[str, Any] | None = None, log_every: int = 10, checkpoint_every: int = 500,
-                 keep_checkpoints: int = 2, config_yaml: str = "", progress: bool = True):
+                 keep_checkpoints: int = 2, config_yaml: str = "", progress: bool = True,
+                 mixed_precision: str = "no"):
         self.method, self.steps, self.out_dir = method, steps, Path(out_dir)
         o = optim or {}
         self.grad_clip = o.get("grad_clip", 1.0)
         self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep_checkpoints
         self.config_yaml, self.progress = config_yaml, progress
+        if mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {mixed_precision!r}")
+        self.mixed_precision = mixed_precision
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         self.optimizers, self.schedulers, self.emas = {}, {}, {}
@@ -165,7 +170,8 @@ class Trainer:
         for phase in self.method.phases(self.step, self.generator):
             module, opt = self.method.roles[phase.role], self.optimizers[phase.role]
             opt.zero_grad(set_to_none=True)
-            terms, phase_stats = phase.run()
+            with self._autocast(module):
+                terms, phase_stats = phase.run()
             for name, value in terms.items():
                 if not torch.isfinite(value).all():
                     raise NonFiniteLossError(
@@ -183,6 +189,13 @@ class Trainer:
             stats[f"grad_norm/{phase.role}"] = float(gnorm)
             stats[f"lr/{phase.role}"] = self.schedulers[phase.role].get_last_lr()[0]
         return stats
+
+    def _autocast(self, module: torch.nn.Module):
+        """bf16 autocast on the role's device (weights, gradients, EMA and optimizer state stay fp32)."""
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        device = next(iter(module.parameters())).device.type
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
     def fit(self) -> Path | None:
         log = MetricsLog(self.out_dir, self.step)

@@ -121,7 +121,7 @@ class Stage2(Method):
         if self.cfg.cond_dropout > 0:
             rollout_cond, _ = drop_condition(rollout_cond, expand_cond(self.world.null_cond, n),
                                              self.cfg.cond_dropout, n, generator)
-        noise = torch.randn((n, *x0.shape[1:]), generator=generator)
+        noise = torch.randn((n, *x0.shape[1:]), generator=generator).to(x0)
         return x0, cond, noise, rollout_cond
 
     def phases(self, step, generator):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import WanTransformer3DModel
 from torch import nn
 
 from ..config import ModelConfig, WorldConfig
@@ -150,5 +151,89 @@ class ShapesBinding:
         return save_video_grid(rows, path, columns=[s.prompt() for s in ev.meta])
 
 
-def make_binding(cfg: WorldConfig) -> GMMBinding | ShapesBinding:
-    return GMMBinding(cfg) if cfg.name == "gmm" else ShapesBinding(cfg)
+class WanBinding:
+    """The real path: batches of cached Wan2.1 VAE latents and UMT5 prompt embeddings (``anystep cache`` /
+    ``anystep synthesize``); the base model is a local diffusers folder. There is no exact judge here: a
+    trained student is exported (``anystep export``) and sampled with diffusers' ``AnyFlowPipeline``."""
+
+    name = "wan"
+    primary_metric, higher_is_better = None, True
+
+    def __init__(self, cfg: WorldConfig):
+        self.cfg = cfg.wan
+        self._cache = None
+
+    @property
+    def cache(self):
+        """The latent cache, opened on first use (exporting a run needs no data)."""
+        if self._cache is None:
+            from ..data.shards import LatentCache
+
+            if not self.cfg.data:
+                raise ValueError("world.wan.data is not set: give the latent cache made by `anystep cache` "
+                                 "or `anystep synthesize` (world.wan.data=PATH)")
+            self._cache = LatentCache(self.cfg.data, max_text_len=self.cfg.max_text_len)
+        return self._cache
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        c, f, h, w = self.cache.latent_shape
+        return (f, c, h, w)
+
+    @property
+    def null_cond(self) -> torch.Tensor:
+        return self.cache.null_embedding()   # the negative prompt's embedding, (1, L, D)
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        latents, embeds = self.cache.sample(n, generator)
+        return latents.permute(0, 2, 1, 3, 4), embeds   # (B, C, F, H, W) -> (B, F, C, H, W)
+
+    def model_folder(self) -> str:
+        if not self.cfg.model:
+            raise ValueError("world.wan.model is not set: give a local Wan2.1 T2V diffusers folder")
+        return self.cfg.model
+
+    def velocity_net(self, m: ModelConfig) -> nn.Module:
+        from ..models.folder import load_transformer
+
+        transformer = load_transformer(self.model_folder())
+        if not isinstance(transformer, WanTransformer3DModel):
+            raise ValueError(f"{self.cfg.model} holds a {type(transformer).__name__}, not a Wan transformer; "
+                             "to train on an AnyFlow model use LoRA (model.lora_rank > 0)")
+        return WanVelocity(transformer)
+
+    def student_from(self, velocity_net: nn.Module, m: ModelConfig) -> nn.Module:
+        return AnyFlowStudent(student_from_wan(velocity_net.transformer, m.gate_value, m.deltatime_type))
+
+    def reference_teacher(self) -> None:
+        return None
+
+    def _no_judge(self, *args, **kwargs):
+        raise ValueError("the wan world has no exact judge or sweep: export the student with `anystep export` "
+                         "and sample it with diffusers' AnyFlowPipeline")
+
+    eval_set = evaluate = save_picture = _no_judge
+
+
+class OnDevice:
+    """A binding whose batches and null condition live on ``device`` (the data itself is made on the CPU,
+    from the CPU generator, so a run draws the same data on every device)."""
+
+    def __init__(self, binding, device: torch.device):
+        self.binding, self.device = binding, torch.device(device)
+        self.null_cond = _to(binding.null_cond, self.device)
+
+    def batch(self, n: int, generator: torch.Generator):
+        x0, cond = self.binding.batch(n, generator)
+        return x0.to(self.device), _to(cond, self.device)
+
+    def __getattr__(self, name: str):
+        return getattr(self.binding, name)
+
+
+def _to(cond: Any, device: torch.device) -> Any:
+    return cond.to(device) if isinstance(cond, torch.Tensor) else cond
+
+
+def make_binding(cfg: WorldConfig) -> GMMBinding | ShapesBinding | WanBinding:
+    return {"gmm": GMMBinding, "shapes": ShapesBinding, "wan": WanBinding}[cfg.name](cfg)

@@ -1,0 +1,549 @@
+"""Throughput of Wan2.1-sized AnyFlow training, measured in one run: forward time, Stage-1 and Stage-2 step
+time and peak memory, and bf16 model FLOP utilisation (MFU).
+
+    python benchmarks/wan_throughput.py                        # Wan2.1-T2V-1.3B sized, on cuda if present
+    python benchmarks/wan_throughput.py --size 14b             # Wan2.1-T2V-14B sized
+    python benchmarks/wan_throughput.py --size tiny --device cpu --repeats 1   # CPU smoke run (seconds)
+
+On a GPU machine: install the project (``pip install -e .``; no torchvision needed), then run the first line
+(about 1-2 minutes for 1.3B on an H100, most of it the Stage-2 steps). Nothing is downloaded: the weights
+are random (cost does not depend on them). ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` makes the
+memory numbers less sensitive to fragmentation and the out-of-memory fallback more reliable.
+``--json out.json`` also writes the rows; ``--peak-tflops`` sets the device's dense bf16 peak when the
+built-in table (keyed on ``torch.cuda.get_device_name()``) does not know it.
+
+Setup, as the official recipe trains (``wan1.3b_stage1`` / ``wan1.3b_stage2`` presets):
+  model        a ``WanTransformer3DModel`` config (1.3B: 30 layers, 12 heads x 128, FFN 8960; 14B: 40 layers,
+               40 heads x 128, FFN 13824; text_dim 4096, freq_dim 256, patch 1x2x2, 16 latent channels),
+               made into the AnyFlow base (``AnyFlowTransformer3DModel``, delta embedder = copy of the time
+               embedder, gate 0.25) directly on the device with random weights: the Wan model itself is only
+               built on the meta device (config check, parameter count), so a 14B run never holds two copies.
+  base dtype   the frozen base in bf16 (``--base-dtype``), except diffusers' ``_keep_in_fp32_modules`` (as
+               ``from_pretrained(torch_dtype=torch.bfloat16)`` loads it); the LoRA adapters, their gradients,
+               AdamW states and EMA in fp32. NB: anystep's recipes currently load the base in fp32
+               (``load_transformer``'s default): ``--base-dtype float32`` measures that.
+  roles        ``SharedBase.from_wan``-equivalent: LoRA r = alpha = 256 (``--rank``) "student" (Stage 1; plus
+               "critic" for Stage 2), teacher = the bare base; gradient checkpointing of every block
+               (``--no-checkpointing`` to compare); ``Trainer(mixed_precision="bf16")``.
+  data         random latents (B, 21, 16, 60, 104) for 81x480x832 and random text embeddings (B, 512, 4096),
+               drawn on the CPU each step and copied to the device as anystep's ``OnDevice`` binding does.
+  Stage 1      ``Stage1`` method, official ``Stage1Config`` (fusion w = 3 with a null branch, central
+               difference, buckets 50/25/25), batch 1 (``--batch``). Its call count depends on the random
+               bucket (r = t needs no difference points), so MFU uses the counted FLOPs of each timed step.
+  Stage 2      ``Stage2`` method, official ``Stage2Config`` (DMD with real guidance 3, co-trained Stage-1 loss,
+               critic every iteration), DMD batch 2 (1.3B) / 1 (14B); the co-trained data batch is
+               max(--batch, DMD batch). One step = one iteration = generator phase + critic phase. The rollout
+               plan, random (N, k) in training, is FIXED here (``--plan N,K``, default 4,1: k = 1 of a 4-step
+               grid, the three-call rollout tau_0 -> tau_1 -> tau_2 -> 0; every N >= 3 with 0 < k < N - 1
+               costs the same, k = 0 or N - 1 skips one call).
+  timing       median of ``--repeats`` (default 3) after ``--warmup`` (default 1), ``torch.cuda.synchronize``
+               around each; peak memory = ``torch.cuda.max_memory_allocated`` over the timed steps (reset
+               after warm-up, so weights, optimizer states and EMA are in it).
+  sizes        81x480x832 first; on ``torch.OutOfMemoryError`` the measurement is retried at 49, 33 and 17
+               frames, then the same at 240x416 (``--sizes`` to choose); the table's size column says which
+               size each row was measured at.
+
+MFU = (model FLOPs of the timed steps) / (their wall time) / (the device's dense bf16 peak). Model FLOPs: a
+forward hook on the base transformer records every call (batch, latent shape, text length, the active
+adapter, and whether its output carries autograd history); a call with history counts 3x its forward FLOPs
+(forward + backward, the usual model-FLOPs convention), one without 1x. Gradient-checkpoint recomputation
+is not counted (it re-runs blocks, never the hooked transformer), and neither is the fact that the frozen
+base needs no weight gradients: the hardware executes somewhat different FLOPs than the model-FLOPs count.
+The forward FLOP formula is :func:`forward_flops`. On a CPU, or an unknown GPU without ``--peak-tflops``,
+MFU is n/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AnyFlowTransformer3DModel, WanTransformer3DModel
+
+from anystep.backward_simulation import RolloutPlan, flowmap_backward_simulation
+from anystep.config import Stage2Config
+from anystep.models.roles import SharedBase
+from anystep.models.wan import _SHARED_KEYS
+from anystep.objectives.flowmap import Stage1Config
+from anystep.train.loop import Trainer
+from anystep.train.methods import Stage1, Stage2
+
+_WAN_COMMON: dict[str, Any] = {"patch_size": (1, 2, 2), "in_channels": 16, "out_channels": 16, "text_dim": 4096,
+                                "freq_dim": 256, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
+                                "eps": 1e-6, "rope_max_seq_len": 1024, "added_kv_proj_dim": None, "image_dim": None}
+# Wan2.1-T2V-1.3B / -14B transformer configs (diffusers' transformer/config.json of the released models).
+WAN_CONFIGS: dict[str, dict[str, Any]] = {
+    "1.3b": {**_WAN_COMMON, "num_layers": 30, "num_attention_heads": 12, "attention_head_dim": 128,
+             "ffn_dim": 8960},
+    "14b": {**_WAN_COMMON, "num_layers": 40, "num_attention_heads": 40, "attention_head_dim": 128,
+            "ffn_dim": 13824},
+    "tiny": {**_WAN_COMMON, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64,
+             "text_dim": 32},
+}
+_SIZES_480 = ("81x480x832", "49x480x832", "33x480x832", "17x480x832")
+_SIZES_240 = ("81x240x416", "49x240x416", "33x240x416", "17x240x416")
+DEFAULT_SIZES = {"1.3b": _SIZES_480 + _SIZES_240, "14b": _SIZES_480 + _SIZES_240, "tiny": ("9x32x32",)}
+DMD_BATCH = {"1.3b": 2, "14b": 1, "tiny": 2}      # official Stage-2 rollouts per generator step
+VAE_STRIDE = (4, 8, 8)                            # Wan2.1 VAE: frames 1 + 4k -> 1 + k latent frames, /8 spatial
+
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets; first matching substring.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.4), ("H200", 989.4),
+                    ("H100", 989.4), ("H800", 989.4), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.05))
+
+GIB = 1024 ** 3
+
+
+# --------------------------------------------------------------------------------------------------
+# sizes and FLOPs
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VideoSize:
+    frames: int
+    height: int
+    width: int
+
+    @classmethod
+    def parse(cls, text: str) -> VideoSize:
+        try:
+            f, h, w = (int(v) for v in text.lower().split("x"))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"a size is FRAMESxHEIGHTxWIDTH, e.g. 81x480x832; got {text!r}") from err
+        ft, hs, ws = VAE_STRIDE
+        if (f - 1) % ft or h % (2 * hs) or w % (2 * ws):
+            raise argparse.ArgumentTypeError(f"size {text}: frames must be 1 + 4k and height, width multiples of "
+                                             "16 (VAE stride 4x8x8, patch 1x2x2)")
+        return cls(f, h, w)
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        ft, hs, ws = VAE_STRIDE
+        return 1 + (self.frames - 1) // ft, self.height // hs, self.width // ws
+
+    def tokens(self, patch: Sequence[int]) -> int:
+        f, h, w = self.latent
+        return (f // patch[0]) * (h // patch[1]) * (w // patch[2])
+
+    def label(self, patch: Sequence[int]) -> str:
+        f, h, w = self.latent
+        return f"{self.frames}x{self.height}x{self.width} (latent {f}x{h}x{w}, {self.tokens(patch)} tokens)"
+
+
+def forward_flops(cfg: dict[str, Any], frames: int, height: int, width: int, text_len: int,
+                  lora: Sequence[tuple[int, int, bool]] = (), rank: int = 0) -> dict[str, float]:
+    """Analytic FLOPs of one forward call of the AnyFlow/Wan transformer for one sample (multiply-add = 2).
+
+    With N = (F/pt)(H/ph)(W/pw) video tokens of a latent F x H x W, L text tokens, d = heads x head_dim,
+    f = ffn_dim, l = layers, C channels, k = pt ph pw, D = text_dim, T = freq_dim::
+
+        linear    = 2 N [l (4d^2 + 2d^2 + 2 d f) + 2 C k d]     self-attn q,k,v,o; cross-attn q,o; FFN;
+                                                               patch embedding and proj_out
+                  + 2 L [l 2d^2 + D d + d^2]                   cross-attn k,v and the text embedder act on
+                                                               the L text tokens, not the N video tokens
+                  + 2 F [2 (T d + d^2) + 6 d^2]                time and delta embedders, time_proj: per frame
+        attention = l (4 N^2 d + 4 N L d)                      QK^T and AV of self- and cross-attention
+        lora      = sum over the active adapter's targets of 2 tokens r (in + out)   (tokens = N for block
+                                                               linears, F for the per-frame time embedders)
+
+    Norms, modulation, RoPE, activations and softmax (O(N d) each) are left out. ``lora`` lists
+    (in_features, out_features, per_token) of the adapter's target linears. Returns the parts and "total".
+    """
+    pt, ph, pw = cfg["patch_size"]
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    f, layers, c, k = cfg["ffn_dim"], cfg["num_layers"], cfg["in_channels"], pt * ph * pw
+    n = (frames // pt) * (height // ph) * (width // pw)
+    linear = (2 * n * (layers * (6 * d * d + 2 * d * f) + 2 * c * k * d)
+              + 2 * text_len * (layers * 2 * d * d + cfg["text_dim"] * d + d * d)
+              + 2 * frames * (2 * (cfg["freq_dim"] * d + d * d) + 6 * d * d))
+    attention = layers * (4 * n * n * d + 4 * n * text_len * d)
+    lora_flops = sum(2 * (n if per_token else frames) * rank * (i + o) for i, o, per_token in lora)
+    parts = {"linear": float(linear), "attention": float(attention), "lora": float(lora_flops)}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def adapter_linears(shared: SharedBase, adapter: str) -> list[tuple[int, int, bool]]:
+    """(in_features, out_features, per_token) of each target linear of ``adapter``."""
+    out = []
+    for path in shared.adapters[adapter].targets:
+        layer = shared.base.get_submodule(path).get_base_layer()
+        out.append((layer.in_features, layer.out_features, path.startswith("blocks.")))
+    return out
+
+
+@dataclass
+class Call:
+    batch: int
+    latent: tuple[int, int, int]
+    text_len: int
+    backward: bool          # the output carries autograd history: forward + backward = 3x
+    adapter: str | None
+
+
+class ForwardCounter:
+    """Records every call of the shared base transformer (forward hook) and turns them into model FLOPs."""
+
+    def __init__(self, shared: SharedBase, cfg: dict[str, Any]):
+        self.shared, self.cfg, self.calls = shared, cfg, []
+        self.lora = {name: adapter_linears(shared, name) for name in shared.adapters}
+        self.handle = shared.base.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        x, text = kwargs["hidden_states"], kwargs["encoder_hidden_states"]   # (B, F, C, H, W), (B, L, D)
+        out = output[0] if isinstance(output, tuple) else output.sample
+        self.calls.append(Call(x.shape[0], (x.shape[1], x.shape[3], x.shape[4]), text.shape[1],
+                               out.requires_grad, self.shared.active_adapter))
+
+    def call_flops(self, call: Call) -> float:
+        rank = self.shared.adapters[call.adapter].rank if call.adapter else 0
+        per_sample = forward_flops(self.cfg, *call.latent, call.text_len, self.lora.get(call.adapter, ()), rank)
+        return call.batch * per_sample["total"]
+
+    def model_flops(self) -> float:
+        return sum((3 if c.backward else 1) * self.call_flops(c) for c in self.calls)
+
+    def forward_equivalents(self) -> int:
+        """Sample-forwards per step, a call with backward counting 3."""
+        return sum((3 if c.backward else 1) * c.batch for c in self.calls)
+
+    def reset(self) -> None:
+        self.calls = []
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# models and data
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def wan_on_meta(cfg: dict[str, Any]) -> WanTransformer3DModel:
+    """The Wan transformer of ``cfg`` without memory (config validation, parameter count)."""
+    with torch.device("meta"):
+        return WanTransformer3DModel(**cfg)
+
+
+def build_shared(wan_config, device: torch.device, dtype: torch.dtype, rank: int, roles: Sequence[str],
+                 checkpointing: bool) -> SharedBase:
+    """The frozen AnyFlow base of a Wan config (random weights, built on ``device`` in ``dtype`` except
+    diffusers' keep-in-fp32 modules) with fp32 LoRA adapters for ``roles``; what ``SharedBase.from_wan``
+    makes of a Wan model, without materialising the Wan model."""
+    kwargs = {k: wan_config[k] for k in _SHARED_KEYS}
+    with torch.device(device), default_dtype(dtype):
+        base = AnyFlowTransformer3DModel(**kwargs, gate_value=0.25, deltatime_type="r")
+    keep = base._keep_in_fp32_modules or []
+    for name, p in base.named_parameters():
+        if any(k in name.split(".") for k in keep):
+            p.data = p.data.float()
+    emb = base.condition_embedder
+    emb.delta_embedder.load_state_dict(emb.time_embedder.state_dict())   # student_from_wan's initialisation
+    shared = SharedBase(base, rank=rank, alpha=rank, roles=roles)
+    for adapter in shared.adapters.values():                             # the trainer keeps weights in fp32
+        for p in adapter.params.values():
+            p.data = p.data.float()
+    shared.to(device)
+    if checkpointing:
+        shared.enable_gradient_checkpointing()
+    return shared
+
+
+class RandomLatents:
+    """A world of random video latents and text embeddings (``world.batch`` / ``world.null_cond``), drawn on
+    the CPU from the trainer's generator and moved to ``device`` (as anystep's ``OnDevice`` binding)."""
+
+    def __init__(self, latent: tuple[int, int, int], channels: int, text_len: int, text_dim: int,
+                 device: torch.device):
+        self.shape, self.text_shape, self.device = (latent[0], channels, *latent[1:]), (text_len, text_dim), device
+        self.null_cond = torch.zeros((1, text_len, text_dim), device=device)
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = torch.randn((n, *self.shape), generator=generator)
+        text = torch.randn((n, *self.text_shape), generator=generator)
+        return x0.to(self.device), text.to(self.device)
+
+
+class FixedPlanStage2(Stage2):
+    """Stage 2 with one rollout plan for every iteration (timing needs a fixed call count)."""
+
+    def __init__(self, *args, plan: RolloutPlan, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan = plan
+
+    def rollout(self, noise, cond, generator):
+        return flowmap_backward_simulation(self.roles["student"], noise, cond, self.plan, shift=self.cfg.dmd_shift,
+                                           grad=self.cfg.rollout_grad)
+
+
+# --------------------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(shared: SharedBase | None, device: torch.device) -> None:
+    if shared is not None:
+        for p in shared.parameters():
+            p.grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def with_fallback(name: str, sizes: Sequence[VideoSize], run: Callable[[VideoSize], dict[str, Any]],
+                  shared: SharedBase, device: torch.device, patch) -> tuple[VideoSize | None, dict[str, Any]]:
+    """``run(size)`` at the first size that fits; on out-of-memory, free and try the next one."""
+    for i, size in enumerate(sizes):
+        failed = None
+        try:
+            return size, run(size)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_oom(err):
+                raise
+            failed = type(err).__name__
+        free_memory(shared, device)   # outside the except block: the traceback's frames are gone
+        nxt = f"; retrying at {sizes[i + 1].label(patch)}" if i + 1 < len(sizes) else "; no smaller size left"
+        print(f"{name}: {failed} at {size.label(patch)}{nxt}", flush=True)
+    return None, {}
+
+
+def time_forward(view, size: VideoSize, cfg: dict[str, Any], batch: int, text_len: int, device: torch.device,
+                 warmup: int, repeats: int) -> list[float]:
+    f, h, w = size.latent
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, f, cfg["in_channels"], h, w), generator=g).to(device)
+    text = torch.randn((batch, text_len, cfg["text_dim"]), generator=g).to(device)
+    t, r = torch.full((batch,), 750.0, device=device), torch.full((batch,), 250.0, device=device)
+    times = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        for i in range(warmup + repeats):
+            sync(device)
+            start = time.perf_counter()
+            view(x, t, r, text)
+            sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+def time_steps(method, counter: ForwardCounter, device: torch.device, warmup: int, repeats: int,
+               optim: dict[str, Any]) -> dict[str, Any]:
+    """Seconds of each timed ``Trainer.train_step``, the model FLOPs and forward-equivalents counted in
+    them, and the peak memory over them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(method, steps=warmup + repeats, out_dir=tmp, seed=0, optim=optim, progress=False,
+                          mixed_precision="bf16")
+        for _ in range(warmup):
+            trainer.train_step()
+            trainer.step += 1
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, flops, equivalents = [], 0.0, []
+        for _ in range(repeats):
+            counter.reset()
+            sync(device)
+            start = time.perf_counter()
+            trainer.train_step()
+            sync(device)
+            times.append(time.perf_counter() - start)
+            trainer.step += 1
+            flops += counter.model_flops()
+            equivalents.append(counter.forward_equivalents())
+        peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    return {"times": times, "flops": flops, "equivalents": statistics.median(equivalents), "peak_gib": peak}
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for key, v in PEAK_BF16_TFLOPS if key.lower() in name.lower()), None)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(WAN_CONFIGS), default="1.3b", help="model config (default 1.3b)")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--base-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="dtype of the frozen base weights (LoRA, optimizer and EMA stay fp32)")
+    ap.add_argument("--rank", type=int, default=256, help="LoRA rank = alpha (official 256)")
+    ap.add_argument("--batch", type=int, default=1, help="samples per Stage-1 step and per timed forward")
+    ap.add_argument("--dmd-batch", type=int, default=None, help="Stage-2 rollouts per step (1.3B: 2, 14B: 1)")
+    ap.add_argument("--text-len", type=int, default=512, help="text tokens (Wan: 512)")
+    ap.add_argument("--sizes", default=None,
+                    help="comma-separated FRAMESxHEIGHTxWIDTH, largest first (default 81x480x832 down to "
+                         "17x240x416; tiny: 9x32x32)")
+    ap.add_argument("--plan", default="4,1", help="Stage-2 rollout plan N,K (fixed for timing; default 4,1)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls/steps")
+    ap.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device, TFLOP/s")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: forward, stage1, stage2")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.rank < 1:
+        ap.error("--repeats, --batch and --rank must be >= 1, --warmup >= 0")
+    try:
+        n, k = (int(v) for v in args.plan.split(","))
+        args.plan = RolloutPlan(n, k)
+    except ValueError as err:
+        ap.error(f"--plan must be N,K with 0 <= K < N: {err}")
+    args.sizes = [VideoSize.parse(s) for s in (args.sizes.split(",") if args.sizes else DEFAULT_SIZES[args.size])]
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.skip - {"forward", "stage1", "stage2"}:
+        ap.error(f"--skip takes forward, stage1, stage2; got {sorted(args.skip)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark; prints the table and returns its rows (dicts: device, size, metric, value)."""
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.base_dtype]
+    torch.manual_seed(0)
+    wan = wan_on_meta(WAN_CONFIGS[args.size])
+    cfg = dict(wan.config)
+    wan_params = sum(p.numel() for p in wan.parameters())
+    del wan
+    patch = cfg["patch_size"]
+    dmd_batch = args.dmd_batch or DMD_BATCH[args.size]
+    stage2_batch = max(args.batch, dmd_batch)
+    peak = peak_tflops(device, args.peak_tflops)
+    dev_name = device_name(device)
+    checkpointing = not args.no_checkpointing
+    rows: list[dict[str, Any]] = []
+
+    def add(size: VideoSize | None, metric: str, value: float | None) -> None:
+        rows.append({"device": dev_name, "size": size.label(patch) if size else "did not fit",
+                     "metric": metric, "value": value})
+
+    def mfu(flops: float, seconds: float) -> float | None:
+        return None if peak is None else 100.0 * flops / seconds / (peak * 1e12)
+
+    print(f"Wan2.1 {args.size} config ({wan_params / 1e9:.3f}B params, random weights) as the AnyFlow base on "
+          f"{dev_name}; base {args.base_dtype}, LoRA r = alpha = {args.rank} (fp32, AdamW, EMA), "
+          f"gradient checkpointing {'on' if checkpointing else 'off'}, bf16 autocast, text {args.text_len} "
+          f"tokens; forward/Stage-1 batch {args.batch}, Stage-2 data batch {stage2_batch} with DMD batch "
+          f"{dmd_batch}, rollout plan fixed at N={args.plan.n}, k={args.plan.k}; peak "
+          f"{'n/a' if peak is None else f'{peak:g} TFLOP/s bf16 dense'}", flush=True)
+
+    def world(size: VideoSize) -> RandomLatents:
+        return RandomLatents(size.latent, cfg["in_channels"], args.text_len, cfg["text_dim"], device)
+
+    # ---- forward and Stage 1: a base with the student adapter (as a Stage-1 run builds it)
+    shared = build_shared(cfg, device, dtype, args.rank, ("student",), checkpointing)
+    n_lora = sum(p.numel() for p in shared.adapters["student"].params.values())
+    print(f"student adapter: {n_lora / 1e6:.1f}M params", flush=True)
+    counter = ForwardCounter(shared, cfg)
+    if "forward" not in args.skip:
+        for role in ("student", "teacher"):
+            def run_forward(size: VideoSize, role=role) -> dict[str, Any]:
+                counter.reset()
+                times = time_forward(shared.role(role), size, cfg, args.batch, args.text_len, device,
+                                     args.warmup, args.repeats)
+                return {"seconds": statistics.median(times), "flops": counter.call_flops(counter.calls[-1])}
+            size, res = with_fallback(f"forward {role}", args.sizes, run_forward, shared, device, patch)
+            add(size, f"forward {role}, no grad (s)", res.get("seconds"))
+            add(size, f"forward {role} (TFLOP)", res["flops"] / 1e12 if res else None)
+            add(size, f"forward {role} MFU (%)", mfu(res["flops"], res["seconds"]) if res else None)
+
+    def report_steps(name: str, size: VideoSize | None, res: dict[str, Any]) -> None:
+        add(size, f"{name} step (s)", statistics.median(res["times"]) if res else None)
+        add(size, f"{name} peak memory (GiB)", res.get("peak_gib"))
+        add(size, f"{name} sample-forwards/step (backward = 3)", res.get("equivalents"))
+        add(size, f"{name} model TFLOP/step", res["flops"] / len(res["times"]) / 1e12 if res else None)
+        add(size, f"{name} MFU (%)", mfu(res["flops"], sum(res["times"])) if res else None)
+
+    if "stage1" not in args.skip:
+        def run_stage1(size: VideoSize) -> dict[str, Any]:
+            method = Stage1(shared.role("student").train(), world(size), args.batch, Stage1Config())
+            return time_steps(method, counter, device, args.warmup, args.repeats,
+                              {"lr": 5e-5, "betas": (0.9, 0.95)})
+        size, res = with_fallback("Stage 1", args.sizes, run_stage1, shared, device, patch)
+        report_steps("Stage 1", size, res)
+    counter.remove()
+    del shared, counter
+    free_memory(None, device)
+
+    # ---- Stage 2: student and critic adapters, teacher = the bare base
+    if "stage2" not in args.skip:
+        shared = build_shared(cfg, device, dtype, args.rank, ("student", "critic"), checkpointing)
+        counter = ForwardCounter(shared, cfg)
+
+        def run_stage2(size: VideoSize) -> dict[str, Any]:
+            s2 = Stage2Config(rollout_steps=(args.plan.n,), dmd_batch_size=dmd_batch, real_guidance=3.0)
+            method = FixedPlanStage2(shared.role("student").train(), shared.role("critic").train(),
+                                     shared.role("teacher"), world(size), stage2_batch, s2, Stage1Config(),
+                                     plan=args.plan)
+            return time_steps(method, counter, device, args.warmup, args.repeats,
+                              {"lr": s2.optim.lr, "betas": s2.optim.betas, "ema_decay": s2.optim.ema_decay})
+        size, res = with_fallback("Stage 2", args.sizes, run_stage2, shared, device, patch)
+        report_steps("Stage 2", size, res)
+        counter.remove()
+        del shared, counter
+        free_memory(None, device)
+
+    print_table(rows)
+    if args.json:
+        meta = {"model": args.size, "wan_params": wan_params, "base_dtype": args.base_dtype, "rank": args.rank,
+                "batch": args.batch, "stage2_batch": stage2_batch, "dmd_batch": dmd_batch,
+                "text_len": args.text_len, "plan": [args.plan.n, args.plan.k], "checkpointing": checkpointing,
+                "peak_tflops": peak, "repeats": args.repeats, "warmup": args.warmup}
+        with open(args.json, "w") as f:
+            json.dump({"config": meta, "rows": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+    return rows
+
+
+def _fmt(metric: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if metric.endswith("(s)"):
+        return f"{value:.4g}"
+    if "forwards" in metric:
+        return f"{value:g}"
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("\n| device | size | metric | value |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['device']} | {r['size']} | {r['metric']} | {_fmt(r['metric'], r['value'])} |")
+
+
+if __name__ == "__main__":
+    main()
