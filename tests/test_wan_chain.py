@@ -91,6 +91,14 @@ def test_export_is_the_stage2_students_ema(chain):
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
 
 
+def test_bf16_base_keeps_float32_adapters(chain):
+    cfg = resolve(str(chain["stage2"] / "config.yaml"), ["train.steps=0"])
+    assert cfg.model.base_dtype == "bfloat16"      # the preset's (official bf16 parameters)
+    student = build_trainer(cfg, progress=False).method.roles["student"]
+    assert student.shared.base.blocks[0].attn1.to_q.base_layer.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+
+
 def test_student_delta_embedder_trains_and_is_saved(chain):
     saved = load_file(chain["stage1"] / "checkpoints" / "step_000003" / "student_ema.safetensors")
     delta_b = [v for k, v in saved.items() if "delta_embedder" in k and "lora_B" in k]
@@ -98,7 +106,7 @@ def test_student_delta_embedder_trains_and_is_saved(chain):
 
 
 def test_all_roles_share_the_raw_wan_base_and_the_teacher_is_the_teacher_run(chain):
-    cfg = resolve(str(chain["stage2"] / "config.yaml"), ["train.steps=0"])
+    cfg = resolve(str(chain["stage2"] / "config.yaml"), ["train.steps=0", "model.base_dtype=float32"])
     trainer = build_trainer(cfg, progress=False)
     student, critic = trainer.method.roles["student"], trainer.method.roles["critic"]
     teacher = trainer.method.teacher
@@ -123,6 +131,7 @@ def test_import_a_released_anyflow_folder_and_continue_training(chain):
     out = chain["root"] / "runs" / "imported"
     world = [f"world.wan.model={chain['export']}", f"world.wan.data={chain['root'] / 'cache'}"]
     cfg = resolve("wan1.3b_stage2", [*world, *LORA, "model.init=null", "stage2.teacher=null", "train.steps=1",
+                                     "model.base_dtype=float32",
                                      "stage2.rollout_steps=[2]", f"train.out_dir={out}"])
     trainer = build_trainer(cfg, progress=False)
     from diffusers import AnyFlowTransformer3DModel

@@ -66,6 +66,9 @@ class ModelConfig:
     # Official: 256 (alpha 256). 0 = full fine-tune, the toy presets' choice for a 0.3M-parameter model.
     lora_rank: int = 0
     lora_alpha: float | None = None   # None: = lora_rank
+    # dtype of the frozen base weights of a LoRA run: 'bfloat16' halves their memory (official: bf16 params);
+    # adapters, EMA and optimizer state stay float32. Needs train.mixed_precision=bf16.
+    base_dtype: str = "float32"
     # shapes (Wan transformer)
     patch: tuple[int, int, int] = (1, 2, 2)
     heads: int = 4
@@ -76,6 +79,11 @@ class ModelConfig:
     hidden: int = 256
     depth: int = 4
     max_freq: float = 50.0
+
+
+    def __post_init__(self):
+        if self.base_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.base_dtype must be 'float32' or 'bfloat16', got {self.base_dtype!r}")
 
 
 @dataclass
@@ -201,6 +209,11 @@ class RunConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.model.base_dtype != "float32" and self.train.mixed_precision != "bf16":
+            raise ValueError("model.base_dtype=bfloat16 needs train.mixed_precision=bf16 (the base's matmuls "
+                             "run under bf16 autocast)")
+        if self.model.base_dtype != "float32" and self.model.lora_rank == 0:
+            raise ValueError("model.base_dtype applies to the frozen base of LoRA runs (model.lora_rank > 0)")
 
     @property
     def sampler(self) -> str:

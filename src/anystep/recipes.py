@@ -64,14 +64,16 @@ def load_model(spec: str, role: str | None = None, ema: bool = True) -> tuple[nn
     return net.eval(), cfg, role
 
 
-def lora_base(cfg: RunConfig) -> nn.Module:
+def lora_base(cfg: RunConfig, training: bool = False) -> nn.Module:
     """The frozen base transformer of a LoRA run: the model folder's (wan world, as the official recipe,
-    which adds every LoRA to the raw Wan2.1 weights), else the full-weight teacher run its chain starts from."""
+    which adds every LoRA to the raw Wan2.1 weights), else the full-weight teacher run its chain starts from.
+    ``model.base_dtype`` applies to training; a trained run is reloaded (to sample or export) in float32."""
     if cfg.world.name == "gmm":
         raise ValueError("model.lora_rank > 0 needs a Wan/AnyFlow transformer; the gmm world's MLP trains fully")
     if cfg.world.name == "wan":
         from .models.folder import load_transformer
-        return load_transformer(make_binding(cfg.world).model_folder())
+        dtype = getattr(torch, cfg.model.base_dtype) if training else torch.float32
+        return load_transformer(make_binding(cfg.world).model_folder(), dtype=dtype)
     if cfg.kind == "teacher":
         raise ValueError("a LoRA teacher run needs a pretrained base: world.name=wan with world.wan.model")
     teacher, _, _ = load_model(ancestor_teacher(cfg.model.init), role="teacher")
@@ -79,13 +81,13 @@ def lora_base(cfg: RunConfig) -> nn.Module:
 
 
 def shared_base(cfg: RunConfig, roles=("student", "critic"), teacher_adapter: bool = False,
-                teacher_trainable: bool = False):
+                teacher_trainable: bool = False, training: bool = False):
     """One frozen base (:func:`lora_base` as an AnyFlow transformer) with fresh LoRA adapters for ``roles``
     (:mod:`anystep.models.roles`); the teacher is the bare base, or a ``teacher`` adapter when asked."""
     from .models.roles import SharedBase
 
     m = cfg.model
-    return SharedBase.from_wan(lora_base(cfg), gate_value=m.gate_value, rank=m.lora_rank, alpha=m.lora_alpha,
+    return SharedBase.from_wan(lora_base(cfg, training), gate_value=m.gate_value, rank=m.lora_rank, alpha=m.lora_alpha,
                                roles=roles, teacher_adapter=teacher_adapter, teacher_trainable=teacher_trainable)
 
 
@@ -157,14 +159,14 @@ def _lora_roles(cfg: RunConfig) -> dict[str, nn.Module]:
     init_cfg = _check_same_lora(cfg, init) if init else None
     continues = init_cfg is not None and init_cfg.model.lora_rank > 0 and init_cfg.kind == kind
     if kind == "teacher":
-        teacher = shared_base(cfg, roles=(), teacher_adapter=True, teacher_trainable=True).role("teacher")
+        teacher = shared_base(cfg, roles=(), teacher_adapter=True, teacher_trainable=True, training=True).role("teacher")
         if continues:
             _load_adapter(teacher, init, "teacher")
         return {"teacher": teacher}
     if kind == "stage1":
         if cfg.world.name != "wan":
             _require_init(cfg)   # the toy worlds' base is the teacher run named by model.init
-        student = shared_base(cfg, roles=("student",)).role("student")
+        student = shared_base(cfg, roles=("student",), training=True).role("student")
         if init_cfg is not None and init_cfg.model.lora_rank > 0 and init_cfg.kind in ("stage1", "stage2"):
             _load_adapter(student, init, "student")   # continue a flow-map run (e.g. on new data)
         return {"student": student}
@@ -178,7 +180,7 @@ def _lora_roles(cfg: RunConfig) -> dict[str, nn.Module]:
     if teacher_run and not lora_teacher and teacher_run != base_teacher:
         raise ValueError(f"teacher {teacher_run} is a full fine-tune of other weights than the base; with LoRA "
                          "roles the teacher is the base itself or a LoRA teacher run on it")
-    shared = shared_base(cfg, roles=("student", "critic"), teacher_adapter=lora_teacher)
+    shared = shared_base(cfg, roles=("student", "critic"), teacher_adapter=lora_teacher, training=True)
     if lora_teacher:
         _load_adapter(shared.role("teacher"), teacher_run, "teacher")
         shared.copy_adapter("teacher", "critic")      # the critic starts as the teacher (official)

@@ -159,6 +159,9 @@ class SharedBase(nn.Module):
             self.base.add_adapter(config, adapter_name=name)  # diffusers' PeftAdapterMixin
         self.adapters[name] = Adapter(name, targets, rank, float(alpha), trainable)
         self._collect()
+        with torch.no_grad():   # float32 adapters on a bf16 base (peft makes them in the base's dtype)
+            for p in self.adapters[name].params.values():
+                p.data = p.data.float()
         for module in self._tuners:
             if not (hasattr(module, "_active_adapter") and hasattr(module, "_disable_adapters")):
                 raise RuntimeError(f"this peft version's LoRA layers lack _active_adapter/_disable_adapters; "

@@ -215,6 +215,9 @@ class JudgeConfig:
     clean-shape region before the excess counts as dirt. ``area_slack``: the foreground area
     must lie in ``[min_area / slack, max_area * slack]`` of the calibrated shape areas.
     ``k_*``: decay rates of the exponential penalties (see the ``_score_*`` docstrings).
+    ``chunk_area_tol`` / ``chunk_color_tol``: deviations of a frame's relative area / colour from its
+    reference that :meth:`ShapesWorld.judge_chunks` forgives (clean renders vary up to ~2% in
+    estimated area and ~0.025 in estimated colour with the sub-pixel position).
     """
 
     strong_frac: float = 0.5
@@ -227,6 +230,8 @@ class JudgeConfig:
     k_color: float = 4.0
     k_accel: float = 4.0
     k_speed: float = 2.0
+    chunk_area_tol: float = 0.05
+    chunk_color_tol: float = 0.05
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,75 +590,91 @@ class ShapesWorld:
                      chunk_partition: Sequence[int] | None = None) -> dict[str, Tensor]:
         """Per-chunk scores in [0, 1]: float32 tensors ``(B, K)`` for the ``K`` chunks of
         ``chunk_partition`` (frames per chunk, summing to ``frames``; default the config's
-        ``chunk_partition``), with the keys of :meth:`judge`. Made to compare late chunks with early
-        ones (exposure bias of a chunk-causal generator), so every score of chunk ``k`` is computed
-        from chunk ``k``'s frames, at most one frame before it, and the clip's first chunk:
+        ``chunk_partition``). Keys: those of :meth:`judge` plus ``drift``. Made to compare late
+        chunks with early ones (exposure bias of a chunk-causal generator): a chunk is scored on its
+        own frames and the motion into them, so a defect lowers the chunks it is in and no others,
+        and a real clip scores 1 on every chunk.
 
         * ``background``: the per-frame clean-background score of :meth:`judge`, mean over the chunk.
-        * ``consistency``: appearance against the clip's *first chunk* (the causal model's context):
-          per frame ``exp(-k_area |area_f - area_0| / area_0) * exp(-k_color |colour_f - colour_0|)``
-          with ``area_0``, ``colour_0`` the first chunk's means, averaged over the chunk. The first
-          chunk is scored on the frame after it when it has one frame (a lone frame has no
-          consistency of its own; scoring it 1 would flatter chunk 0 against every later chunk),
-          else on its own frames against its own mean.
+        * ``consistency``: appearance against the prompt, per frame ``exp(-k_area relu(|area / A - 1|
+          - chunk_area_tol)) * exp(-k_color relu(|colour - C| - chunk_color_tol))``, ``A`` the
+          calibrated area of the prompt's shape, ``C`` the prompt's colour; mean over the chunk.
+          (An absolute reference: anchored on the first chunk, a defect there would lower every
+          later chunk; that relative view is ``drift``.)
         * ``smoothness``: ``presence * exp(-k_accel accel) * exp(-k_speed speed_err)`` as in
-          :meth:`judge`, per chunk. ``presence``: mean over the chunk's frames. Motion spans the
-          chunk *and the step into it* (from the previous chunk's last frame: a causal chunk must
-          continue the motion across the boundary): ``speed_err`` from the net displacement over that
-          span, ``accel`` the mean second difference centred on the chunk's frames (centres clamped
-          to ``[1, F - 2]``). A 1-frame first chunk has no step into it, so it uses its neighbour:
-          the step 0 -> 1 and the second difference centred on frame 1, both shared with chunk 1.
+          :meth:`judge`, per chunk; ``presence`` over the chunk's frames. The clip's motion terms
+          are *partitioned* among the chunks: the step ``f-1 -> f`` and the second difference ending
+          at frame ``f`` (frames ``f-2 .. f``) belong to the chunk of frame ``f``, so a chunk answers
+          for continuing the motion across its start boundary. A 1-frame first chunk has no step of
+          its own: it takes its neighbour's, i.e. every term that involves frame 0 (the step 0 -> 1
+          and the second difference over frames 0-2), which chunk 1 then does not count. ``speed_err``
+          comes from the net displacement over the chunk's steps, ``accel`` is the mean of its
+          second differences over ``shape_size`` (0 when it has none). A chunk left without a step
+          (only with 1-frame chunks after a 1-frame first chunk) borrows the step into it.
         * ``color`` / ``shape``: the prompt's colour / shape recognised on the chunk's frames (mean
-          colour, median shape features; 0 or 1). ``direction``: along/across split of the
-          displacement over the motion span, against ``speed * steps / 2``.
+          colour, median shape features; 0 or 1). ``direction``: along/across split of the net
+          displacement over the chunk's steps against ``speed * steps / 2``.
         * ``quality``, ``semantic``, ``total``: as in :meth:`judge`.
-
-        Locality: noise, a colour change or a detour confined to later chunks lowers exactly those
-        chunks (a detour also the step into the chunk after it, which must come back). Corrupting the
-        first chunk lowers the first chunk; a first chunk of a different *appearance* (colour, size)
-        also lowers the ``consistency`` of every later chunk (they disagree with the context), and a
-        displaced first frame also lowers chunk 1's motion (the shared step). A real clip scores
-        ~1 on every chunk."""
+        * ``drift`` (not in ``quality``): appearance against the clip's *first chunk* (the causal
+          model's context), the ``consistency`` formula with ``A``, ``C`` the first chunk's mean
+          area and colour; a 1-frame first chunk is scored on frame 1 against frame 0. A first
+          chunk of another appearance lowers every later chunk's ``drift``.
+        """
         videos = self._check_videos(videos)
         parts = self.cfg.chunk_partition if chunk_partition is None else tuple(chunk_partition)
         if not parts:
             raise ValueError("judge_chunks needs a chunk_partition (or ShapesConfig.chunk_partition)")
         bounds = chunk_bounds(parts, self.cfg.frames)
+        specs = [ClipSpec.from_prompt(q) if isinstance(q, str) else q for q in specs]
         col_t, shp_t, dirs = self._targets(videos, specs)
         st = self._analyse(videos)
         j, c = self.jcfg, self.cfg
-        nf = c.frames
+        nf, b = c.frames, videos.shape[0]
         clean = 1.0 - self._frame_dirt(st)                                   # (B, F)
         presence = self._frame_presence(st)                                  # (B, F)
+
+        def agreement(area_ref: Tensor, color_ref: Tensor) -> Tensor:        # (B, F)
+            da = ((st["area"] / area_ref.clamp_min(1e-3) - 1).abs() - j.chunk_area_tol).clamp_min(0.0)
+            dc = ((st["color"] - color_ref).norm(dim=-1) - j.chunk_color_tol).clamp_min(0.0)
+            return torch.exp(-j.k_area * da) * torch.exp(-j.k_color * dc)
+
+        ref_area = torch.tensor([self.ref_area[q.shape] for q in specs], dtype=torch.float32).view(b, 1)
+        consistency = agreement(ref_area, self._palette[col_t].view(b, 1, 3))
         s0, e0 = bounds[0]
-        area0 = st["area"][:, s0:e0].mean(-1, keepdim=True).clamp_min(1e-3)  # (B, 1)
-        color0 = st["color"][:, s0:e0].mean(1, keepdim=True)                 # (B, 1, 3)
-        cons = (torch.exp(-j.k_area * (st["area"] - area0).abs() / area0)
-                * torch.exp(-j.k_color * (st["color"] - color0).norm(dim=-1)))  # (B, F)
-        ctr = st["centroid"]                                                 # (B, F, 2)
-        if nf >= 3:
-            acc = (ctr[:, 2:] - 2 * ctr[:, 1:-1] + ctr[:, :-2]).norm(dim=-1) / c.shape_size  # centres 1..F-2
+        lone = e0 - s0 == 1
+        drift = agreement(st["area"][:, s0:e0].mean(-1, keepdim=True), st["color"][:, s0:e0].mean(1, keepdim=True))
+
+        chunk_of = [k for k, (s, e) in enumerate(bounds) for _ in range(s, e)]
+        step_owner = {f: chunk_of[f] for f in range(1, nf)}                   # step f-1 -> f
+        accel_owner = {f: chunk_of[f] for f in range(2, nf)}                  # frames f-2, f-1, f
+        if lone:                                                              # frame 0's terms
+            step_owner[1] = 0
+            if nf > 2:
+                accel_owner[2] = 0
+        ctr = st["centroid"]                                                  # (B, F, 2)
         perp = torch.stack([-dirs[:, 1], dirs[:, 0]], -1)
-        out: dict[str, list[Tensor]] = {k: [] for k in
-                                        ("background", "consistency", "smoothness", "color", "shape", "direction")}
+        out: dict[str, list[Tensor]] = {k: [] for k in ("background", "consistency", "smoothness", "color",
+                                                         "shape", "direction", "drift")}
         for k, (s, e) in enumerate(bounds):
             out["background"].append(clean[:, s:e].mean(-1))
-            lone_first = k == 0 and e - s == 1
-            out["consistency"].append(cons[:, 1] if lone_first else cons[:, s:e].mean(-1))
-            a, b = (0, 1) if lone_first else (max(s - 1, 0), e - 1)       # motion span: frames a..b
-            disp = ctr[:, b] - ctr[:, a]
-            steps = b - a
-            serr = (disp.norm(dim=-1) / steps - c.speed).abs() / c.speed
-            if nf >= 3:
-                centres = sorted({min(max(f, 1), nf - 2) for f in range(s, e)})
-                accel = acc[:, [f - 1 for f in centres]].mean(-1)
+            out["consistency"].append(consistency[:, s:e].mean(-1))
+            out["drift"].append(drift[:, 1] if k == 0 and lone else drift[:, s:e].mean(-1))
+            steps = [f for f, o in step_owner.items() if o == k] or [max(s, 1)]
+            lo, hi = min(steps) - 1, max(steps)                               # contiguous span of frames
+            disp = ctr[:, hi] - ctr[:, lo]
+            n_steps = hi - lo
+            serr = (disp.norm(dim=-1) / n_steps - c.speed).abs() / c.speed
+            acc_f = [f for f, o in accel_owner.items() if o == k]
+            if acc_f:
+                ii = torch.tensor(acc_f)
+                accel = (ctr[:, ii] - 2 * ctr[:, ii - 1] + ctr[:, ii - 2]).norm(dim=-1).mean(-1) / c.shape_size
             else:
-                accel = torch.zeros(videos.shape[0])
+                accel = torch.zeros(b)
             out["smoothness"].append(presence[:, s:e].mean(-1) * torch.exp(-j.k_accel * accel)
                                      * torch.exp(-j.k_speed * serr))
             along = (disp * dirs).sum(-1)
             across = (disp * perp).sum(-1).abs()
-            out["direction"].append(((along - across) / (0.5 * c.speed * steps)).clamp(0.0, 1.0))
+            out["direction"].append(((along - across) / (0.5 * c.speed * n_steps)).clamp(0.0, 1.0))
             dist = torch.cdist(st["color"][:, s:e].mean(1), self._palette)
             out["color"].append((dist.argmin(-1) == col_t).to(torch.float32))
             feat = torch.stack([st["fill"][:, s:e].median(-1).values, st["skew"][:, s:e].median(-1).values], -1)
