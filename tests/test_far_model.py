@@ -33,9 +33,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 
 def _wan(**extra) -> WanTransformer3DModel:
     torch.manual_seed(0)
-    wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=C,
-                                out_channels=C, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=64, num_layers=2,
-                                cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **extra)
+    wan = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                in_channels=C, out_channels=C, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=64,
+                                num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                rope_max_seq_len=32, **extra)
     with torch.no_grad():  # Wan zero-inits some layers; make every weight matter
         for p in wan.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -59,7 +60,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
     assert err <= atol, f"max abs error {err:.3g} > {atol:g} (scale {b.abs().max().item():.3g})"
 
 
-# ------------------------------------------------------------------------------------------------ building
+# -------------------------------------------------------------------------------------------- building
 def test_far_student_copies_the_wan_weights():
     wan = _wan()
     far = far_student_from_wan(wan, chunk_partition=PARTITION)
@@ -98,7 +99,7 @@ def test_far_student_fails_loudly():
         far_student_from_wan(wan, chunk_partition=[1])
 
 
-# ------------------------------------------------------------------------------------------------ bidirectional
+# --------------------------------------------------------------------------------------- bidirectional
 def test_bidirectional_is_the_wan_teacher_at_r_equal_t_and_the_anyflow_student_otherwise():
     wan = _wan()
     far = far_student_from_wan(wan, chunk_partition=[1, 2, 2, 2])
@@ -107,10 +108,11 @@ def test_bidirectional_is_the_wan_teacher_at_r_equal_t_and_the_anyflow_student_o
         # Wan's RoPE is real cos/sin, FAR's complex float64: measured max error 8e-7 (outputs ~2.4)
         _close(bidirectional(far, x, T, T, text), WanVelocity(wan)(x, T, T, text))
         # same RoPE and SDPA as the bidirectional AnyFlow transformer: measured exactly equal
-        _close(bidirectional(far, x, T, R, text), AnyFlowStudent(student_from_wan(wan))(x, T, R, text), atol=1e-6)
+        anyflow = AnyFlowStudent(student_from_wan(wan))
+        _close(bidirectional(far, x, T, R, text), anyflow(x, T, R, text), atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------------ dense vs flex
+# --------------------------------------------------------------------------------------- dense vs flex
 def test_dense_attention_equals_flex_on_the_train_path():
     far = _far()
     n_comp, _ = split_chunks(far, PARTITION)
@@ -125,7 +127,7 @@ def test_dense_attention_equals_flex_on_the_train_path():
                                chunk_partition=PARTITION)
             outputs[backend] = (u, bidirectional(far, clean, T, R, text))
     assert outputs["dense"][0].shape == noisy.shape
-    for dense, flex in zip(outputs["dense"], outputs["diffusers"]):
+    for dense, flex in zip(outputs["dense"], outputs["diffusers"], strict=True):
         _close(dense, flex)   # measured 7e-7
 
 
@@ -152,7 +154,7 @@ def test_dense_attention_equals_flex_on_the_cache_path():
         _close(dense, flex)   # measured 7e-7
 
 
-# ------------------------------------------------------------------------------------------------ the mask
+# -------------------------------------------------------------------------------------------- the mask
 CTX, NOISY, CLEAN, PAD = 0, 1, 2, 3
 
 
@@ -178,8 +180,8 @@ def _layout(partition, mode, limit=3, padded_to=None):
 
 
 def _rules(chunk, kind):
-    """Official sec. 5.3: chunk-causal; no padding; no clean -> noisy; noisy -> noisy within the same chunk only;
-    noisy -> clean copies of strictly earlier chunks only."""
+    """Official sec. 5.3: chunk-causal; no padding; no clean -> noisy; noisy -> noisy within the same chunk
+    only; noisy -> clean copies of strictly earlier chunks only."""
     cq, ck, kq, kk = chunk[:, None], chunk[None, :], kind[:, None], kind[None, :]
     allowed = (cq >= ck) & (kq != PAD) & (kk != PAD)
     allowed &= ~((kq == CLEAN) & (kk == NOISY))
@@ -188,7 +190,8 @@ def _rules(chunk, kind):
     return allowed
 
 
-@pytest.mark.parametrize("partition", [[3], [1, 2], [1, 2, 2], [1, 2, 2, 2], [1, 2, 2, 2, 2], [2, 1, 3, 1, 2, 2]])
+@pytest.mark.parametrize("partition",
+                         [[3], [1, 2], [1, 2, 2], [1, 2, 2, 2], [1, 2, 2, 2, 2], [2, 1, 3, 1, 2, 2]])
 def test_the_dense_mask_follows_the_official_rules(partition):
     far = _far(partition)
     processor = set_causal_attention(far, "dense")
@@ -211,7 +214,7 @@ def test_the_dense_mask_follows_the_official_rules(partition):
         assert torch.equal(dense_mask(block, length), _rules(*_layout(partition, mode, padded_to=length)))
 
 
-# ------------------------------------------------------------------------------------------------ gradients
+# ------------------------------------------------------------------------------------------- gradients
 def test_backward_on_cpu_reaches_lora_and_the_compressed_patch_embedding():
     far = _far()   # attention "auto": dense on CPU
     assert isinstance(far.blocks[0].attn1.processor, FARAttnProcessor)
@@ -242,7 +245,7 @@ def test_backward_on_cpu_reaches_lora_and_the_compressed_patch_embedding():
     assert far.far_patch_embedding.weight.grad is None   # the chunk is full resolution, the cache constant
 
 
-# ------------------------------------------------------------------------------------------------ rollout
+# --------------------------------------------------------------------------------------------- rollout
 def test_kv_cache_rollout_equals_recomputing_the_prefix_without_a_cache():
     """For every chunk c: the cached call (prefix re-encoded at t = r = 0, compressed beyond the newest 2
     chunks) equals (1) the last noisy chunk of the teacher-forced forward with the prefix as compressed
@@ -260,7 +263,8 @@ def test_kv_cache_rollout_equals_recomputing_the_prefix_without_a_cache():
                 u = cache(chunk, t, r, text)
                 n_comp, _ = split_chunks(far, PARTITION[:c + 1])
                 fc = sum(PARTITION[:n_comp])
-                noisy = torch.cat([_video(start - fc, seed=30 + c), chunk], 1)   # earlier noisy chunks: irrelevant
+                # the earlier noisy chunks do not reach the last one: any values
+                noisy = torch.cat([_video(start - fc, seed=30 + c), chunk], 1)
                 ref = teacher_forced(far, noisy, t, r, text, clean=clean[:, fc:end],
                                      context=clean[:, :fc] if fc else None, chunk_partition=PARTITION[:c + 1])
                 _close(u, ref[:, -PARTITION[c]:])   # measured <= 6e-7
@@ -268,11 +272,12 @@ def test_kv_cache_rollout_equals_recomputing_the_prefix_without_a_cache():
                 plain = far(hidden_states=torch.cat([clean[:, :start], chunk], 1),
                             timestep=torch.cat([zeros, t[:, None].expand(2, PARTITION[c])], 1),
                             r_timestep=torch.cat([zeros, r[:, None].expand(2, PARTITION[c])], 1),
-                            encoder_hidden_states=text, chunk_partition=PARTITION[:c + 1], return_dict=False)[0]
+                            encoder_hidden_states=text, chunk_partition=PARTITION[:c + 1],
+                            return_dict=False)[0]
                 _close(u, plain[:, -PARTITION[c]:])
 
 
-# ------------------------------------------------------------------------------------------------ teacher forcing
+# ------------------------------------------------------------------------------------- teacher forcing
 def test_teacher_forced_repeats_context_and_clean_for_a_stacked_batch():
     far = _far()
     clean, text = _video(sum(PARTITION), batch=1), _text(2)
@@ -281,8 +286,8 @@ def test_teacher_forced_repeats_context_and_clean_for_a_stacked_batch():
         both = teacher_forced(far, noisy, T, R, text, clean=clean[:, 3:], context=clean[:, :3],
                               chunk_partition=PARTITION)
         for i in range(2):
-            one = teacher_forced(far, noisy[i:i + 1], T[i:i + 1], R[i:i + 1], text[i:i + 1], clean=clean[:, 3:],
-                                 context=clean[:, :3], chunk_partition=PARTITION)
+            one = teacher_forced(far, noisy[i:i + 1], T[i:i + 1], R[i:i + 1], text[i:i + 1],
+                                 clean=clean[:, 3:], context=clean[:, :3], chunk_partition=PARTITION)
             _close(both[i:i + 1], one)
 
 

@@ -151,6 +151,31 @@ class ConsistencyConfig:
 
 
 @dataclass
+class CausalConfig:
+    """The causal (FAR) student: chunk-by-chunk generation with compressed context (official sec. 5).
+    ``enabled`` turns a Stage-1/Stage-2 run causal; the teacher and critic stay bidirectional."""
+
+    enabled: bool = False
+    chunk_partition: tuple[int, ...] = (1, 3, 3, 3, 3, 3, 3, 2)   # latent frames per chunk (official: 21)
+    full_chunk_limit: int = 3                  # newest chunks at full resolution; older ones compressed
+    compressed_patch_size: tuple[int, int, int] | None = None     # None: the patch with H, W doubled (1x4x4)
+    long_context_ratio: float = 0.5            # Stage 1: P(K ~ U{3..num_chunks}), else K = 3 chunks
+    bidirectional_prob: float = 0.1            # Stage 1: P(an extra bidirectional flow-matching loss); Stage 2: 0
+    attention: str = "auto"                    # causal attention: 'auto' (flex on CUDA, dense SDPA on CPU),
+                                               # 'dense' or 'flex'
+
+    def __post_init__(self):
+        if not self.chunk_partition or min(self.chunk_partition) < 1:
+            raise ValueError(f"causal.chunk_partition must be positive frame counts, got {self.chunk_partition}")
+        if self.full_chunk_limit < 2:
+            raise ValueError(f"causal.full_chunk_limit must be >= 2, got {self.full_chunk_limit}")
+        if not (0.0 <= self.long_context_ratio <= 1.0 and 0.0 <= self.bidirectional_prob <= 1.0):
+            raise ValueError("causal.long_context_ratio and causal.bidirectional_prob must lie in [0, 1]")
+        if self.attention not in ("auto", "dense", "flex"):
+            raise ValueError(f"causal.attention must be 'auto', 'dense' or 'flex', got {self.attention!r}")
+
+
+@dataclass
 class TrainConfig:
     steps: int = 6000
     batch_size: int = 32
@@ -204,6 +229,7 @@ class RunConfig:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    causal: CausalConfig = field(default_factory=CausalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self):
@@ -212,6 +238,9 @@ class RunConfig:
         if self.model.base_dtype != "float32" and self.train.mixed_precision != "bf16":
             raise ValueError("model.base_dtype=bfloat16 needs train.mixed_precision=bf16 (the base's matmuls "
                              "run under bf16 autocast)")
+        if self.causal.enabled and self.kind not in ("stage1", "stage2"):
+            raise ValueError(f"causal.enabled is for Stage-1 and Stage-2 runs (the teacher stays bidirectional), "
+                             f"not {self.kind!r}")
         if self.model.base_dtype != "float32" and self.model.lora_rank == 0:
             raise ValueError("model.base_dtype applies to the frozen base of LoRA runs (model.lora_rank > 0)")
 
@@ -220,6 +249,8 @@ class RunConfig:
         """How this run's model samples: 'euler' (a teacher), 'flowmap' (AnyFlow), 'consistency' (baseline)."""
         if self.kind == "teacher":
             return "euler"
+        if self.causal.enabled:
+            return "causal"
         if self.kind == "consistency" or (self.kind == "stage2" and self.stage2.rollout == "consistency"):
             return "consistency"
         return "flowmap"

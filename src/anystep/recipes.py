@@ -13,7 +13,8 @@ from .config import RunConfig, from_dict, to_yaml
 from .flowmap import FlowMap
 from .train.checkpoint import CheckpointError, find_checkpoint, load_module
 from .train.loop import Trainer
-from .train.methods import ConsistencyDistillation, Stage1, Stage2, TeacherFineTune
+from .train.methods import (CausalStage1, CausalStage2, ConsistencyDistillation, Stage1, Stage2,
+                            TeacherFineTune)
 from .worlds.binding import OnDevice, make_binding
 
 SHIPPED_PREFIX = "shipped:"
@@ -50,7 +51,9 @@ def load_model(spec: str, role: str | None = None, ema: bool = True) -> tuple[nn
     role = role or ("teacher" if cfg.kind == "teacher" else "student")
     if not any((ckpt / f"{role}{sfx}.safetensors").is_file() for sfx in ("", "_ema")):
         raise CheckpointError(f"{ckpt} has no {role!r} weights (a {cfg.kind!r} run)")
-    if cfg.model.lora_rank > 0:               # an adapter on the frozen base
+    if cfg.causal.enabled and role == "student":
+        net = causal_student(binding.velocity_net(cfg.model), cfg)
+    elif cfg.model.lora_rank > 0:               # an adapter on the frozen base
         if role == "teacher":
             net = shared_base(cfg, roles=(), teacher_adapter=True).role("teacher")
         else:
@@ -62,6 +65,18 @@ def load_model(spec: str, role: str | None = None, ema: bool = True) -> tuple[nn
     name = f"{role}_ema" if ema and (ckpt / f"{role}_ema.safetensors").is_file() else role
     load_module(net, ckpt / f"{name}.safetensors")
     return net.eval(), cfg, role
+
+
+def causal_student(velocity_net: nn.Module, cfg: RunConfig) -> nn.Module:
+    """The causal (FAR) student built from a Wan velocity network (:mod:`anystep.models.far`)."""
+    from .models.far import far_student_from_wan
+    from .models.far_student import FARStudent
+
+    c, m = cfg.causal, cfg.model
+    far = far_student_from_wan(velocity_net.transformer, chunk_partition=c.chunk_partition,
+                               full_chunk_limit=c.full_chunk_limit, compressed_patch_size=c.compressed_patch_size,
+                               gate_value=m.gate_value, deltatime_type=m.deltatime_type)
+    return FARStudent(far, c.chunk_partition, c.attention)
 
 
 def lora_base(cfg: RunConfig, training: bool = False) -> nn.Module:
@@ -207,7 +222,10 @@ def _full_roles(cfg: RunConfig, binding) -> tuple[dict[str, nn.Module], FlowMap 
     if kind == "stage2":
         _require_init(cfg)
         teacher, critic_init = frozen_teacher(cfg.stage2.teacher, cfg.model.init, binding)
-        student, _, _ = load_model(cfg.model.init, role="student")
+        student, init_cfg, _ = load_model(cfg.model.init, role="student")
+        if init_cfg.causal != cfg.causal and (init_cfg.causal.enabled or cfg.causal.enabled):
+            raise ValueError(f"a causal Stage 2 starts from a causal Stage-1 run with the same causal settings: "
+                             f"{cfg.model.init} has causal={init_cfg.causal}")
         critic, _, _ = load_model(critic_init, role="teacher")   # the critic starts as the teacher network
         return {"student": student.train(), "critic": critic.train()}, teacher
     if kind == "consistency":
@@ -225,6 +243,8 @@ def _full_roles(cfg: RunConfig, binding) -> tuple[dict[str, nn.Module], FlowMap 
         velocity, _, _ = load_model(cfg.model.init, role="teacher")
     else:
         velocity = binding.velocity_net(cfg.model)
+    if cfg.causal.enabled:
+        return {"student": causal_student(velocity, cfg).train()}, None
     return {"student": binding.student_from(velocity, cfg.model).train()}, None
 
 
@@ -242,6 +262,9 @@ def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
     device = resolve_device(cfg.train.device)
     binding = make_binding(cfg.world)
     if cfg.model.lora_rank > 0:   # every role an adapter on one frozen base
+        if cfg.causal.enabled:
+            raise ValueError("causal students train as full fine-tunes for now (model.lora_rank=0); LoRA roles on "
+                             "a FAR base are not implemented yet")
         roles = _lora_roles(cfg)
         teacher = roles.pop("teacher", None) if cfg.kind == "stage2" else None
     else:
@@ -254,13 +277,18 @@ def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
     if device.type != "cpu":
         binding = OnDevice(binding, device)
     n = cfg.train.batch_size
-    if cfg.kind == "stage2":
+    if cfg.kind == "stage2" and cfg.causal.enabled:
+        method = CausalStage2(roles["student"].train(), roles["critic"].train(), teacher, binding, n, cfg.stage2,
+                              cfg.stage1, cfg.causal, seed=cfg.train.seed)
+    elif cfg.kind == "stage2":
         method = Stage2(roles["student"].train(), roles["critic"].train(), teacher, binding, n, cfg.stage2,
                         cfg.stage1, seed=cfg.train.seed)
     elif cfg.kind == "consistency":
         method = ConsistencyDistillation(roles["student"], teacher, binding, n, cfg.consistency)
     elif cfg.kind == "teacher":
         method = TeacherFineTune(roles["teacher"].train(), binding, n, cfg.teacher.shift, cfg.teacher.cond_dropout)
+    elif cfg.causal.enabled:
+        method = CausalStage1(roles["student"].train(), binding, n, cfg.stage1, cfg.causal)
     else:
         method = Stage1(roles["student"].train(), binding, n, cfg.stage1)
     o = cfg.train_optim

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..causal import sample_causal
 from ..config import SweepConfig
 from ..flowmap import FlowMap, guided, sample, sample_consistency
 
@@ -24,11 +25,14 @@ class Sampler:
     name: str
     model: FlowMap
     guidance: float
-    mode: str = "flowmap"   # 'flowmap' (r = next t), 'euler' (a velocity model, r = t), 'consistency'
+    mode: str = "flowmap"   # 'flowmap' (r = next t), 'euler' (a velocity model, r = t), 'consistency',
+                            # 'causal' (a FAR student, chunk by chunk with a KV cache)
 
     def __post_init__(self):
-        if self.mode not in ("flowmap", "euler", "consistency"):
-            raise ValueError(f"sampler mode must be 'flowmap', 'euler' or 'consistency', got {self.mode!r}")
+        if self.mode not in ("flowmap", "euler", "consistency", "causal"):
+            raise ValueError(f"sampler mode must be 'flowmap', 'euler', 'consistency' or 'causal', got {self.mode!r}")
+        if self.mode == "causal" and self.guidance != 1.0:
+            raise ValueError("the causal sampler runs the student with its fused guidance (guidance 1)")
 
 
 def sample_batched(s: Sampler, null_cond: Any, noise: torch.Tensor, cond: Any, steps: int, shift: float,
@@ -41,6 +45,8 @@ def sample_batched(s: Sampler, null_cond: Any, noise: torch.Tensor, cond: Any, s
         x, c = noise[i:i + chunk], cond[i:i + chunk]
         if s.mode == "consistency":
             outs.append(sample_consistency(model, x, c, steps, shift=shift, generator=generator))
+        elif s.mode == "causal":
+            outs.append(sample_causal(s.model, x, c, steps, shift=shift))
         else:
             outs.append(sample(model, x, c, steps, shift=shift, mean_velocity=s.mode == "flowmap"))
     return torch.cat(outs)

@@ -191,7 +191,10 @@ def set_causal_attention(model: AnyFlowFARTransformer3DModel,
     """Install the causal self-attention on every block of ``model``: one shared :class:`FARAttnProcessor`
     (``"auto"``: dense on CPU, flex on CUDA, decided per call from the device; ``"dense"``; ``"flex"``) or,
     with ``"diffusers"``, diffusers' own ``AnyFlowCausalAttnProcessor`` (flex only, also on the cache read).
-    Returns the installed :class:`FARAttnProcessor` (None for ``"diffusers"``)."""
+    Returns the installed :class:`FARAttnProcessor` (None for ``"diffusers"``).
+
+    Processors are not saved with the weights: call this again after ``from_pretrained``. The dense path
+    materialises an (L, L) boolean mask (L = tokens of the whole sequence): meant for CPU and small models."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     shared = FARAttnProcessor(backend) if backend != "diffusers" else None
@@ -234,6 +237,14 @@ def teacher_forced(model: AnyFlowFARTransformer3DModel, noisy: torch.Tensor, t: 
     B may be k * B' (conditional and unconditional calls batched together): ``clean`` and ``context`` are
     then repeated as ``torch.cat([x] * k)`` (block order, matching a caller's ``torch.cat([a, b])``).
     Runs under autograd (dense attention on CPU).
+
+    In diffusers' terms: ``hidden_states`` = [context | noisy] (B, Fc + Fn, ...), ``timestep`` and
+    ``r_timestep`` (B, Fc + Fn) = 0 on the context frames and t resp. r on the noisy ones,
+    ``clean_hidden_states`` = the clean copies (B, Fn, ...), ``clean_timestep`` = zeros (B, Fn) (it is both
+    t and r of the copies). The output of the *last* noisy chunk equals a :class:`ChunkCache` call with the
+    clean prefix prefilled; an earlier noisy chunk sees the older chunks compressed where the rollout would
+    hold the newest two of its own prefix at full resolution (the official train/rollout layout differs
+    there once there are more than ``full_chunk_limit`` chunks).
     """
     batch, frames = noisy.shape[:2]
     n_comp, _ = split_chunks(model, chunk_partition)
@@ -281,7 +292,9 @@ class ChunkCache:
     of times (one per denoising step) between prefills. Without a prefill the cache is empty (chunk 0).
 
     The batch of every call must equal the prefill's, and ``text`` should be the prefill's (the cached keys
-    went through the text cross-attention): for CFG, prefill with the [uncond; cond] batch.
+    went through the text cross-attention): for CFG, prefill with the [uncond; cond] batch. Use one
+    ``ChunkCache`` per rollout (or :meth:`reset`). The cache tensors are allocated per prefill at exactly the
+    prefix's size, (2, B, heads, tokens, head_dim) per layer for the full and the compressed part.
     """
 
     def __init__(self, model: AnyFlowFARTransformer3DModel):
@@ -335,6 +348,7 @@ class ChunkCache:
                   device: torch.device) -> list[dict[str, torch.Tensor]]:
         cfg = self.model.config
         shape = (2, batch, cfg.num_attention_heads)
+
         def empty(tokens: int) -> torch.Tensor:
             return torch.zeros(*shape, tokens, cfg.attention_head_dim, device=device, dtype=self._dtype)
 

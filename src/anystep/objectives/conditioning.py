@@ -12,7 +12,7 @@ def select_cond(keep: torch.Tensor, cond: Any, null_cond: Any) -> Any:
     if isinstance(cond, dict):
         return {k: select_cond(keep, cond[k], null_cond[k]) for k in cond}
     null_cond = null_cond.to(cond.device).expand_as(cond) if null_cond.shape[0] == 1 else null_cond
-    mask = keep.view(-1, *([1] * (cond.ndim - 1)))
+    mask = keep.to(cond.device).view(-1, *([1] * (cond.ndim - 1)))
     return torch.where(mask, cond, null_cond)
 
 

@@ -171,13 +171,16 @@ class Stage1Objective:
         self.diffusion_mean_ema = state["diffusion_mean_ema"].clone().double()
 
     def __call__(self, model: FlowMap, x0: torch.Tensor, cond: Any, generator: torch.Generator | None = None,
-                 rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
-        """Returns the scalar loss (local batch mean) and logged statistics."""
+                 rank: int = 0, world_size: int = 1, null: Any | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Returns the scalar loss (local batch mean) and logged statistics. ``null``: the batch's null
+        condition when it is not simply the null condition repeated (the causal student's carries the clips'
+        context)."""
         cfg, b = self.cfg, x0.shape[0]
         w = cfg.fuse_guidance_scale
-        fuse = w is not None and w != 1.0 and self.null_cond is not None
+        if null is None and self.null_cond is not None:
+            null = expand_cond(self.null_cond, b)
+        fuse = w is not None and w != 1.0 and null is not None
         # 1. condition dropout, (t, r) with buckets, the noisy point on the straight path
-        null = expand_cond(self.null_cond, b) if self.null_cond is not None else None
         if null is not None and cfg.cond_dropout > 0:
             cond, _ = drop_condition(cond, null, cfg.cond_dropout, b, generator)
         time_dtype = torch.bfloat16 if cfg.time_dtype == "bfloat16" else torch.float32

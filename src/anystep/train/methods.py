@@ -9,16 +9,18 @@ A Method holds its trainable ``roles`` (name -> module) and returns, per iterati
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..backward_simulation import consistency_backward_simulation, draw_plan, flowmap_backward_simulation
-from ..config import ConsistencyConfig, Stage2Config
+from ..causal import causal_backward_simulation
+from ..config import CausalConfig, ConsistencyConfig, Stage2Config
 from ..flowmap import FlowMap, expand_cond, guided, take_rows
 from ..objectives.conditioning import drop_condition
+from ..objectives.causal_flowmap import CausalStage1Objective
 from ..objectives.consistency import consistency_distillation_loss
 from ..objectives.dmd import dmd_loss
 from ..objectives.flow_matching import flow_matching_step
@@ -161,6 +163,33 @@ class Stage2(Method):
         self.plans.set_state(state["plans"])
         if self.stage1 is not None:
             self.stage1.load_state_dict(state["objective"])
+
+
+class CausalStage1(Stage1):
+    """Causal Stage 1: the Stage-1 loss under teacher forcing (official ``FAR_Wan_AnyFlow_Pretrain_Trainer``)."""
+
+    def __init__(self, student: nn.Module, world: Any, batch_size: int, cfg: Stage1Config, causal: CausalConfig):
+        super().__init__(student, world, batch_size, cfg)
+        self.objective = CausalStage1Objective(cfg, causal, world.null_cond)
+
+
+class CausalStage2(Stage2):
+    """Causal Stage 2 (official ``FAR_Wan_AnyFlow_OnPolicy_Trainer``): the rollout is chunk by chunk with a KV
+    cache of the student's own output, each chunk by flow-map backward simulation; DMD scores the whole rollout
+    with the bidirectional teacher and critic; the co-trained loss is causal Stage 1 (no bidirectional term)."""
+
+    def __init__(self, student: nn.Module, critic: nn.Module, teacher: FlowMap, world: Any, batch_size: int,
+                 cfg: Stage2Config, stage1: Stage1Config, causal: CausalConfig, seed: int = 0):
+        if cfg.rollout != "flowmap":
+            raise ValueError("the causal Stage 2 rolls out with flow-map backward simulation (stage2.rollout=flowmap)")
+        super().__init__(student, critic, teacher, world, batch_size, cfg, stage1, seed=seed)
+        if self.stage1 is not None:
+            self.stage1 = CausalStage1Objective(stage1, replace(causal, bidirectional_prob=0.0), world.null_cond)
+
+    def rollout(self, noise: torch.Tensor, cond: Any, generator: torch.Generator) -> torch.Tensor:
+        plan = draw_plan(self.cfg.rollout_steps, self.plans)
+        return causal_backward_simulation(self.roles["student"], noise, cond, plan, shift=self.cfg.dmd_shift,
+                                          grad=self.cfg.rollout_grad)
 
 
 class ConsistencyDistillation(Method):

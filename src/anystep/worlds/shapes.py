@@ -592,8 +592,11 @@ class ShapesWorld:
         ``chunk_partition`` (frames per chunk, summing to ``frames``; default the config's
         ``chunk_partition``). Keys: those of :meth:`judge` plus ``drift``. Made to compare late
         chunks with early ones (exposure bias of a chunk-causal generator): a chunk is scored on its
-        own frames and the motion into them, so a defect lowers the chunks it is in and no others,
-        and a real clip scores 1 on every chunk.
+        own frames and the motion into them, so a real clip scores 1 on every chunk and a defect
+        lowers the chunks it is in, plus the chunk after it when the defect ends at a chunk's last
+        frame (the step into the next chunk starts from a bad frame); a defect of a 1-frame first
+        chunk lowers that chunk only. Uniform damage (e.g. noise on every frame) scores the same on
+        every chunk: each chunk has the same kinds of terms, so no position is favoured.
 
         * ``background``: the per-frame clean-background score of :meth:`judge`, mean over the chunk.
         * ``consistency``: appearance against the prompt, per frame ``exp(-k_area relu(|area / A - 1|
@@ -601,19 +604,22 @@ class ShapesWorld:
           calibrated area of the prompt's shape, ``C`` the prompt's colour; mean over the chunk.
           (An absolute reference: anchored on the first chunk, a defect there would lower every
           later chunk; that relative view is ``drift``.)
-        * ``smoothness``: ``presence * exp(-k_accel accel) * exp(-k_speed speed_err)`` as in
-          :meth:`judge`, per chunk; ``presence`` over the chunk's frames. The clip's motion terms
-          are *partitioned* among the chunks: the step ``f-1 -> f`` and the second difference ending
-          at frame ``f`` (frames ``f-2 .. f``) belong to the chunk of frame ``f``, so a chunk answers
-          for continuing the motion across its start boundary. A 1-frame first chunk has no step of
-          its own: it takes its neighbour's, i.e. every term that involves frame 0 (the step 0 -> 1
-          and the second difference over frames 0-2), which chunk 1 then does not count. ``speed_err``
-          comes from the net displacement over the chunk's steps, ``accel`` is the mean of its
-          second differences over ``shape_size`` (0 when it has none). A chunk left without a step
-          (only with 1-frame chunks after a 1-frame first chunk) borrows the step into it.
+        * ``smoothness``: ``presence * exp(-k_speed verr)``: ``presence`` as in :meth:`judge`, over the
+          chunk's frames; ``verr`` the mean over the chunk's steps of the distance of the centroid's
+          step ``c[f] - c[f-1]`` to the nearest motion of this world (``speed`` px along one of its
+          directions; not the prompt's: that is ``direction``), over ``speed``. This replaces the
+          clip's acceleration and net-speed terms, which need three frames or the whole clip, by one
+          per-step term that every chunk has (static: 0.135 as in :meth:`judge`; a jump, a stall or a
+          sideways drift show in the steps where they happen). The clip's steps are *partitioned*
+          among the chunks: the step ``f-1 -> f`` belongs to the chunk of frame ``f``, so a chunk
+          answers for continuing the motion across its start boundary; a 1-frame first chunk has no
+          step of its own and takes its neighbour's, the step 0 -> 1, which chunk 1 then does not
+          count (a defect of frame 0 shows in chunk 0 only). A chunk left without a step (1-frame
+          chunks after a 1-frame first chunk) shares the step into it.
         * ``color`` / ``shape``: the prompt's colour / shape recognised on the chunk's frames (mean
-          colour, median shape features; 0 or 1). ``direction``: along/across split of the net
-          displacement over the chunk's steps against ``speed * steps / 2``.
+          colour, median shape features; 0 or 1). ``direction``: mean over the chunk's steps of
+          ``clamp((along - |across|) / (speed / 2), 0, 1)``, the step split along / across the
+          prompt's direction.
         * ``quality``, ``semantic``, ``total``: as in :meth:`judge`.
         * ``drift`` (not in ``quality``): appearance against the clip's *first chunk* (the causal
           model's context), the ``consistency`` formula with ``A``, ``C`` the first chunk's mean
@@ -646,12 +652,10 @@ class ShapesWorld:
 
         chunk_of = [k for k, (s, e) in enumerate(bounds) for _ in range(s, e)]
         step_owner = {f: chunk_of[f] for f in range(1, nf)}                   # step f-1 -> f
-        accel_owner = {f: chunk_of[f] for f in range(2, nf)}                  # frames f-2, f-1, f
-        if lone:                                                              # frame 0's terms
-            step_owner[1] = 0
-            if nf > 2:
-                accel_owner[2] = 0
+        if lone:
+            step_owner[1] = 0                                                 # the step 0 -> 1
         ctr = st["centroid"]                                                  # (B, F, 2)
+        world_vel = c.speed * torch.tensor([_DIR_VEC[d] for d in c.directions], dtype=torch.float32)  # (D, 2)
         perp = torch.stack([-dirs[:, 1], dirs[:, 0]], -1)
         out: dict[str, list[Tensor]] = {k: [] for k in ("background", "consistency", "smoothness", "color",
                                                          "shape", "direction", "drift")}
@@ -659,22 +663,13 @@ class ShapesWorld:
             out["background"].append(clean[:, s:e].mean(-1))
             out["consistency"].append(consistency[:, s:e].mean(-1))
             out["drift"].append(drift[:, 1] if k == 0 and lone else drift[:, s:e].mean(-1))
-            steps = [f for f, o in step_owner.items() if o == k] or [max(s, 1)]
-            lo, hi = min(steps) - 1, max(steps)                               # contiguous span of frames
-            disp = ctr[:, hi] - ctr[:, lo]
-            n_steps = hi - lo
-            serr = (disp.norm(dim=-1) / n_steps - c.speed).abs() / c.speed
-            acc_f = [f for f, o in accel_owner.items() if o == k]
-            if acc_f:
-                ii = torch.tensor(acc_f)
-                accel = (ctr[:, ii] - 2 * ctr[:, ii - 1] + ctr[:, ii - 2]).norm(dim=-1).mean(-1) / c.shape_size
-            else:
-                accel = torch.zeros(b)
-            out["smoothness"].append(presence[:, s:e].mean(-1) * torch.exp(-j.k_accel * accel)
-                                     * torch.exp(-j.k_speed * serr))
-            along = (disp * dirs).sum(-1)
-            across = (disp * perp).sum(-1).abs()
-            out["direction"].append(((along - across) / (0.5 * c.speed * n_steps)).clamp(0.0, 1.0))
+            steps = torch.tensor([f for f, o in step_owner.items() if o == k] or [max(s, 1)])
+            vel = ctr[:, steps] - ctr[:, steps - 1]                           # (B, n, 2)
+            verr = (vel[:, :, None] - world_vel).norm(dim=-1).amin(-1) / c.speed   # nearest world motion
+            out["smoothness"].append(presence[:, s:e].mean(-1) * torch.exp(-j.k_speed * verr.mean(-1)))
+            along = (vel * dirs[:, None]).sum(-1)
+            across = (vel * perp[:, None]).sum(-1).abs()
+            out["direction"].append(((along - across) / (0.5 * c.speed)).clamp(0.0, 1.0).mean(-1))
             dist = torch.cdist(st["color"][:, s:e].mean(1), self._palette)
             out["color"].append((dist.argmin(-1) == col_t).to(torch.float32))
             feat = torch.stack([st["fill"][:, s:e].median(-1).values, st["skew"][:, s:e].median(-1).values], -1)
