@@ -187,12 +187,12 @@ class TrainConfig:
     threads: int | None = None         # torch.set_num_threads; None leaves torch's default
     device: str = "auto"               # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
     # memory levers for real models (official: bf16 mixed precision and gradient checkpointing on)
-    mixed_precision: str = "no"        # 'no' (fp32) or 'bf16' (autocast; weights, EMA, optimizer stay fp32)
+    mixed_precision: str = "fp32"      # 'fp32' (none) or 'bf16' (autocast; weights, EMA, optimizer stay fp32)
     gradient_checkpointing: bool = False   # recompute transformer blocks in backward
 
     def __post_init__(self):
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"train.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.mixed_precision must be 'fp32' or 'bf16', got {self.mixed_precision!r}")
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"train.steps must be >= 0 and train.batch_size >= 1, got {self.steps}, "
                              f"{self.batch_size}")

@@ -197,13 +197,21 @@ def _check_source(source: str | Path) -> Path:
     return src
 
 
+PIPELINES = {"AnyFlowTransformer3DModel": "AnyFlowPipeline",         # bidirectional student
+             "AnyFlowFARTransformer3DModel": "AnyFlowFARPipeline"}   # causal (FAR) student
+
+
+def _pipeline_name(transformer) -> str:
+    return PIPELINES[type(transformer).__name__]
+
+
 def _check_transformer(transformer) -> None:
-    from diffusers import AnyFlowTransformer3DModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if not isinstance(transformer, AnyFlowTransformer3DModel):
-        raise TypeError(f"expected an AnyFlowTransformer3DModel, got {type(transformer).__name__} (a Wan "
-                        "transformer becomes one with anystep.models.wan.student_from_wan)")
+    if type(transformer).__name__ not in PIPELINES:
+        raise TypeError(f"expected an AnyFlowTransformer3DModel or AnyFlowFARTransformer3DModel, got "
+                        f"{type(transformer).__name__} (a Wan transformer becomes one with "
+                        "anystep.models.wan.student_from_wan or anystep.models.far.far_student_from_wan)")
     if any(isinstance(m, BaseTunerLayer) for m in transformer.modules()):
         raise ValueError("the transformer carries peft adapter layers; export SharedBase.merged(...) or "
                          "plain_base(...) with lora=LoraExport(...) (or use export_student)")
@@ -224,8 +232,10 @@ def _write_folder(folder: Path, transformer, src: Path, shift: float, lora: Lora
         WanLoraLoaderMixin.save_lora_weights(folder, transformer_lora_layers=lora.diffusers_layers(dtype, keep),
                                              weight_name=LORA_WEIGHT_NAME,
                                              transformer_lora_adapter_metadata=lora.metadata())
-    (folder / "model_index.json").write_text(json.dumps(_model_index(src), indent=2) + "\n")
-    (folder / "README.md").write_text(_readme(src, shift, lora, dtype))
+    pipeline = _pipeline_name(transformer)
+    (folder / "model_index.json").write_text(json.dumps(_model_index(src, transformer), indent=2) + "\n")
+    (folder / "README.md").write_text(_readme(src, shift, lora, dtype).replace("AnyFlowPipeline", pipeline)
+                                      .replace("AnyFlowTransformer3DModel", type(transformer).__name__))
 
 
 def _param_dtype(name: str, dtype: torch.dtype | None, keep_fp32: Sequence[str]) -> torch.dtype | None:
@@ -249,16 +259,17 @@ def _cast_copy(transformer, dtype: torch.dtype | None, keep_fp32: Sequence[str])
     return copy
 
 
-def _model_index(src: Path) -> dict:
-    """``model_index.json`` of an ``AnyFlowPipeline``, the copied parts' classes taken from the source."""
+def _model_index(src: Path, transformer) -> dict:
+    """``model_index.json`` of an ``AnyFlowPipeline`` (``AnyFlowFARPipeline`` for a causal transformer), the
+    copied parts' classes taken from the source."""
     import diffusers
 
     source_index = json.loads((src / "model_index.json").read_text())
-    index = {"_class_name": "AnyFlowPipeline", "_diffusers_version": diffusers.__version__}
+    index = {"_class_name": _pipeline_name(transformer), "_diffusers_version": diffusers.__version__}
     for part in COPIED_PARTS:
         entry = source_index.get(part)
         index[part] = entry if isinstance(entry, list) and entry[0] else _DEFAULT_ENTRIES[part]
-    index["transformer"] = ["diffusers", "AnyFlowTransformer3DModel"]
+    index["transformer"] = ["diffusers", type(transformer).__name__]
     index["scheduler"] = ["diffusers", "FlowMapEulerDiscreteScheduler"]
     return dict(sorted(index.items()))
 

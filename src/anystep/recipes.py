@@ -221,11 +221,15 @@ def _full_roles(cfg: RunConfig, binding) -> tuple[dict[str, nn.Module], FlowMap 
     kind = cfg.kind
     if kind == "stage2":
         _require_init(cfg)
-        teacher, critic_init = frozen_teacher(cfg.stage2.teacher, cfg.model.init, binding)
         student, init_cfg, _ = load_model(cfg.model.init, role="student")
         if init_cfg.causal != cfg.causal and (init_cfg.causal.enabled or cfg.causal.enabled):
             raise ValueError(f"a causal Stage 2 starts from a causal Stage-1 run with the same causal settings: "
                              f"{cfg.model.init} has causal={init_cfg.causal}")
+        if binding.name == "wan" and not cfg.stage2.teacher and find_teacher(cfg.model.init) is None:
+            # no teacher fine-tune: the raw model is the teacher (as with LoRA roles, where it is the bare base)
+            teacher = binding.velocity_net(cfg.model).requires_grad_(False)
+            return {"student": student.train(), "critic": binding.velocity_net(cfg.model).train()}, teacher
+        teacher, critic_init = frozen_teacher(cfg.stage2.teacher, cfg.model.init, binding)
         critic, _, _ = load_model(critic_init, role="teacher")   # the critic starts as the teacher network
         return {"student": student.train(), "critic": critic.train()}, teacher
     if kind == "consistency":
@@ -322,7 +326,7 @@ def export_run(spec: str, out: str | Path, *, adapters: bool = False, dtype: tor
     if cfg.world.name != "wan":
         raise ValueError(f"{spec} is a {cfg.world.name!r}-world run; export writes an AnyFlowPipeline folder (VAE, "
                          "text encoder, transformer), so it takes runs trained with world.name=wan")
-    if cfg.sampler != "flowmap":
+    if cfg.sampler not in ("flowmap", "causal"):
         raise ValueError(f"{spec} is a {cfg.kind!r} run sampled by {cfg.sampler!r}; AnyFlowPipeline samples flow "
                          "maps (export a Stage-1 or Stage-2 run)")
     student, _, _ = load_model(spec, role="student")

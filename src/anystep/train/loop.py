@@ -102,14 +102,14 @@ class Trainer:
     def __init__(self, method: Method, *, steps: int, out_dir: str | Path, seed: int = 0,
                  optim: dict[str, Any] | None = None, log_every: int = 10, checkpoint_every: int = 500,
                  keep_checkpoints: int = 2, config_yaml: str = "", progress: bool = True,
-                 mixed_precision: str = "no"):
+                 mixed_precision: str = "fp32"):
         self.method, self.steps, self.out_dir = method, steps, Path(out_dir)
         o = optim or {}
         self.grad_clip = o.get("grad_clip", 1.0)
         self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep_checkpoints
         self.config_yaml, self.progress = config_yaml, progress
-        if mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {mixed_precision!r}")
+        if mixed_precision not in ("fp32", "bf16"):
+            raise ValueError(f"mixed_precision must be 'fp32' or 'bf16', got {mixed_precision!r}")
         self.mixed_precision = mixed_precision
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -192,7 +192,7 @@ class Trainer:
 
     def _autocast(self, module: torch.nn.Module):
         """bf16 autocast on the role's device (weights, gradients, EMA and optimizer state stay fp32)."""
-        if self.mixed_precision == "no":
+        if self.mixed_precision == "fp32":
             return contextlib.nullcontext()
         device = next(iter(module.parameters())).device.type
         return torch.autocast(device_type=device, dtype=torch.bfloat16)

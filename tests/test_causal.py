@@ -1,0 +1,229 @@
+"""The causal (FAR) path: teacher-forcing split and Stage-1 objective, the chunk-by-chunk self-rollout (T2V,
+I2V, V2V) and its backward simulation, our sampler against diffusers' AnyFlowFARPipeline, and the tiny causal
+chain on a tiny Wan2.1 folder: cache -> causal Stage 1 -> causal Stage 2 -> export -> AnyFlowFARPipeline at 1 and
+4 steps, T2V and I2V."""
+
+from __future__ import annotations
+
+import json
+
+import imageio
+import numpy as np
+import pytest
+import torch
+
+from anystep.backward_simulation import RolloutPlan, flowmap_segments
+from anystep.causal import (causal_backward_simulation, draw_num_chunks, sample_causal, teacher_forcing_cond,
+                            teacher_forcing_split)
+from anystep.cli import main
+from anystep.config import CausalConfig
+from anystep.models.far import far_student_from_wan, set_causal_attention
+from anystep.models.far_student import FARStudent, chunks_covering
+from anystep.models.wan import tiny_wan
+from anystep.objectives.causal_flowmap import CausalStage1Objective
+from anystep.objectives.flowmap import Stage1Config
+
+PARTITION = (1, 2, 2, 2)     # 7 frames; full_chunk_limit 3 -> up to one compressed chunk
+
+
+def _student(seed=0, partition=PARTITION):
+    torch.manual_seed(seed)
+    wan = tiny_wan(in_channels=4, text_dim=16, heads=2, head_dim=8, layers=2, ffn_dim=32, rope_max_seq_len=32)
+    far = far_student_from_wan(wan, chunk_partition=partition)
+    return FARStudent(far, partition, attention="dense")
+
+
+def test_teacher_forcing_split_follows_the_official_layout():
+    x0 = torch.arange(7.0).view(1, 7, 1, 1, 1).expand(2, 7, 1, 2, 2)
+    ctx, tgt = teacher_forcing_split(x0, PARTITION, 4, 3)
+    assert ctx[0, :, 0, 0, 0].tolist() == [0.0] and tgt[0, :, 0, 0, 0].tolist() == [1, 2, 3, 4, 5, 6]
+    ctx, tgt = teacher_forcing_split(x0, PARTITION, 3, 3)          # K = 3: no context, chunk 0 is a target
+    assert ctx is None and tgt[0, :, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="covers"):
+        teacher_forcing_split(x0[:, :6], PARTITION, 3, 3)
+
+
+def test_number_of_chunks_is_limit_or_uniform_long_context():
+    g = torch.Generator().manual_seed(0)
+    assert {draw_num_chunks(8, 3, 0.0, g) for _ in range(50)} == {3}
+    draws = [draw_num_chunks(8, 3, 1.0, g) for _ in range(3000)]
+    counts = np.bincount(draws, minlength=9)[3:]
+    assert set(draws) == set(range(3, 9)) and counts.min() > 400          # U{3..8}
+    half = [draw_num_chunks(8, 3, 0.5, g) for _ in range(4000)]
+    assert abs(np.mean(np.array(half) == 3) - (0.5 + 0.5 / 6)) < 0.03     # P(K = 3) ~ 0.58 (reference 5.4)
+
+
+def test_chunks_covering():
+    assert chunks_covering(PARTITION, 5) == [1, 2, 2]
+    with pytest.raises(ValueError, match="whole number of chunks"):
+        chunks_covering(PARTITION, 4)
+
+
+def test_causal_stage1_every_call_sees_the_same_context_and_clean_copies():
+    student = _student()
+    seen = []
+    original = student.forward
+
+    def spy(x, t, r, cond):
+        seen.append((x.shape[0], cond))
+        return original(x, t, r, cond)
+
+    student.forward = spy
+    b = 3
+    x0 = torch.randn(b, 7, 4, 4, 4)
+    text = torch.randn(b, 5, 16)
+    objective = CausalStage1Objective(Stage1Config(), CausalConfig(chunk_partition=PARTITION, long_context_ratio=1.0,
+                                                                   bidirectional_prob=0.0), torch.zeros(1, 5, 16))
+    g = torch.Generator().manual_seed(3)
+    loss, stats = objective(student, x0, text, g)
+    loss.backward()
+    k = int(stats["causal/chunks"])
+    ctx, tgt = teacher_forcing_split(x0, PARTITION, k, 3)
+    assert len(seen) == 2                                     # the grad call and one batched no-grad call
+    assert torch.equal(seen[0][1]["clean"], tgt)              # the student's call: its own clips' copies
+    for batch, cond in seen:                                   # every row (null branch, t +- eps) is a clip's
+        for key, ref in (("clean", tgt), ("context", ctx)):
+            if ref is None:
+                assert key not in cond
+                continue
+            rows = cond[key].flatten(1)
+            assert rows.shape[0] == batch
+            assert (torch.cdist(rows, ref.flatten(1)).min(1).values == 0).all()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g_).all() for g_ in grads)
+
+
+def test_causal_stage1_null_branch_keeps_the_context():
+    b = 2
+    x0 = torch.randn(b, 7, 4, 4, 4)
+    ctx, tgt = teacher_forcing_split(x0, PARTITION, 4, 3)
+    null = teacher_forcing_cond(torch.zeros(b, 5, 16), tgt, ctx)
+    assert torch.equal(null["clean"], tgt) and torch.equal(null["context"], ctx)
+
+
+class _Spy:
+    """A stand-in FAR student: records cache prefills and calls; u = x (so each step shrinks x)."""
+
+    def __init__(self, partition):
+        self.chunk_partition, self.full_chunk_limit = partition, 3
+        self.prefills, self.calls = [], []
+
+    def cache(self):
+        spy = self
+
+        class Cache:
+            def prefill(self, prefix, text, partition):
+                spy.prefills.append((prefix.clone(), list(partition)))
+
+            def __call__(self, x, t, r, text):
+                spy.calls.append((x.shape[1], float(t[0]), float(r[0])))
+                return x
+        return Cache()
+
+
+def test_self_rollout_prefills_the_detached_prefix_after_every_chunk():
+    spy = _Spy(PARTITION)
+    noise = torch.randn(2, 7, 1, 2, 2)
+    out = sample_causal(spy, noise, torch.zeros(2, 1, 1), steps=4)
+    assert [p for _, p in spy.prefills] == [[1], [1, 2], [1, 2, 2]]
+    for prefix, _ in spy.prefills:                     # the cache holds the rollout's own output
+        assert torch.equal(prefix, out[:, :prefix.shape[1]])
+    assert len(spy.calls) == 4 * len(PARTITION)        # the N-step sampler per chunk
+
+
+@pytest.mark.parametrize("given_frames,generated", [(1, 3), (3, 2)])
+def test_i2v_and_v2v_keep_the_given_chunks(given_frames, generated):
+    spy = _Spy(PARTITION)
+    noise = torch.randn(2, 7, 1, 2, 2)
+    given = torch.randn(2, given_frames, 1, 2, 2)
+    out = sample_causal(spy, noise, torch.zeros(2, 1, 1), steps=2, given=given)
+    assert torch.equal(out[:, :given_frames], given)
+    assert len(spy.calls) == 2 * generated
+    with pytest.raises(ValueError, match="whole chunks"):
+        sample_causal(spy, noise, torch.zeros(2, 1, 1), steps=2, given=torch.randn(2, 2, 1, 2, 2))
+
+
+def test_causal_backward_simulation_calls_and_gradients_per_chunk():
+    spy = _Spy(PARTITION)
+    plan = RolloutPlan(n=4, k=1)
+    causal_backward_simulation(spy, torch.randn(1, 7, 1, 2, 2), torch.zeros(1, 1, 1), plan)
+    expected = [(t, r) for t, r, _ in flowmap_segments(plan)]
+    assert [(t, r) for _, t, r in spy.calls] == [pytest.approx(e) for e in expected] * len(PARTITION)
+
+    student = _student()
+    noise = torch.randn(2, 7, 4, 4, 4)
+    x = causal_backward_simulation(student, noise, torch.randn(2, 5, 16), plan)
+    x[:, -2:].pow(2).sum().backward()                  # the last chunk only: its own calls carry gradient
+    lora_free = student.transformer.proj_out.weight.grad
+    assert lora_free is not None and lora_free.abs().sum() > 0
+
+
+def test_our_causal_sampler_equals_diffusers_anyflow_far_pipeline(tmp_path):
+    from diffusers import AnyFlowFARPipeline, FlowMapEulerDiscreteScheduler
+
+    from anystep.models.tiny_folder import tiny_wan_components
+
+    parts = tiny_wan_components(seed=1)
+    partition = [1, 1, 1, 2]                                  # 17 frames -> 5 latent frames
+    far = far_student_from_wan(parts["transformer"], chunk_partition=partition).eval()
+    pipe = AnyFlowFARPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
+                              transformer=far, scheduler=FlowMapEulerDiscreteScheduler(shift=5.0))
+    set_causal_attention(pipe.transformer, "dense")
+    student = FARStudent(far, partition, attention="dense")
+    text, _ = pipe.encode_prompt("a red block moving right", do_classifier_free_guidance=False)
+    noise = torch.randn(1, 5, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    for n in (1, 4):
+        theirs = pipe(prompt_embeds=text, height=32, width=32, num_frames=17, num_inference_steps=n,
+                      latents=noise.permute(0, 2, 1, 3, 4).clone(), output_type="latent",
+                      chunk_partition=partition).frames
+        ours = sample_causal(student, noise.clone(), text, steps=n)
+        theirs = theirs if theirs.shape == ours.shape else theirs.permute(0, 2, 1, 3, 4)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ the chain
+def _clips(folder, n=3, frames=17):
+    folder.mkdir()
+    captions = {}
+    for i in range(n):
+        video = []
+        for f in range(frames):
+            a = np.full((32, 32, 3), 20 * i, np.uint8)
+            a[8:18, f + i:f + i + 10] = (255, 60 * i, 0)
+            video.append(a)
+        imageio.mimwrite(folder / f"clip{i}.mp4", video, fps=8, macro_block_size=1)
+        captions[f"clip{i}.mp4"] = f"a red block moving right, clip {i}"
+    (folder / "captions.json").write_text(json.dumps(captions))
+    return folder
+
+
+def _run(*argv, progress=False):
+    assert main([*map(str, argv), *([] if progress else ["--no-progress"])]) == 0
+
+
+def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path):
+    from diffusers import AnyFlowFARPipeline
+
+    from anystep.models.tiny_folder import build_tiny_wan_folder
+
+    wan = build_tiny_wan_folder(tmp_path / "wan")
+    _run("cache", "--model", wan, "--videos", _clips(tmp_path / "clips"), "--out", tmp_path / "cache",
+         "--frames", 17, "--height", 32, "--width", 32, "--dtype", "float32")
+    common = [f"world.wan.model={wan}", f"world.wan.data={tmp_path / 'cache'}", "causal.enabled=true",
+              "causal.chunk_partition=[1,1,1,2]", "model.lora_rank=0", "model.base_dtype=float32",
+              "train.mixed_precision=fp32", "train.gradient_checkpointing=false", "train.batch_size=2",
+              "optim.warmup_steps=1"]
+    _run("stage1", "--config", "wan1.3b_stage1", *common, "train.steps=2", f"train.out_dir={tmp_path / 's1'}")
+    _run("stage2", "--config", "wan1.3b_stage2", *common, "train.steps=2", "stage2.teacher=null",
+         "stage2.rollout_steps=[2]", "stage2.optim.warmup_steps=0", f"model.init={tmp_path / 's1'}",
+         f"train.out_dir={tmp_path / 's2'}")
+    _run("export", tmp_path / "s2", "--out", tmp_path / "export", progress=True)
+    pipe = AnyFlowFARPipeline.from_pretrained(tmp_path / "export")
+    set_causal_attention(pipe.transformer, "dense")          # diffusers' flex path has no CPU backward; forward ok
+    first = torch.rand(1, 1, 3, 32, 32)                      # I2V: one pixel frame = latent chunk 0
+    for n in (1, 4):
+        for video in (None, first):
+            out = pipe("a red block moving right", video=video, height=32, width=32, num_frames=17,
+                       num_inference_steps=n, chunk_partition=[1, 1, 1, 2], output_type="np",
+                       generator=torch.Generator().manual_seed(0)).frames
+            assert out.shape == (1, 17, 32, 32, 3) and np.isfinite(out).all()
