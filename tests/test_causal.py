@@ -201,7 +201,8 @@ def _run(*argv, progress=False):
     assert main([*map(str, argv), *([] if progress else ["--no-progress"])]) == 0
 
 
-def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path):
+@pytest.mark.parametrize("lora", [0, 4])
+def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path, lora):
     from diffusers import AnyFlowFARPipeline
 
     from anystep.models.tiny_folder import build_tiny_wan_folder
@@ -210,7 +211,7 @@ def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path):
     _run("cache", "--model", wan, "--videos", _clips(tmp_path / "clips"), "--out", tmp_path / "cache",
          "--frames", 17, "--height", 32, "--width", 32, "--dtype", "float32")
     common = [f"world.wan.model={wan}", f"world.wan.data={tmp_path / 'cache'}", "causal.enabled=true",
-              "causal.chunk_partition=[1,1,1,2]", "model.lora_rank=0", "model.base_dtype=float32",
+              "causal.chunk_partition=[1,1,1,2]", f"model.lora_rank={lora}", "model.base_dtype=float32",
               "train.mixed_precision=fp32", "train.gradient_checkpointing=false", "train.batch_size=2",
               "optim.warmup_steps=1"]
     _run("stage1", "--config", "wan1.3b_stage1", *common, "train.steps=2", f"train.out_dir={tmp_path / 's1'}")
@@ -219,6 +220,13 @@ def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path):
          f"train.out_dir={tmp_path / 's2'}")
     _run("export", tmp_path / "s2", "--out", tmp_path / "export", progress=True)
     pipe = AnyFlowFARPipeline.from_pretrained(tmp_path / "export")
+    if lora:   # the student's compressed patch embedding trains fully beside its adapter, and is exported
+        from safetensors.torch import load_file
+        saved = load_file(tmp_path / "s2" / "checkpoints" / "step_000002" / "student.safetensors")
+        assert "far_patch_embedding.weight" in saved and any("lora_A" in k for k in saved)
+        torch.testing.assert_close(pipe.transformer.far_patch_embedding.weight,
+                                   load_file(tmp_path / "s2" / "checkpoints" / "step_000002" /
+                                             "student_ema.safetensors")["far_patch_embedding.weight"])
     set_causal_attention(pipe.transformer, "dense")          # diffusers' flex path has no CPU backward; forward ok
     first = torch.rand(1, 1, 3, 32, 32)                      # I2V: one pixel frame = latent chunk 0
     for n in (1, 4):

@@ -188,7 +188,7 @@ def test_late_corruption_lowers_exactly_the_late_chunks(world, lane_specs, corru
         bad[:, late] = clean[:, 4:5]
     ref, got = _changed(world, clean, bad, specs)
     for k in KEYS:
-        torch.testing.assert_close(got[k][:, :3], ref[k][:, :3], msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got[k][:, :3], ref[k][:, :3], msg=lambda m, k=k: f"{k}: {m}")
     drop = (ref["total"] - got["total"])[:, 3:].mean(0)
     assert float(drop.min()) > 0.05, drop
     expect = {"noise": "background", "detour": "smoothness", "colour": "consistency", "stall": "smoothness"}
@@ -210,7 +210,7 @@ def test_first_chunk_corruption_lowers_only_the_first_chunk(world, lane_specs, c
         bad = render_path(world, specs, off)
     ref, got = _changed(world, clean, bad, specs)
     for k in KEYS - {"drift"}:
-        torch.testing.assert_close(got[k][:, 1:], ref[k][:, 1:], msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got[k][:, 1:], ref[k][:, 1:], msg=lambda m, k=k: f"{k}: {m}")
     assert float((ref["total"] - got["total"])[:, 0].mean()) > 0.1
     if corruption == "colour":                         # every later chunk disagrees with the context
         assert float(got["drift"][:, 1:].max()) < 0.1

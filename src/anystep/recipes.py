@@ -51,7 +51,7 @@ def load_model(spec: str, role: str | None = None, ema: bool = True) -> tuple[nn
     role = role or ("teacher" if cfg.kind == "teacher" else "student")
     if not any((ckpt / f"{role}{sfx}.safetensors").is_file() for sfx in ("", "_ema")):
         raise CheckpointError(f"{ckpt} has no {role!r} weights (a {cfg.kind!r} run)")
-    if cfg.causal.enabled and role == "student":
+    if cfg.causal.enabled and role == "student" and cfg.model.lora_rank == 0:
         net = causal_student(binding.velocity_net(cfg.model), cfg)
     elif cfg.model.lora_rank > 0:               # an adapter on the frozen base
         if role == "teacher":
@@ -102,6 +102,16 @@ def shared_base(cfg: RunConfig, roles=("student", "critic"), teacher_adapter: bo
     from .models.roles import SharedBase
 
     m = cfg.model
+    if cfg.causal.enabled and (roles or cfg.kind != "teacher"):   # a causal run's roles share a FAR base
+        from .models.far import far_student_from_wan
+
+        c = cfg.causal
+        base = far_student_from_wan(lora_base(cfg, training), chunk_partition=c.chunk_partition,
+                                    full_chunk_limit=c.full_chunk_limit,
+                                    compressed_patch_size=c.compressed_patch_size, gate_value=m.gate_value,
+                                    deltatime_type=m.deltatime_type, attention=c.attention)
+        return SharedBase(base, rank=m.lora_rank, alpha=m.lora_alpha, roles=roles, teacher_adapter=teacher_adapter,
+                          teacher_trainable=teacher_trainable)
     return SharedBase.from_wan(lora_base(cfg, training), gate_value=m.gate_value, rank=m.lora_rank, alpha=m.lora_alpha,
                                roles=roles, teacher_adapter=teacher_adapter, teacher_trainable=teacher_trainable)
 
@@ -266,9 +276,6 @@ def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
     device = resolve_device(cfg.train.device)
     binding = make_binding(cfg.world)
     if cfg.model.lora_rank > 0:   # every role an adapter on one frozen base
-        if cfg.causal.enabled:
-            raise ValueError("causal students train as full fine-tunes for now (model.lora_rank=0); LoRA roles on "
-                             "a FAR base are not implemented yet")
         roles = _lora_roles(cfg)
         teacher = roles.pop("teacher", None) if cfg.kind == "stage2" else None
     else:

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import AnyFlowTransformer3DModel, WanTransformer3DModel
+from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, WanTransformer3DModel
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -66,6 +66,7 @@ class Adapter:
 class Role:
     adapter: str | None   # None: the bare base (all adapters disabled)
     flowmap: bool         # True: uses r (student); False: a velocity model, r := t (critic, teacher)
+    owned: tuple[str, ...] = ()   # base modules this role trains fully (FAR student: far_patch_embedding)
 
 
 def lora_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -101,20 +102,22 @@ class SharedBase(nn.Module):
     run with the adapter of the forward, not with whichever is active then.
     """
 
-    def __init__(self, base: AnyFlowTransformer3DModel, *, rank: int = 256, alpha: float | None = None,
-                 roles: Sequence[str] = ("student", "critic"), teacher_adapter: bool = False,
-                 teacher_trainable: bool = False):
+    def __init__(self, base: AnyFlowTransformer3DModel | AnyFlowFARTransformer3DModel, *, rank: int = 256,
+                 alpha: float | None = None, roles: Sequence[str] = ("student", "critic"),
+                 teacher_adapter: bool = False, teacher_trainable: bool = False):
         super().__init__()
         if set(roles) - {"student", "critic"}:
             raise ValueError(f"roles must be among 'student', 'critic'; got {list(roles)}")
         self.base = base.requires_grad_(False)
+        self.causal = isinstance(base, AnyFlowFARTransformer3DModel)
         self.adapters: dict[str, Adapter] = {}
         self.roles: dict[str, Role] = {}
         self._views: dict[str, RoleView] = {}
         self._active: str | None = None
         self._tuners: list[LoraLayer] = []
-        if "student" in roles:
-            self.add_role("student", targets=STUDENT_TARGETS, flowmap=True, rank=rank, alpha=alpha)
+        if "student" in roles:   # a causal (FAR) student also trains its compressed patch embedding fully
+            self.add_role("student", targets=STUDENT_TARGETS, flowmap=True, rank=rank, alpha=alpha,
+                          owned=("far_patch_embedding",) if self.causal else ())
         if "critic" in roles:
             self.add_role("critic", targets=VELOCITY_TARGETS, flowmap=False, rank=rank, alpha=alpha)
         self.add_role("teacher", targets=VELOCITY_TARGETS if teacher_adapter else None, flowmap=False,
@@ -140,15 +143,19 @@ class SharedBase(nn.Module):
 
     # ------------------------------------------------------------------ building
     def add_role(self, name: str, *, targets: Sequence[str] | None, flowmap: bool, trainable: bool = True,
-                 rank: int = 256, alpha: float | None = None) -> None:
+                 rank: int = 256, alpha: float | None = None, owned: Sequence[str] = ()) -> None:
         """Add a role; ``targets`` (substrings of linear names) gives it a LoRA adapter of the same name,
-        ``None`` makes it the bare base."""
+        ``None`` makes it the bare base. ``owned``: base modules the role trains fully (their weights are the
+        base's, so every role sees them; the FAR student's compressed patch embedding, which only its
+        compressed context uses)."""
         if name in self.roles:
             raise ValueError(f"role {name!r} exists already")
         if targets is not None:
             self._add_adapter(name, lora_targets(self.base, targets), rank, rank if alpha is None else alpha,
                               trainable)
-        self.roles[name] = Role(adapter=name if targets is not None else None, flowmap=flowmap)
+        for module in owned:
+            getattr(self.base, module).requires_grad_(trainable)
+        self.roles[name] = Role(adapter=name if targets is not None else None, flowmap=flowmap, owned=tuple(owned))
 
     def _add_adapter(self, name: str, targets: list[str], rank: int, alpha: float, trainable: bool) -> None:
         if not targets:
@@ -197,6 +204,10 @@ class SharedBase(nn.Module):
         for adapter in self.adapters.values():
             for p in adapter.params.values():
                 p.requires_grad_(adapter.trainable)
+        for role in self.roles.values():
+            trainable = self.adapters[role.adapter].trainable if role.adapter else True
+            for module in role.owned:
+                getattr(self.base, module).requires_grad_(trainable)
 
     # ------------------------------------------------------------------ switching
     def _activate(self, adapter: str | None) -> None:
@@ -254,12 +265,16 @@ class SharedBase(nn.Module):
                lora_state: Mapping[str, torch.Tensor] | None = None) -> AnyFlowTransformer3DModel:
         """A plain copy of the base (no peft layers) with the role's adapter merged in:
         ``W + (alpha / rank) B A``. ``lora_state`` (a view's state dict, e.g. its EMA) replaces the live
-        adapter weights."""
+        adapter weights (and the role's fully trained base modules, if any)."""
         name = self.roles[role].adapter
         state = {}
         for key, value in self.base.state_dict().items():
             if ".lora_" not in key:
                 state[key.replace(".base_layer.", ".")] = value.detach().clone()
+        if lora_state is not None:
+            for module in self.roles[role].owned:
+                for key in [k for k in lora_state if k.startswith(module + ".")]:
+                    state[key] = lora_state[key].detach().clone().to(state[key].dtype)
         if name is not None:
             adapter = self.adapters[name]
             lora = dict(lora_state) if lora_state is not None else adapter.params
@@ -281,14 +296,17 @@ class RoleView(nn.Module):
         object.__setattr__(self, "_shared", shared)  # a plain attribute: not in parameters()/state_dict()
         spec = shared.roles[role]
         self.role, self.adapter, self.flowmap = role, spec.adapter, spec.flowmap
+        self.chunk_partition: tuple[int, ...] = tuple(shared.base.config.get("chunk_partition", ()) or ())
         self._register_adapter_params()
 
     def _register_adapter_params(self) -> None:
         for name in list(self._modules):
             del self._modules[name]
-        if self.adapter is None:
-            return
-        for key, p in self._shared.adapters[self.adapter].params.items():
+        params = {} if self.adapter is None else dict(self._shared.adapters[self.adapter].params)
+        for module in self._shared.roles[self.role].owned:
+            for pname, p in getattr(self._shared.base, module).named_parameters():
+                params[f"{module}.{pname}"] = p
+        for key, p in params.items():
             *path, leaf = key.split(".")
             module: nn.Module = self
             for part in path:  # mirror the base's module path, so the names are peft's
@@ -312,10 +330,54 @@ class RoleView(nn.Module):
         if not self.flowmap:
             r = t
         frames, t, r = x.shape[1], t.to(x.device), r.to(x.device)
+        if shared.causal:     # FAR base: teacher forcing for the student, full attention for velocity roles
+            if isinstance(text, dict):
+                return self._teacher_forced(x, t, r, text)
+            return self.bidirectional(x, t, r, text)
         with shared.using(self.adapter):
             return base(hidden_states=x, timestep=t[:, None].expand(-1, frames),
                         r_timestep=r[:, None].expand(-1, frames), encoder_hidden_states=text,
                         return_dict=False)[0]
+
+    # ------------------------------------------------------------------ a FAR base (causal student)
+    @property
+    def full_chunk_limit(self) -> int:
+        return self._shared.base.config.full_chunk_limit
+
+    def _teacher_forced(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: dict) -> torch.Tensor:
+        from .far import teacher_forced
+        from .far_student import chunks_covering
+
+        frames = sum(c.shape[1] for c in (cond.get("context"), x) if c is not None)
+        with self._shared.using(self.adapter):
+            return teacher_forced(self._shared.base, x, t, r, cond["text"], clean=cond["clean"],
+                                  context=cond.get("context"),
+                                  chunk_partition=chunks_covering(self.chunk_partition, frames))
+
+    def bidirectional(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """All frames as one chunk (FAR base), with this role's adapter."""
+        from .far import bidirectional
+
+        with self._shared.using(self.adapter):
+            return bidirectional(self._shared.base, x, t.to(x.device), (t if not self.flowmap else r).to(x.device),
+                                 text)
+
+    def cache(self):
+        """A KV cache for a chunk-by-chunk rollout whose prefills and calls run with this role's adapter."""
+        from .far import ChunkCache
+
+        shared, adapter = self._shared, self.adapter
+
+        class AdapterCache(ChunkCache):
+            def prefill(self, *args, **kwargs):
+                with shared.using(adapter):
+                    return super().prefill(*args, **kwargs)
+
+            def __call__(self, *args, **kwargs):
+                with shared.using(adapter):
+                    return super().__call__(*args, **kwargs)
+
+        return AdapterCache(shared.base)
 
     def _apply(self, fn, recurse: bool = True):
         # moving/casting a view moves the shared base (and so this view's tensors, which live in it)

@@ -111,7 +111,7 @@ def causal_config(**overrides) -> ShapesConfig:
     travel takes half the frame), so the per-prompt mean is less smeared; the per-chunk judge, which
     holds each frame's area and colour to the prompt's, puts blur and pure noise much lower.
     ``overrides`` are :class:`ShapesConfig` fields (e.g. ``colors=("red", "blue")``)."""
-    kw = dict(size=16, frames=9, shape_size=5.0, speed=1.0, chunk_partition=CAUSAL_PARTITION)
+    kw = {"size": 16, "frames": 9, "shape_size": 5.0, "speed": 1.0, "chunk_partition": CAUSAL_PARTITION}
     kw.update(overrides)
     return ShapesConfig(**kw)
 
