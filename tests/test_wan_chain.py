@@ -159,14 +159,20 @@ def test_synthesize_with_the_trained_teacher_then_train_on_it(chain, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["wan1.3b_teacher", "wan1.3b_stage1", "wan1.3b_stage2",
-                                    "wan14b_teacher", "wan14b_stage1", "wan14b_stage2"])
+                                    "wan14b_teacher", "wan14b_stage1", "wan14b_stage2",
+                                    "wanfar1.3b_stage1", "wanfar1.3b_stage2", "wanfar14b_stage1", "wanfar14b_stage2"])
 def test_presets_resolve_to_the_official_recipe(preset, capsys):
     kind = preset.split("_")[1]
     assert main([kind, "--config", preset, "--dry-run"]) == 0
     cfg = resolve(preset)
     assert (cfg.model.lora_rank, cfg.model.lora_alpha) == (256, 256)
     assert cfg.train.mixed_precision == "bf16" and cfg.train.gradient_checkpointing
-    big = preset.startswith("wan14b")
+    big = "14b" in preset
+    c = cfg.causal
+    assert c.enabled == preset.startswith("wanfar")
+    if c.enabled:
+        assert (c.chunk_partition, c.full_chunk_limit, c.compressed_patch_size) == ((1, 3, 3, 3, 3, 3, 3, 2), 3, (1, 4, 4))
+        assert (c.long_context_ratio, c.bidirectional_prob) == (0.5, 0.1 if kind == "stage1" else 0.0)
     if kind == "stage2":
         o = cfg.stage2.optim
         assert (o.lr, o.betas, o.warmup_steps, o.ema_decay, o.ema_warmup_steps) == (2e-6, (0.0, 0.999), 0, 0.99, 200)
