@@ -235,3 +235,31 @@ def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path, lora):
                        num_inference_steps=n, chunk_partition=[1, 1, 1, 2], output_type="np",
                        generator=torch.Generator().manual_seed(0)).frames
             assert out.shape == (1, 17, 32, 32, 3) and np.isfinite(out).all()
+
+
+def test_causal_world_sweep_reports_the_late_chunk_gap():
+    from anystep.config import resolve
+    from anystep.worlds.binding import make_binding
+
+    binding = make_binding(resolve("shapes_far_teacher").world)
+    ev = binding.eval_set(8, 0)
+    clips, ev.meta = binding.world.sample(8, torch.Generator().manual_seed(0))
+    real = binding.evaluate(clips, ev, 1.0)
+    assert abs(real["late_gap"]) < 1e-5 and real["early_quality"] > 0.99
+    late = clips.clone()
+    late[:, 5:] += 0.3 * torch.randn(late[:, 5:].shape, generator=torch.Generator().manual_seed(1))
+    bad = binding.evaluate(late, ev, 1.0)
+    assert bad["early_quality"] > 0.99 and bad["late_gap"] > 0.2
+
+
+def test_causal_shapes_stage1_then_sample_i2v_and_sweep(tmp_path, capsys):
+    world = ["world.shapes.frames=9", "world.shapes.speed=1.0", "world.shapes.chunk_partition=[1,2,2,2,2]",
+             "causal.enabled=true", "causal.chunk_partition=[1,2,2,2,2]"]
+    _run("stage1", "--config", "shapes_stage1", *world, "train.steps=2", "train.batch_size=4",
+         f"train.out_dir={tmp_path / 's1'}")
+    assert main(["sample", str(tmp_path / "s1"), "--steps", "2", "--num", "2", "--given-frames", "1",
+                 "--out", str(tmp_path / "i2v")]) == 0
+    assert (tmp_path / "i2v.mp4").is_file()
+    _run("sweep", tmp_path / "s1", "--steps", "1,2", "--num-samples", "4", "--teacher", "shipped:shapes_teacher")
+    table = capsys.readouterr().out
+    assert "late_gap" in table and "| student | 2 |" in table and "| teacher Euler | 2 |" in table

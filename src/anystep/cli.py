@@ -5,7 +5,7 @@
     anystep stage1   [--config P] [key=value ...]     Stage 1: forward flow-map training
     anystep stage2   [--config P] [key=value ...]     Stage 2: on-policy flow-map distillation (DMD)
     anystep consistency [--config P] [key=value ...]  the consistency-distillation baseline
-    anystep sample   CHECKPOINT --steps N             sample videos at any N
+    anystep sample   CHECKPOINT --steps N             sample videos at any N (causal: --given-frames for I2V/V2V)
     anystep sweep    RUN [RUN ...] --steps 1,2,4,...  metrics vs N: table, plot, video grid
 
   the real Wan2.1 path (local diffusers folders; nothing is downloaded):
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=None,
                    help="CFG scale (default: 1 for a student, whose guidance is fused; the run's w for a teacher)")
     s.add_argument("--out", default="samples/sample", help="output path stem (default samples/sample)")
+    s.add_argument("--given-frames", type=int, default=0, metavar="K",
+                   help="causal students: condition on the first K real frames (whole chunks; 1 = I2V, more = "
+                        "V2V) and generate the rest")
 
     _real_path_parsers(sub)
 
@@ -280,9 +283,19 @@ def cmd_sample(args) -> int:
         specs = [binding.world.sample_specs(1, g, prompt=p)[0] for p in (args.prompt * args.num)[:args.num]]
         ev.cond, ev.meta = binding.embed(specs), specs
     default_w = 1.0 if role == "student" else (cfg.stage1.fuse_guidance_scale or 1.0)
-    sampler = Sampler(role, model, default_w if args.guidance is None else args.guidance, cfg.sampler)
-    x = sample_batched(sampler, binding.null_cond, ev.noise, ev.cond, args.steps, cfg.sweep.shift, seed=args.seed)
-    path = binding.save_picture({f"{role} N={args.steps}": x}, ev, Path(args.out))
+    name = f"{role} N={args.steps}"
+    if args.given_frames:
+        if cfg.sampler != "causal" or binding.name != "shapes":
+            raise ValueError("--given-frames (I2V / V2V) is for causal students of the shapes world")
+        from .causal import sample_causal
+        given = binding.world.render(ev.meta)[:, :args.given_frames]   # the prompts' real first frames
+        x = sample_causal(model, ev.noise, ev.cond, args.steps, shift=cfg.sweep.shift, given=given)
+        name += f", first {args.given_frames} frame(s) given"
+    else:
+        sampler = Sampler(role, model, default_w if args.guidance is None else args.guidance, cfg.sampler)
+        x = sample_batched(sampler, binding.null_cond, ev.noise, ev.cond, args.steps, cfg.sweep.shift,
+                           seed=args.seed)
+    path = binding.save_picture({name: x}, ev, Path(args.out))
     print(f"wrote {path}" + (" (+ .gif, .png strip)" if path.suffix == ".mp4" else ""))
     return 0
 

@@ -144,7 +144,16 @@ class ShapesBinding:
         return EvalSet(noise, self.embed(specs), specs)
 
     def evaluate(self, samples: torch.Tensor, ev: EvalSet, guidance: float) -> dict[str, float]:
-        return self.world.evaluate(samples.clamp(-1, 1), ev.meta)
+        """The judge's clip scores; for chunked (causal-world) clips also the Quality of the first two and of
+        the last two chunks, and their gap (exposure bias shows as late chunks scoring below early ones)."""
+        samples = samples.clamp(-1, 1)
+        out = self.world.evaluate(samples, ev.meta)
+        if self.world.cfg.chunk_partition and len(self.world.cfg.chunk_partition) >= 4:
+            quality = self.world.judge_chunks(samples, ev.meta)["quality"].mean(0)   # (K,)
+            out["early_quality"] = float(quality[:2].mean())
+            out["late_quality"] = float(quality[-2:].mean())
+            out["late_gap"] = out["early_quality"] - out["late_quality"]
+        return out
 
     def save_picture(self, rows: dict[str, torch.Tensor], ev: EvalSet, path: Path) -> Path:
         from ..evaluate.media import save_video_grid
