@@ -263,3 +263,15 @@ def test_causal_shapes_stage1_then_sample_i2v_and_sweep(tmp_path, capsys):
     _run("sweep", tmp_path / "s1", "--steps", "1,2", "--num-samples", "4", "--teacher", "shipped:shapes_teacher")
     table = capsys.readouterr().out
     assert "late_gap" in table and "| student | 2 |" in table and "| teacher Euler | 2 |" in table
+
+
+@pytest.mark.parametrize("preset", ["shapes_far_stage1", "shapes_far_stage2"])
+def test_causal_world_presets_start_from_the_shipped_causal_teacher(preset):
+    from anystep.config import resolve
+    from anystep.recipes import find_teacher, load_model
+
+    cfg = resolve(preset)
+    assert cfg.causal.enabled and cfg.causal.chunk_partition == tuple(cfg.world.shapes.chunk_partition)
+    spec = cfg.model.init if cfg.kind == "stage1" else cfg.stage2.teacher
+    teacher, tcfg, _ = load_model(spec)
+    assert tcfg.world.shapes == cfg.world.shapes and find_teacher(spec) == spec

@@ -238,6 +238,10 @@ class RunConfig:
         if self.model.base_dtype != "float32" and self.train.mixed_precision != "bf16":
             raise ValueError("model.base_dtype=bfloat16 needs train.mixed_precision=bf16 (the base's matmuls "
                              "run under bf16 autocast)")
+        parts = self.world.shapes.chunk_partition
+        if self.causal.enabled and self.world.name == "shapes" and parts and tuple(parts) != self.causal.chunk_partition:
+            raise ValueError(f"world.shapes.chunk_partition {list(parts)} (the judge's chunks) must equal "
+                             f"causal.chunk_partition {list(self.causal.chunk_partition)}")
         if self.causal.enabled and self.kind not in ("stage1", "stage2"):
             raise ValueError(f"causal.enabled is for Stage-1 and Stage-2 runs (the teacher stays bidirectional), "
                              f"not {self.kind!r}")
