@@ -20,14 +20,6 @@ KEYS = {"background", "consistency", "smoothness", "color", "shape", "direction"
         "drift"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world() -> ShapesWorld:
     return ShapesWorld(causal_config())
