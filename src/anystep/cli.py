@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num", type=int, default=4, help="number of samples (default 4)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--guidance", type=float, default=None,
-                   help="CFG scale (default: 1 for a student, whose guidance is fused; the run's w for a teacher)")
+                   help="CFG scale (default: 1 for a student, whose guidance is fused; the run's "
+                        "sweep.teacher_guidance, 3, for a teacher)")
     s.add_argument("--out", default="samples/sample", help="output path stem (default samples/sample)")
     s.add_argument("--given-frames", type=int, default=0, metavar="K",
                    help="causal students: condition on the first K real frames (whole chunks; 1 = I2V, more = "
@@ -282,7 +283,7 @@ def cmd_sample(args) -> int:
         g = torch.Generator().manual_seed(args.seed)
         specs = [binding.world.sample_specs(1, g, prompt=p)[0] for p in (args.prompt * args.num)[:args.num]]
         ev.cond, ev.meta = binding.embed(specs), specs
-    default_w = 1.0 if role == "student" else (cfg.stage1.fuse_guidance_scale or 1.0)
+    default_w = 1.0 if role == "student" else cfg.sweep.teacher_guidance
     name = f"{role} N={args.steps}"
     if args.given_frames:
         if cfg.sampler != "causal" or binding.name != "shapes":
@@ -327,7 +328,7 @@ def cmd_sweep(args) -> int:
     for spec, model, run_cfg, role in runs:
         if run_cfg.world != cfg.world:
             raise ValueError(f"{spec} was trained in another world than {args.checkpoint[0]}; sweep them apart")
-        guidance = sweep.student_guidance if role == "student" else w
+        guidance = sweep.student_guidance if role == "student" else sweep.teacher_guidance
         samplers.append(Sampler(run_label(run_cfg, spec) if len(runs) > 1 else role, model, guidance,
                                 run_cfg.sampler))
     if sweep.teacher and binding.reference_teacher() is not None:
