@@ -59,7 +59,8 @@ def test_chunks_covering():
         chunks_covering(PARTITION, 4)
 
 
-def test_causal_stage1_every_call_sees_the_same_context_and_clean_copies():
+@pytest.mark.parametrize("seed,chunks", [(0, 4), (3, 3)])   # with compressed context (K = 4) and without
+def test_causal_stage1_every_call_sees_the_same_context_and_clean_copies(seed, chunks):
     student = _student()
     seen = []
     original = student.forward
@@ -74,10 +75,11 @@ def test_causal_stage1_every_call_sees_the_same_context_and_clean_copies():
     text = torch.randn(b, 5, 16)
     objective = CausalStage1Objective(Stage1Config(), CausalConfig(chunk_partition=PARTITION, long_context_ratio=1.0,
                                                                    bidirectional_prob=0.0), torch.zeros(1, 5, 16))
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     loss, stats = objective(student, x0, text, g)
     loss.backward()
     k = int(stats["causal/chunks"])
+    assert k == chunks
     ctx, tgt = teacher_forcing_split(x0, PARTITION, k, 3)
     assert len(seen) == 2                                     # the grad call and one batched no-grad call
     assert torch.equal(seen[0][1]["clean"], tgt)              # the student's call: its own clips' copies
@@ -113,6 +115,7 @@ class _Spy:
 
         class Cache:
             def prefill(self, prefix, text, partition):
+                assert not prefix.requires_grad          # the cache is the rollout's *detached* output
                 spy.prefills.append((prefix.clone(), list(partition)))
 
             def __call__(self, x, t, r, text):
@@ -146,16 +149,18 @@ def test_i2v_and_v2v_keep_the_given_chunks(given_frames, generated):
 def test_causal_backward_simulation_calls_and_gradients_per_chunk():
     spy = _Spy(PARTITION)
     plan = RolloutPlan(n=4, k=1)
-    causal_backward_simulation(spy, torch.randn(1, 7, 1, 2, 2), torch.zeros(1, 1, 1), plan)
+    noise = torch.randn(1, 7, 1, 2, 2, requires_grad=True)
+    x = causal_backward_simulation(spy, noise, torch.zeros(1, 1, 1), plan)
+    assert x.requires_grad and len(spy.prefills) == len(PARTITION) - 1
     expected = [(t, r) for t, r, _ in flowmap_segments(plan)]
     assert [(t, r) for _, t, r in spy.calls] == [pytest.approx(e) for e in expected] * len(PARTITION)
 
     student = _student()
-    noise = torch.randn(2, 7, 4, 4, 4)
+    noise = torch.randn(2, 7, 4, 4, 4, requires_grad=True)
     x = causal_backward_simulation(student, noise, torch.randn(2, 5, 16), plan)
     x[:, -2:].pow(2).sum().backward()                  # the last chunk only: its own calls carry gradient
-    lora_free = student.transformer.proj_out.weight.grad
-    assert lora_free is not None and lora_free.abs().sum() > 0
+    assert student.transformer.proj_out.weight.grad.abs().sum() > 0
+    assert noise.grad[:, -2:].abs().sum() > 0 and noise.grad[:, :-2].abs().sum() == 0   # the cache is detached
 
 
 def test_our_causal_sampler_equals_diffusers_anyflow_far_pipeline(tmp_path):
