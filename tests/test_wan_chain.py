@@ -21,7 +21,7 @@ from anystep.models.wan import student_from_wan, wan_from_student
 from anystep.recipes import build_trainer, load_model, teacher_transformer
 
 LORA = ["model.lora_rank=4", "model.lora_alpha=8", "train.batch_size=2", "train.log_every=1",
-        "optim.warmup_steps=1", "optim.ema_warmup_steps=0"]
+        "optim.warmup_steps=1"]
 
 
 def _clips(folder, n=4):
@@ -51,11 +51,14 @@ def chain(tmp_path_factory):
          "--height", 32, "--width", 32, "--dtype", "float32")
     world = [f"world.wan.model={wan}", f"world.wan.data={root / 'cache'}"]
     runs = {k: root / "runs" / k for k in ("teacher", "stage1", "stage2")}
+    # large learning rates, so that every trained adapter (and Stage 2's EMA) differs visibly from its start
     _run("teacher", "--config", "wan1.3b_teacher", *world, *LORA, "train.steps=3", "train.mixed_precision=bf16",
-         f"train.out_dir={runs['teacher']}")
-    _run("stage1", "--config", "wan1.3b_stage1", *world, *LORA, "train.steps=3", f"train.out_dir={runs['stage1']}")
+         "optim.lr=1e-2", f"train.out_dir={runs['teacher']}")
+    _run("stage1", "--config", "wan1.3b_stage1", *world, *LORA, "train.steps=3", "optim.lr=1e-2",
+         f"train.out_dir={runs['stage1']}")
     _run("stage2", "--config", "wan1.3b_stage2", *world, *LORA, "train.steps=2", "stage2.rollout_steps=[2,4]",
-         f"model.init={runs['stage1']}", f"stage2.teacher={runs['teacher']}", f"train.out_dir={runs['stage2']}")
+         "stage2.optim.lr=1e-2", "stage2.optim.ema_warmup_steps=0", f"model.init={runs['stage1']}",
+         f"stage2.teacher={runs['teacher']}", f"train.out_dir={runs['stage2']}")
     _run("export", runs["stage2"], "--out", root / "export", progress=True)
     return dict(root=root, wan=wan, world=world, export=root / "export", **runs)
 
@@ -114,12 +117,22 @@ def test_all_roles_share_the_raw_wan_base_and_the_teacher_is_the_teacher_run(cha
     raw = student_from_wan(load_transformer(chain["wan"])).state_dict()
     base = {k.replace(".base_layer", ""): v for k, v in student.shared.base.state_dict().items() if "lora_" not in k}
     assert base.keys() == raw.keys() and all(torch.equal(base[k], raw[k]) for k in raw)
-    x, t, _, text = _inputs(cfg)
+    x, t, r, text = _inputs(cfg)
     with torch.no_grad():
         run_teacher, _, _ = load_model(str(chain["teacher"]))
         expected = run_teacher(x, t, t, text)
         torch.testing.assert_close(teacher(x, t, t, text), expected)
         torch.testing.assert_close(critic(x, t, t, text), expected)     # the critic starts as the teacher
+        stage1, _, _ = load_model(str(chain["stage1"]))
+        start = stage1(x, t, r, text)
+        torch.testing.assert_close(student(x, t, r, text), start)       # the student starts as Stage 1's EMA
+        # both trained adapters matter: the bare raw-Wan base gives other outputs
+        for tr, trained in ((t, expected), (r, start)):
+            with teacher.shared.using(None):
+                bare = teacher.shared.base(hidden_states=x, timestep=t[:, None].expand(-1, 2),
+                                           r_timestep=tr[:, None].expand(-1, 2), encoder_hidden_states=text,
+                                           return_dict=False)[0]
+            assert (bare - trained).abs().max() > 1e-3
         # the merged teacher as a plain diffusers Wan transformer: the same velocity (for WanPipeline)
         wan = teacher_transformer(str(chain["teacher"]), str(chain["wan"])).eval()
         plain = wan(hidden_states=x.permute(0, 2, 1, 3, 4), timestep=t, encoder_hidden_states=text,
