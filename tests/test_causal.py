@@ -280,3 +280,10 @@ def test_causal_world_presets_start_from_the_shipped_causal_teacher(preset):
     spec = cfg.model.init if cfg.kind == "stage1" else cfg.stage2.teacher
     teacher, tcfg, _ = load_model(spec)
     assert tcfg.world.shapes == cfg.world.shapes and find_teacher(spec) == spec
+
+
+def test_judge_and_student_chunk_partitions_must_agree():
+    from anystep.config import resolve
+
+    with pytest.raises(ValueError, match="must equal causal.chunk_partition"):
+        resolve("shapes_far_stage1", ["causal.chunk_partition=[1,4,4]"])
