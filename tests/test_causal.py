@@ -287,3 +287,16 @@ def test_judge_and_student_chunk_partitions_must_agree():
 
     with pytest.raises(ValueError, match="must equal causal.chunk_partition"):
         resolve("shapes_far_stage1", ["causal.chunk_partition=[1,4,4]"])
+
+
+def test_bidirectional_flow_matching_term_is_added_with_its_probability():
+    student = _student()
+    x0, text = torch.randn(2, 7, 4, 4, 4), torch.randn(2, 5, 16)
+    losses = {}
+    for prob in (0.0, 1.0):
+        objective = CausalStage1Objective(Stage1Config(), CausalConfig(chunk_partition=PARTITION, bidirectional_prob=prob),
+                                          torch.zeros(1, 5, 16))
+        losses[prob] = objective(student, x0, text, torch.Generator().manual_seed(0))
+    (l0, s0), (l1, s1) = losses[0.0], losses[1.0]
+    assert "loss/bidirectional" not in s0 and s1["loss/bidirectional"] > 0
+    torch.testing.assert_close(l1 - l0, torch.tensor(s1["loss/bidirectional"]), atol=1e-6, rtol=1e-5)
