@@ -62,21 +62,32 @@ def load_model(spec: str, role: str | None = None, ema: bool = True) -> tuple[nn
         net = binding.velocity_net(cfg.model)
         if role == "student":
             net = binding.student_from(net, cfg.model)
-    name = f"{role}_ema" if ema and (ckpt / f"{role}_ema.safetensors").is_file() else role
-    load_module(net, ckpt / f"{name}.safetensors")
+    load_module(net, weights_file(ckpt, role, ema))
     return net.eval(), cfg, role
 
 
-def causal_student(velocity_net: nn.Module, cfg: RunConfig) -> nn.Module:
-    """The causal (FAR) student built from a Wan velocity network (:mod:`anystep.models.far`)."""
+def weights_file(ckpt: Path, role: str, ema: bool = True) -> Path:
+    """A checkpoint's weights of ``role``: its EMA when asked for and saved."""
+    path = ckpt / f"{role}_ema.safetensors"
+    return path if ema and path.is_file() else ckpt / f"{role}.safetensors"
+
+
+def far_transformer(transformer: nn.Module, cfg: RunConfig):
+    """The run's causal (FAR) transformer built from a Wan / AnyFlow transformer (:mod:`anystep.models.far`)."""
     from .models.far import far_student_from_wan
-    from .models.far_student import FARStudent
 
     c, m = cfg.causal, cfg.model
-    far = far_student_from_wan(velocity_net.transformer, chunk_partition=c.chunk_partition,
-                               full_chunk_limit=c.full_chunk_limit, compressed_patch_size=c.compressed_patch_size,
-                               gate_value=m.gate_value, deltatime_type=m.deltatime_type)
-    return FARStudent(far, c.chunk_partition, c.attention)
+    return far_student_from_wan(transformer, chunk_partition=c.chunk_partition, full_chunk_limit=c.full_chunk_limit,
+                                compressed_patch_size=c.compressed_patch_size, gate_value=m.gate_value,
+                                deltatime_type=m.deltatime_type, attention=c.attention)
+
+
+def causal_student(velocity_net: nn.Module, cfg: RunConfig) -> nn.Module:
+    """The causal (FAR) student of a full fine-tune, built from a Wan velocity network."""
+    from .models.far_student import FARStudent
+
+    return FARStudent(far_transformer(velocity_net.transformer, cfg), cfg.causal.chunk_partition,
+                      cfg.causal.attention)
 
 
 def lora_base(cfg: RunConfig, training: bool = False) -> nn.Module:
@@ -102,18 +113,11 @@ def shared_base(cfg: RunConfig, roles=("student", "critic"), teacher_adapter: bo
     from .models.roles import SharedBase
 
     m = cfg.model
-    if cfg.causal.enabled and (roles or cfg.kind != "teacher"):   # a causal run's roles share a FAR base
-        from .models.far import far_student_from_wan
-
-        c = cfg.causal
-        base = far_student_from_wan(lora_base(cfg, training), chunk_partition=c.chunk_partition,
-                                    full_chunk_limit=c.full_chunk_limit,
-                                    compressed_patch_size=c.compressed_patch_size, gate_value=m.gate_value,
-                                    deltatime_type=m.deltatime_type, attention=c.attention)
-        return SharedBase(base, rank=m.lora_rank, alpha=m.lora_alpha, roles=roles, teacher_adapter=teacher_adapter,
-                          teacher_trainable=teacher_trainable)
-    return SharedBase.from_wan(lora_base(cfg, training), gate_value=m.gate_value, rank=m.lora_rank, alpha=m.lora_alpha,
-                               roles=roles, teacher_adapter=teacher_adapter, teacher_trainable=teacher_trainable)
+    kwargs = dict(rank=m.lora_rank, alpha=m.lora_alpha, roles=roles, teacher_adapter=teacher_adapter,
+                  teacher_trainable=teacher_trainable)
+    if cfg.causal.enabled:   # a causal run's roles share a FAR base
+        return SharedBase(far_transformer(lora_base(cfg, training), cfg), **kwargs)
+    return SharedBase.from_wan(lora_base(cfg, training), gate_value=m.gate_value, **kwargs)
 
 
 def find_teacher(spec: str | None) -> str | None:
@@ -155,9 +159,7 @@ def _require_init(cfg: RunConfig) -> None:
 
 def _load_adapter(view: nn.Module, run: str, role: str) -> None:
     """Load ``role``'s adapter weights (EMA when saved) of LoRA run ``run`` into ``view``."""
-    ckpt = resolve_checkpoint(run)
-    name = f"{role}_ema" if (ckpt / f"{role}_ema.safetensors").is_file() else role
-    load_module(view, ckpt / f"{name}.safetensors")
+    load_module(view, weights_file(resolve_checkpoint(run), role))
 
 
 def _check_same_lora(cfg: RunConfig, run: str) -> RunConfig:
@@ -184,7 +186,8 @@ def _lora_roles(cfg: RunConfig) -> dict[str, nn.Module]:
     init_cfg = _check_same_lora(cfg, init) if init else None
     continues = init_cfg is not None and init_cfg.model.lora_rank > 0 and init_cfg.kind == kind
     if kind == "teacher":
-        teacher = shared_base(cfg, roles=(), teacher_adapter=True, teacher_trainable=True, training=True).role("teacher")
+        shared = shared_base(cfg, roles=(), teacher_adapter=True, teacher_trainable=True, training=True)
+        teacher = shared.role("teacher")
         if continues:
             _load_adapter(teacher, init, "teacher")
         return {"teacher": teacher}

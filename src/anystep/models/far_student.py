@@ -36,10 +36,7 @@ class FARStudent(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: dict) -> torch.Tensor:
         """Teacher forcing: u for the noisy chunks ``x`` given ``cond`` (see the module docstring)."""
-        frames = sum(c.shape[1] for c in (cond.get("context"), x) if c is not None)
-        partition = chunks_covering(self.chunk_partition, frames)
-        return teacher_forced(self.transformer, x, t.to(x.device), r.to(x.device), cond["text"],
-                              clean=cond["clean"], context=cond.get("context"), chunk_partition=partition)
+        return teacher_forced_cond(self.transformer, self.chunk_partition, x, t, r, cond)
 
     def bidirectional(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """All frames as one chunk (full attention): the same weights as a bidirectional flow map."""
@@ -48,6 +45,15 @@ class FARStudent(nn.Module):
     def cache(self) -> ChunkCache:
         """A fresh KV cache for a chunk-by-chunk rollout."""
         return ChunkCache(self.transformer)
+
+
+def teacher_forced_cond(transformer: AnyFlowFARTransformer3DModel, chunk_partition: Sequence[int],
+                        x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: dict) -> torch.Tensor:
+    """:func:`~anystep.models.far.teacher_forced` with the teacher-forcing condition dict; the chunks are the
+    first ones of ``chunk_partition`` that cover [context | noisy]."""
+    frames = sum(c.shape[1] for c in (cond.get("context"), x) if c is not None)
+    return teacher_forced(transformer, x, t.to(x.device), r.to(x.device), cond["text"], clean=cond["clean"],
+                          context=cond.get("context"), chunk_partition=chunks_covering(chunk_partition, frames))
 
 
 def chunks_covering(partition: Sequence[int], frames: int) -> list[int]:

@@ -345,22 +345,17 @@ class RoleView(nn.Module):
         return self._shared.base.config.full_chunk_limit
 
     def _teacher_forced(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: dict) -> torch.Tensor:
-        from .far import teacher_forced
-        from .far_student import chunks_covering
+        from .far_student import teacher_forced_cond
 
-        frames = sum(c.shape[1] for c in (cond.get("context"), x) if c is not None)
         with self._shared.using(self.adapter):
-            return teacher_forced(self._shared.base, x, t, r, cond["text"], clean=cond["clean"],
-                                  context=cond.get("context"),
-                                  chunk_partition=chunks_covering(self.chunk_partition, frames))
+            return teacher_forced_cond(self._shared.base, self.chunk_partition, x, t, r, cond)
 
     def bidirectional(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """All frames as one chunk (FAR base), with this role's adapter."""
+        """All frames as one chunk (FAR base), with this role's adapter (a velocity role uses r = t)."""
         from .far import bidirectional
 
         with self._shared.using(self.adapter):
-            return bidirectional(self._shared.base, x, t.to(x.device), (t if not self.flowmap else r).to(x.device),
-                                 text)
+            return bidirectional(self._shared.base, x, t.to(x.device), (r if self.flowmap else t).to(x.device), text)
 
     def cache(self):
         """A KV cache for a chunk-by-chunk rollout whose prefills and calls run with this role's adapter."""
