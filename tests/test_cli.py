@@ -74,6 +74,13 @@ def test_gmm_teacher_stage1_sample_sweep_end_to_end(tmp_path, capsys):
     assert {"fd", "mode_kl", "precision", "endpoint_error"} <= set(rows[0])
     assert (s / "sweep" / "sweep.png").is_file() and (s / "sweep" / "grid.png").is_file()
     assert "| student | 1 |" in capsys.readouterr().out
+    # --seed: the run's seed again gives the same table; another seed draws other noises and prompts
+    seed = resolve(str(s / "config.yaml")).sweep.seed
+    for name, value in (("same", seed), ("other", seed + 1)):
+        assert main(["sweep", str(s), "--steps", "1,2", "--num-samples", "64", "--no-progress", "--seed",
+                     str(value), "--out", str(tmp_path / name)]) == 0
+    fd = {name: [r["fd"] for r in csv.DictReader(open(tmp_path / name / "sweep.csv"))] for name in ("same", "other")}
+    assert fd["same"] == [r["fd"] for r in rows] and fd["other"] != fd["same"]
 
 
 def test_shapes_teacher_stage1_sample_sweep_end_to_end(tmp_path):

@@ -135,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--steps", type=_parse_steps, default=None, help="comma-separated N (default 1,2,4,8,16,32)")
     w.add_argument("--teacher", default=None, help="teacher checkpoint for the Euler baseline (default: the "
                                                    "first run's teacher; gmm: the exact teacher)")
-    w.add_argument("--num-samples", type=int, default=None)
+    w.add_argument("--num-samples", type=int, default=None, help="clips / samples scored per N (default: the "
+                                                                 "run's sweep.num_samples)")
+    w.add_argument("--seed", type=int, default=None, help="seed of the noises and prompts (default: the run's "
+                                                         "sweep.seed); sweep twice with other seeds to see the "
+                                                         "metrics' sampling noise")
     w.add_argument("--out", default=None, help="output folder (default: <run>/sweep)")
     w.add_argument("--no-progress", action="store_true")
     return parser
@@ -322,6 +326,8 @@ def cmd_sweep(args) -> int:
         sweep = replace(sweep, steps=args.steps)
     if args.num_samples:
         sweep = replace(sweep, num_samples=args.num_samples)
+    if args.seed is not None:
+        sweep = replace(sweep, seed=args.seed)
     binding = make_binding(cfg.world)
     w = cfg.stage1.fuse_guidance_scale or 1.0
     samplers = []
