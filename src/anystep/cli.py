@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "world by default.", epilog=__doc__.split("\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="Stage 1 -> Stage 2 -> baselines -> sweep on the shapes world (~10 min)",
+    d = sub.add_parser("demo", help="Stage 1 -> Stage 2 -> baselines -> sweep on the shapes world (~8 min on 2 cores)",
                        description="The main job, from the shipped shapes teacher: Stage 1 (forward flow-map "
                                    "training), Stage 2 (on-policy distillation), the two consistency baselines "
                                    "(consistency distillation; consistency backward simulation + DMD), then the "
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budget", type=_parse_budget, default=None, metavar="S1,S2,CD,CBS",
                    help=f"training steps of each stage (default {','.join(map(str, DEMO_SHORT))})")
     d.add_argument("--no-baselines", action="store_true", help="skip the consistency baselines")
+    d.add_argument("--sequential", action="store_true",
+                   help="train the baselines after AnyFlow in this process (default: the two chains train side "
+                        "by side in two processes, each on half the CPU cores, when there are two or more)")
     d.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
     d.add_argument("--no-progress", action="store_true")
 
@@ -353,9 +357,25 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _train_chain(stages: list, total: int, threads: int | None, progress: bool) -> None:
+    """Train ``[(index, (title, cfg)), ...]`` in order (each stage starts from the one before it)."""
+    import torch
+
+    from .recipes import train
+
+    torch.set_flush_denormal(True)  # as main() does: a spawned process starts afresh
+    for i, (title, cfg) in stages:
+        if cfg.train.threads or threads:
+            torch.set_num_threads(cfg.train.threads or threads)
+        t0 = time.time()
+        print(f"[{i}/{total}] {title}: {cfg.train.steps} steps", flush=True)
+        ckpt = train(cfg, progress=progress)
+        print(f"      [{i}/{total}] done in {time.time() - t0:.0f} s: {ckpt}", flush=True)
+
+
 def cmd_demo(args) -> int:
     from .evaluate.sweep import Sampler, markdown_table, run_sweep
-    from .recipes import load_model, train
+    from .recipes import load_model
     from .worlds.binding import make_binding
 
     out = Path(args.out)
@@ -378,11 +398,25 @@ def cmd_demo(args) -> int:
         return 0
     start = time.time()
     total = len(configs) + 1
-    for i, (title, cfg) in enumerate(configs):
-        t0 = time.time()
-        print(f"[{i + 1}/{total}] {title}: {cfg.train.steps} steps")
-        ckpt = train(cfg, progress=not args.no_progress)
-        print(f"      done in {time.time() - t0:.0f} s: {ckpt}")
+    chains = [list(enumerate(configs[:2], 1)), list(enumerate(configs[2:], 3))]
+    cores = os.cpu_count() or 1
+    if args.sequential or not chains[1] or cores < 2:
+        _train_chain(chains[0] + chains[1], total, None, progress=not args.no_progress)
+    else:
+        # AnyFlow (Stage 1 -> Stage 2) here, the baselines (CD -> CBS+DMD) in a second process: the two chains
+        # are independent, and two one-thread processes beat one two-thread process on these tiny models.
+        import multiprocessing as mp
+        threads = max(1, cores // 2)
+        print(f"training the AnyFlow chain here and the baselines in a second process ({threads} thread(s) each; "
+              f"--sequential for one process)")
+        child = mp.get_context("spawn").Process(target=_train_chain, args=(chains[1], total, threads, False))
+        child.start()
+        try:
+            _train_chain(chains[0], total, threads, progress=not args.no_progress)
+        finally:
+            child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"the baselines' process failed (exit code {child.exitcode}); see its message above")
     cfg = configs[0][1]
     print(f"[{total}/{total}] sweep N =", ",".join(map(str, cfg.sweep.steps)))
     samplers = []
