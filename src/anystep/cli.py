@@ -260,9 +260,6 @@ def cmd_train(args) -> int:
     from .recipes import train
 
     cfg = resolve(args.config, args.overrides)
-    if cfg.train.threads:
-        import torch
-        torch.set_num_threads(cfg.train.threads)
     if args.command != cfg.kind:
         raise ValueError(f"config {args.config!r} is a {cfg.kind!r} config; use `anystep {cfg.kind}`")
     if args.dry_run:
@@ -364,9 +361,9 @@ def _train_chain(stages: list, total: int, threads: int | None, progress: bool) 
     from .recipes import train
 
     torch.set_flush_denormal(True)  # as main() does: a spawned process starts afresh
+    if threads:
+        torch.set_num_threads(threads)  # a stage's own train.threads, if set, wins (train() applies it)
     for i, (title, cfg) in stages:
-        if cfg.train.threads or threads:
-            torch.set_num_threads(cfg.train.threads or threads)
         t0 = time.time()
         print(f"[{i}/{total}] {title}: {cfg.train.steps} steps", flush=True)
         ckpt = train(cfg, progress=progress)
@@ -413,6 +410,9 @@ def cmd_demo(args) -> int:
         child.start()
         try:
             _train_chain(chains[0], total, threads, progress=not args.no_progress)
+        except BaseException:
+            child.terminate()  # do not leave the baselines training after AnyFlow's chain failed
+            raise
         finally:
             child.join()
         if child.exitcode != 0:

@@ -315,7 +315,10 @@ def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
 
 
 def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the final checkpoint folder."""
+    """Run (or resume) training; returns the final checkpoint folder. ``train.threads``, when set, becomes this
+    process's torch thread count."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     trainer = build_trainer(cfg, progress)
     if resume:
         trainer.resume(None if resume is True else resume)
