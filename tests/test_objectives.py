@@ -99,6 +99,18 @@ def test_rebalance_sets_values_to_the_diffusion_mean_with_adaptive_gradient():
     assert torch.allclose(losses.grad, torch.tensor([1.0, 1 / 4, 1 / 0.5]))
 
 
+def test_rebalance_power_interpolates_between_the_official_scale_and_plain_mse():
+    losses = torch.tensor([1.0, 4.0, 0.25], requires_grad=True)
+    is_diff = torch.tensor([True, False, False])
+    out = rebalance(losses, is_diff, torch.tensor(1.0), c=0.0, power=0.5)
+    # value L * (1 / L)^0.5 = sqrt(L); gradient (1 / L)^0.5 (the scale is stop-grad)
+    assert torch.allclose(out, torch.tensor([1.0, 2.0, 0.5]))
+    out.sum().backward()
+    assert torch.allclose(losses.grad, torch.tensor([1.0, 0.5, 2.0]))
+    plain = rebalance(losses.detach(), is_diff, torch.tensor(1.0), c=0.0, power=0.0)
+    assert torch.equal(plain, losses.detach())
+
+
 class _Spy(torch.nn.Module):
     def __init__(self):
         super().__init__()

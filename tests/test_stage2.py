@@ -176,6 +176,16 @@ def _stage2(student, critic, teacher, **cfg):
     return Stage2(student, critic, teacher, binding, 8, Stage2Config(**cfg), Stage1Config(fuse_guidance_scale=1.0))
 
 
+def test_rollout_grid_shift_follows_rollout_shift_and_defaults_to_dmd_shift():
+    noise = torch.randn(2, *_gmm_binding().shape, dtype=torch.float64)
+    for overrides, k in (({"dmd_shift": 2.0}, 2.0), ({"dmd_shift": 1.0, "rollout_shift": 5.0}, 5.0)):
+        student = Spy()
+        method = _stage2(student, Recorder(0.0, 0.0), Recorder(0.0, 0.0), rollout_steps=(4,), **overrides)
+        method.rollout(noise, None, torch.Generator().manual_seed(0))
+        times = {round(v, 6) for t, r, _ in student.calls for v in (t, r)}
+        assert times <= {round(v, 6) for v in _grid(4, k)} and len(times) >= 3
+
+
 def test_critic_step_is_flow_matching_on_the_stop_grad_rollout():
     """The critic sees z = (1 - t/1000) x^ + (t/1000) eps at (t, r = t) and regresses eps - x^, with x^ the
     rollout made without gradient."""

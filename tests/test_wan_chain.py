@@ -191,10 +191,13 @@ def test_presets_resolve_to_the_official_recipe(preset, capsys):
         assert (o.lr, o.betas, o.warmup_steps, o.ema_decay, o.ema_warmup_steps) == (2e-6, (0.0, 0.999), 0, 0.99, 200)
         assert cfg.train.steps == 1200 and cfg.stage2.dmd_batch_size == (1 if big else 2)
         assert cfg.stage2.real_guidance == 3.0 and cfg.stage2.rollout_steps == (2, 4, 8, 16, 50)
+        assert (cfg.stage2.dmd_shift, cfg.stage2.critic_shift, cfg.stage2.grid_shift) == (5.0, 5.0, 5.0)
     else:
         o = cfg.optim
         assert (o.lr, o.betas, o.warmup_steps, o.ema_decay) == (5e-5, (0.9, 0.95), 1000, 0.999)
         assert cfg.train.steps == (4000 if big else 6000)
+    if kind != "teacher":   # the Stage-1 loss (Stage 2 co-trains it): the official sampler and weighting
+        assert (cfg.stage1.shift, cfg.stage1.rebalance, cfg.stage1.rebalance_power) == (5.0, True, 1.0)
     assert "lora_rank: 256" in capsys.readouterr().out
 
 

@@ -114,7 +114,9 @@ class Stage2Config:
     rollout_grad: str = "all"                  # 'all' segments (official) or 'one' (FastVideo's port)
     dmd_batch_size: int = 2                    # rollouts per generator step (official 1.3B: 2, 14B: 1)
     real_guidance: float = 3.0                 # teacher x0: c + s (c - u), s = 3 ("CFG 4")
-    dmd_shift: float = 5.0
+    dmd_shift: float = 5.0                     # shift of the DMD re-noising times
+    rollout_shift: float | None = None         # shift of the rollout's N-step grid; None: dmd_shift (official:
+                                               # one scheduler, shift 5, for both)
     dmd_time_range: tuple[float, float] = (0.0, 1000.0)   # clamp of the DMD times (official: none, 0..1000)
     dmd_weight: float = 1.0
     cotrain_weight: float = 1.0                # the Stage-1 loss on a real batch, in the generator step
@@ -137,6 +139,11 @@ class Stage2Config:
             raise ValueError(f"stage2.dmd_time_range must satisfy 0 <= min < max <= 1000, got {self.dmd_time_range}")
         if self.dmd_batch_size < 1 or self.critic_ratio < 1:
             raise ValueError("stage2.dmd_batch_size and stage2.critic_ratio must be >= 1")
+
+    @property
+    def grid_shift(self) -> float:
+        """The shift of the rollout's N-step grid."""
+        return self.dmd_shift if self.rollout_shift is None else self.rollout_shift
 
 
 @dataclass

@@ -5,7 +5,7 @@ For a sample x0, noise eps, v = eps - x0 and a pair t >= r::
     target = v - (t - r) dF/dt                         (MeanFlow identity, timestep units)
     F~     = (F_c - (1 - w) sg(F_u)) / w               (guidance fusion, w = 3)
     L_i    = beta08(t_i) * mean((F~_i - sg(target_i))^2)
-    L_i   <- L_i * sg(mean_diffusion / (L_i + c))      (non-diffusion samples; adaptive rebalance)
+    L_i   <- L_i * sg(mean_diffusion / (L_i + c))^p    (non-diffusion samples; adaptive rebalance, p = 1)
 
 dF/dt is the total derivative of the conditional output along the data path (dx/dt = v / 1000 per
 timestep unit, r fixed), divided by w: a central difference of the student itself (official, eps = 5
@@ -43,6 +43,7 @@ class Stage1Config:
     weight_type: str = "beta08"              # or 'uniform'
     rebalance: bool = True
     rebalance_eps: float = 1e-5
+    rebalance_power: float = 1.0             # p; departure when < 1: 0 = plain MSE (as rebalance=false)
     time_dtype: str = "float32"              # departure: 'bfloat16' emulates the official bf16 times
 
     def __post_init__(self):
@@ -54,6 +55,8 @@ class Stage1Config:
                 raise ValueError(f"stage1.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.epsilon <= 0:
             raise ValueError(f"stage1.epsilon must be > 0 timestep units, got {self.epsilon}")
+        if not 0.0 <= self.rebalance_power <= 1.0:
+            raise ValueError(f"stage1.rebalance_power must be in [0, 1], got {self.rebalance_power}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,10 +91,11 @@ def difference_quotient(u_plus: torch.Tensor, u_minus: torch.Tensor, h_plus: tor
 
 
 def rebalance(losses: torch.Tensor, is_diffusion: torch.Tensor, diffusion_mean: torch.Tensor,
-              c: float = 1e-5) -> torch.Tensor:
-    """Non-diffusion samples: ``L_i * sg(mean_diffusion / (L_i + c))`` (value ~ mean_diffusion, adaptive
-    gradient scale). Diffusion samples unchanged."""
-    scale = (diffusion_mean / (losses.detach() + c)).detach()
+              c: float = 1e-5, power: float = 1.0) -> torch.Tensor:
+    """Non-diffusion samples: ``L_i * sg(mean_diffusion / (L_i + c))^p`` (p = 1, official: value ~
+    mean_diffusion, gradient scaled down by the sample's own loss; p < 1 only partly, as MeanFlow's adaptive
+    weight's power; p = 0 leaves the loss as it is). Diffusion samples unchanged."""
+    scale = (diffusion_mean / (losses.detach() + c)).detach().pow(power)
     return torch.where(is_diffusion, losses, losses * scale)
 
 
@@ -210,7 +214,8 @@ class Stage1Objective:
             losses = losses * beta08_weight(t, cfg.shift).to(losses)
         if cfg.rebalance:
             losses = rebalance(losses, pairs.is_diffusion.to(losses.device),
-                               self._diffusion_mean(losses.detach(), pairs.is_diffusion), cfg.rebalance_eps)
+                               self._diffusion_mean(losses.detach(), pairs.is_diffusion), cfg.rebalance_eps,
+                               cfg.rebalance_power)
         loss = losses.mean()
         stats = {"loss/stage1": loss.item()}
         for name, k in (("diffusion", 0), ("consistency", 1), ("free", 2)):

@@ -110,9 +110,9 @@ class Stage2(Method):
         plan = draw_plan(self.cfg.rollout_steps, self.plans)
         student = self.roles["student"]
         if self.cfg.rollout == "consistency":
-            return consistency_backward_simulation(student, noise, cond, plan, shift=self.cfg.dmd_shift,
+            return consistency_backward_simulation(student, noise, cond, plan, shift=self.cfg.grid_shift,
                                                    generator=generator)
-        return flowmap_backward_simulation(student, noise, cond, plan, shift=self.cfg.dmd_shift,
+        return flowmap_backward_simulation(student, noise, cond, plan, shift=self.cfg.grid_shift,
                                            grad=self.cfg.rollout_grad)
 
     def _rollout_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, Any, torch.Tensor, Any]:
@@ -188,7 +188,7 @@ class CausalStage2(Stage2):
 
     def rollout(self, noise: torch.Tensor, cond: Any, generator: torch.Generator) -> torch.Tensor:
         plan = draw_plan(self.cfg.rollout_steps, self.plans)
-        return causal_backward_simulation(self.roles["student"], noise, cond, plan, shift=self.cfg.dmd_shift,
+        return causal_backward_simulation(self.roles["student"], noise, cond, plan, shift=self.cfg.grid_shift,
                                           grad=self.cfg.rollout_grad)
 
 
