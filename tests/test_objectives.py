@@ -109,6 +109,8 @@ def test_rebalance_power_interpolates_between_the_official_scale_and_plain_mse()
     assert torch.allclose(losses.grad, torch.tensor([1.0, 0.5, 2.0]))
     plain = rebalance(losses.detach(), is_diff, torch.tensor(1.0), c=0.0, power=0.0)
     assert torch.equal(plain, losses.detach())
+    with pytest.raises(ValueError, match="rebalance_power must be in"):
+        Stage1Config(rebalance_power=1.5)
 
 
 class _Spy(torch.nn.Module):

@@ -186,6 +186,12 @@ def test_rollout_grid_shift_follows_rollout_shift_and_defaults_to_dmd_shift():
         assert times <= {round(v, 6) for v in _grid(4, k)} and len(times) >= 3
 
 
+def test_stage2_shifts_must_be_positive():
+    for name in ("dmd_shift", "critic_shift", "rollout_shift"):
+        with pytest.raises(ValueError, match=f"stage2.{name} must be > 0"):
+            Stage2Config(**{name: 0.0})
+
+
 def test_critic_step_is_flow_matching_on_the_stop_grad_rollout():
     """The critic sees z = (1 - t/1000) x^ + (t/1000) eps at (t, r = t) and regresses eps - x^, with x^ the
     rollout made without gradient."""

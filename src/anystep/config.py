@@ -139,6 +139,10 @@ class Stage2Config:
             raise ValueError(f"stage2.dmd_time_range must satisfy 0 <= min < max <= 1000, got {self.dmd_time_range}")
         if self.dmd_batch_size < 1 or self.critic_ratio < 1:
             raise ValueError("stage2.dmd_batch_size and stage2.critic_ratio must be >= 1")
+        for name in ("dmd_shift", "critic_shift", "rollout_shift"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"stage2.{name} must be > 0, got {value}")
 
     @property
     def grid_shift(self) -> float:
