@@ -13,6 +13,12 @@ SHAPES_TINY = ["model.patch=[1,4,4]", "model.heads=2", "model.head_dim=8", "mode
                "train.batch_size=4", "train.steps=2", "train.log_every=1", "optim.warmup_steps=1"]
 
 
+def _rows(path):
+    """A sweep's CSV table as a list of dicts (the file closed again)."""
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def test_help_is_there_for_every_command(capsys):
     for argv in (["--help"], ["demo", "--help"], ["stage1", "--help"], ["sweep", "--help"], ["sample", "--help"]):
         with pytest.raises(SystemExit) as e:
@@ -68,7 +74,7 @@ def test_gmm_teacher_stage1_sample_sweep_end_to_end(tmp_path, capsys):
     assert main(["sample", str(s), "--steps", "2", "--out", str(tmp_path / "smp")]) == 0
     assert (tmp_path / "smp.png").is_file()
     assert main(["sweep", str(s), "--steps", "1,2", "--num-samples", "64", "--no-progress"]) == 0
-    rows = list(csv.DictReader(open(s / "sweep" / "sweep.csv")))
+    rows = _rows(s / "sweep" / "sweep.csv")
     assert [(r["sampler"], r["N"]) for r in rows] == [("student", "1"), ("student", "2"),
                                                       ("teacher (exact) Euler", "1"), ("teacher (exact) Euler", "2")]
     assert {"fd", "mode_kl", "precision", "endpoint_error"} <= set(rows[0])
@@ -79,7 +85,7 @@ def test_gmm_teacher_stage1_sample_sweep_end_to_end(tmp_path, capsys):
     for name, value in (("same", seed), ("other", seed + 1)):
         assert main(["sweep", str(s), "--steps", "1,2", "--num-samples", "64", "--no-progress", "--seed",
                      str(value), "--out", str(tmp_path / name)]) == 0
-    fd = {name: [r["fd"] for r in csv.DictReader(open(tmp_path / name / "sweep.csv"))] for name in ("same", "other")}
+    fd = {name: [r["fd"] for r in _rows(tmp_path / name / "sweep.csv")] for name in ("same", "other")}
     assert fd["same"] == [r["fd"] for r in rows] and fd["other"] != fd["same"]
 
 
@@ -92,7 +98,7 @@ def test_shapes_teacher_stage1_sample_sweep_end_to_end(tmp_path):
     for ext in (".mp4", ".gif", ".png"):
         assert (tmp_path / f"clip{ext}").stat().st_size > 0
     assert main(["sweep", str(s), "--steps", "1,2", "--num-samples", "4", "--no-progress"]) == 0
-    rows = list(csv.DictReader(open(s / "sweep" / "sweep.csv")))
+    rows = _rows(s / "sweep" / "sweep.csv")
     assert {r["sampler"] for r in rows} == {"student", "teacher Euler"}
     assert {"total", "quality", "semantic"} <= set(rows[0])
     assert (s / "sweep" / "grid.mp4").stat().st_size > 0
@@ -118,7 +124,7 @@ def test_gmm_stage2_and_baselines_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["sweep", str(s1), str(s2), str(cd), str(cbs), "--steps", "1,2", "--num-samples", "32",
                  "--no-progress", "--out", str(tmp_path / "sw")]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "sw" / "sweep.csv")))
+    rows = _rows(tmp_path / "sw" / "sweep.csv")
     assert [r["sampler"] for r in rows[::2]] == ["AnyFlow Stage 1 (s1)", "AnyFlow Stage 2 (s2)",
                                                  "consistency distillation (cd)", "consistency + DMD (cbs)",
                                                  "teacher (exact) Euler"]
@@ -188,8 +194,7 @@ def test_demo_runs_every_stage_and_sweeps_them_together(tmp_path):
         flags = ["--sequential"] if mode == "sequential" else []
         assert main(["demo", "--out", str(out), "--budget", "2,1,2,1", "sweep.num_samples=4", "sweep.steps=[1,2]",
                      "stage2.dmd_batch_size=2", "train.threads=1", "--no-progress", *flags]) == 0
-        with open(out / "sweep" / "sweep.csv") as f:
-            tables[mode] = list(csv.DictReader(f))
+        tables[mode] = _rows(out / "sweep" / "sweep.csv")
         assert (out / "consistency_dmd" / "checkpoints" / "step_000001").is_dir()
         assert (out / "sweep" / "grid.mp4").stat().st_size > 0
     samplers = list(dict.fromkeys(r["sampler"] for r in tables["parallel"]))
