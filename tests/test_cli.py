@@ -13,6 +13,11 @@ SHAPES_TINY = ["model.patch=[1,4,4]", "model.heads=2", "model.head_dim=8", "mode
                "train.batch_size=4", "train.steps=2", "train.log_every=1", "optim.warmup_steps=1"]
 
 
+def _no_optim(overrides):
+    """The overrides without optim.* (Stage 2 has its own optimizer section, stage2.optim)."""
+    return [o for o in overrides if not o.startswith("optim.")]
+
+
 def _rows(path):
     """A sweep's CSV table as a list of dicts (the file closed again)."""
     with open(path) as f:
@@ -108,7 +113,7 @@ def test_shapes_teacher_stage1_sample_sweep_end_to_end(tmp_path):
 def test_gmm_stage2_and_baselines_end_to_end(tmp_path, capsys):
     """teacher -> Stage 1 -> Stage 2 (exact teacher), teacher -> consistency -> consistency + DMD; one sweep."""
     t, s1, s2, cd, cbs = (tmp_path / n for n in ("teacher", "s1", "s2", "cd", "cbs"))
-    stage2_tiny = [*GMM_TINY, "stage2.dmd_batch_size=8", "stage2.rollout_steps=[2,4]"]
+    stage2_tiny = [*_no_optim(GMM_TINY), "stage2.dmd_batch_size=8", "stage2.rollout_steps=[2,4]"]
     assert main(["teacher", "--config", "gmm_teacher", "--no-progress", f"train.out_dir={t}", *GMM_TINY]) == 0
     assert main(["stage1", "--config", "gmm_stage1", "--no-progress", f"train.out_dir={s1}", f"model.init={t}",
                  *GMM_TINY]) == 0
@@ -139,7 +144,7 @@ def test_shapes_stage2_end_to_end(tmp_path):
     t, s1, s2 = tmp_path / "teacher", tmp_path / "s1", tmp_path / "s2"
     assert main(["teacher", "--no-progress", f"train.out_dir={t}", *SHAPES_TINY]) == 0
     assert main(["stage1", "--no-progress", f"train.out_dir={s1}", f"model.init={t}", *SHAPES_TINY]) == 0
-    assert main(["stage2", "--no-progress", f"train.out_dir={s2}", f"model.init={s1}", *SHAPES_TINY,
+    assert main(["stage2", "--no-progress", f"train.out_dir={s2}", f"model.init={s1}", *_no_optim(SHAPES_TINY),
                  "stage2.dmd_batch_size=2", "stage2.rollout_steps=[2]"]) == 0
     assert main(["sample", str(s2), "--steps", "2", "--num", "2", "--out", str(tmp_path / "clip")]) == 0
     assert (tmp_path / "clip.mp4").stat().st_size > 0
@@ -164,7 +169,7 @@ def test_shapes_lora_roles_on_one_frozen_base_end_to_end(tmp_path):
     lora = ["model.lora_rank=4"]
     assert main(["teacher", "--no-progress", f"train.out_dir={t}", *SHAPES_TINY]) == 0
     assert main(["stage1", "--no-progress", f"train.out_dir={s1}", f"model.init={t}", *SHAPES_TINY, *lora]) == 0
-    assert main(["stage2", "--no-progress", f"train.out_dir={s2}", f"model.init={s1}", *SHAPES_TINY, *lora,
+    assert main(["stage2", "--no-progress", f"train.out_dir={s2}", f"model.init={s1}", *_no_optim(SHAPES_TINY), *lora,
                  "stage2.dmd_batch_size=2", "stage2.rollout_steps=[2]"]) == 0
     weights = load_tensors(s2 / "checkpoints" / "step_000002" / "student.safetensors")
     assert weights and all("lora_" in k for k in weights)
@@ -201,3 +206,36 @@ def test_demo_runs_every_stage_and_sweeps_them_together(tmp_path):
     assert samplers == ["AnyFlow Stage 1", "AnyFlow Stage 2", "consistency distillation", "consistency + DMD",
                         "teacher Euler"]
     assert tables["parallel"] == tables["sequential"]
+
+
+def test_optim_on_a_stage2_run_is_refused_and_left_out_of_its_config(capsys):
+    """Stage 2 trains with stage2.optim: an optim.* it would ignore is an error, and its saved config has none."""
+    assert main(["stage2", "--dry-run", "optim.lr=1e-3"]) == 2
+    assert "stage2.optim" in capsys.readouterr().err
+    assert main(["stage2", "--dry-run", "stage2.optim.lr=1e-3"]) == 0
+    saved = yaml.safe_load(capsys.readouterr().out)
+    assert "optim" not in saved and saved["stage2"]["optim"]["lr"] == 1e-3
+
+
+def test_lora_roles_get_the_delta_time_type_asked_for(tmp_path):
+    from anystep.recipes import build_trainer
+
+    cfg = resolve("shapes_stage1", ["model.lora_rank=4", "model.deltatime_type=t-r", "train.steps=1",
+                                    f"train.out_dir={tmp_path}"])
+    student = build_trainer(cfg, progress=False).method.roles["student"]
+    assert student.shared.base.config.deltatime_type == "t-r"
+
+
+def test_a_network_other_than_model_init_is_refused_before_training(tmp_path, capsys):
+    """model.layers=2 on a run from a 4-layer teacher used to train the 4-layer network, save layers=2 in its
+    config and then fail to reload; and model.init from another world failed with an AttributeError."""
+    t = tmp_path / "teacher"
+    assert main(["teacher", "--config", "gmm_teacher", "--no-progress", f"train.out_dir={t}", *GMM_TINY]) == 0
+    capsys.readouterr()
+    assert main(["stage1", "--config", "gmm_stage1", "--no-progress", f"train.out_dir={tmp_path / 's'}",
+                 f"model.init={t}", *GMM_TINY, "model.depth=2"]) == 2
+    assert "model.depth=2, but model.init" in capsys.readouterr().err
+    assert main(["stage1", "--config", "shapes_stage1", "--no-progress", f"train.out_dir={tmp_path / 's'}",
+                 f"model.init={t}", *SHAPES_TINY]) == 2
+    assert "'gmm'-world run" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

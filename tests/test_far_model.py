@@ -299,3 +299,27 @@ def test_teacher_forced_checks_the_partition():
     with pytest.raises(ValueError, match="clean version"):
         teacher_forced(far, clean[:, 1:], T, R, text, clean=clean[:, 2:], context=clean[:, :1],
                        chunk_partition=[1, 2, 2, 2])
+
+
+def test_the_compressed_patch_embedding_keeps_fp32_master_weights_on_a_bf16_base():
+    """A bf16 frozen base (the wanfar presets) with the student's fully trained compressed patch embedding:
+    its weights, gradients and AdamW state are float32 (official: fp32 master weights, bf16 compute), so one
+    AdamW step at the official lr 2e-6 moves (nearly) every entry; in bf16 most updates round away."""
+    from anystep.models.roles import SharedBase
+
+    shared = SharedBase(far_student_from_wan(_wan().to(torch.bfloat16), chunk_partition=PARTITION), rank=4,
+                        roles=("student",))
+    embed = shared.base.far_patch_embedding
+    assert embed.weight.dtype == torch.float32 and embed.weight.requires_grad
+    assert shared.base.patch_embedding.weight.dtype == torch.bfloat16   # the frozen rest stays bf16
+    student = shared.role("student")
+    before = embed.weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=2e-6, betas=(0.9, 0.95))
+    clean, text = _video(sum(PARTITION)), _text()
+    cond = {"text": text, "clean": clean[:, 3:], "context": clean[:, :3]}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u = student(_video(6, seed=3), T, R, cond)
+    u.float().square().mean().backward()
+    opt.step()
+    changed = (embed.weight.detach() != before).float().mean().item()
+    assert changed > 0.99, f"only {changed:.1%} of the compressed patch kernel moved"

@@ -287,3 +287,11 @@ def test_moving_a_view_moves_the_shared_base():
         out = student(x.double(), t.double(), r.double(), text.double())
     assert (out - want).abs().max() < 1e-4
     assert {id(p) for p in student.parameters()} <= {id(p) for p in shared.base.parameters()}
+
+
+def test_from_wan_builds_the_asked_delta_time_and_refuses_a_conflicting_anyflow_base():
+    wan = tiny_wan(in_channels=4, text_dim=32, heads=2, head_dim=8, layers=1, ffn_dim=16)
+    shared = SharedBase.from_wan(wan, rank=4, gate_value=0.5, deltatime_type="t-r")
+    assert shared.base.config.gate_value == 0.5 and shared.base.config.deltatime_type == "t-r"
+    with pytest.raises(ValueError, match="deltatime_type"):
+        SharedBase.from_wan(student_from_wan(wan), rank=4, deltatime_type="t-r")

@@ -325,3 +325,22 @@ def test_consistency_distillation_loss_equals_a_hand_computation():
         assert torch.allclose(student.inputs[0], x_s, atol=1e-6)
         pred, target = x_t - t / 1000 * 0.3 * x_t, x_s - s / 1000 * 0.3 * x_s
         assert loss.item() == pytest.approx((pred - target).pow(2).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [None, 0.5])
+def test_rollout_and_critic_see_the_raw_prompts_by_default(dropout):
+    """Official Stage 2 drops no prompt of the DMD rollout or the critic (its 10% dropout is inside the
+    co-trained Stage-1 loss); ``stage2.cond_dropout`` turns a dropout on."""
+    world = _gmm_binding()
+    null = world.null_cond.item()
+    critic = Recorder(0.5, 0.0)
+    kwargs = {} if dropout is None else {"cond_dropout": dropout}
+    method = _stage2(Spy(0.1), critic, Recorder(0.3, 0.0), dmd_batch_size=8, cotrain_weight=0.0, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        for phase in method.phases(step, g):
+            phase.run()
+    labels = torch.cat([cond for *_, cond in critic.inputs])
+    assert labels.numel() == 6 * 2 * 8          # the DMD call and the critic's own step, every iteration
+    assert ((labels == null).sum() > 0) == (dropout is not None)
+    assert Stage2Config().cond_dropout == 0.0

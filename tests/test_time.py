@@ -104,3 +104,26 @@ def test_logit_normal_is_shifted_and_in_range():
     assert (t > 0).all() and (t < 1000).all()
     # median of sigmoid(N(0,1)) is 0.5, shifted: 1000 * shift(0.5) = 833.3
     assert abs(t.median().item() - 833.33) < 10
+
+
+def test_beta08_weight_answers_on_the_device_of_t():
+    """The first CUDA Stage-1 step crashed here: the lookup table was made on the CPU and indexed with CUDA
+    times. On ``meta`` (any device but the CPU) the weight must come back on the times' device."""
+    from anystep.time import beta08_weight
+
+    t = torch.tensor([10.0, 500.0, 990.0])
+    w = beta08_weight(t.to("meta"))
+    assert w.device.type == "meta" and w.shape == (3,) and w.dtype == torch.float32
+    assert beta08_weight(t).device.type == "cpu"
+
+
+@pytest.mark.parametrize("diffusion, consistency", [(0.8, 0.5), (-0.1, 0.5), (0.5, -0.25), (1.0, 0.01)])
+def test_bucket_ratios_beyond_one_or_negative_are_refused(diffusion, consistency):
+    """``0.8 / 0.5`` used to train 80/20/0 silently (an operator-precedence slip in the check)."""
+    from anystep.objectives.flowmap import Stage1Config
+    from anystep.time import assign_buckets
+
+    with pytest.raises(ValueError, match="bucket ratios"):
+        assign_buckets(4, diffusion, consistency)
+    with pytest.raises(ValueError, match="bucket ratios"):
+        Stage1Config(diffusion_ratio=diffusion, consistency_ratio=consistency)

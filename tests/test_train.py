@@ -13,7 +13,8 @@ TINY = ["world.name=gmm", "model.hidden=32", "model.depth=1", "train.batch_size=
 
 
 def _cfg(tmp_path, *extra, kind="stage1"):
-    return resolve(None, [f"kind={kind}", f"train.out_dir={tmp_path}", *TINY, *extra])
+    tiny = [o.replace("optim.", "stage2.optim.") for o in TINY] if kind == "stage2" else TINY
+    return resolve(None, [f"kind={kind}", f"train.out_dir={tmp_path}", *tiny, *extra])
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import rng
 from .flowmap import FlowMap, endpoint, euler_step, noisy
 from .time import grid
 
@@ -45,8 +46,8 @@ def draw_plan(choices: Sequence[int], generator: torch.Generator) -> RolloutPlan
     """N uniform over ``choices`` (official {2, 4, 8, 16, 50}), k uniform over [0, N). Same on every rank."""
     if not choices or min(choices) < 1:
         raise ValueError(f"rollout step choices must be integers >= 1, got {list(choices)}")
-    n = int(choices[int(torch.randint(len(choices), (1,), generator=generator))])
-    k = int(torch.randint(n, (1,), generator=generator))
+    n = int(choices[int(rng.integers(0, len(choices), (1,), generator))])
+    k = int(rng.integers(0, n, (1,), generator))
     if dist.is_available() and dist.is_initialized():
         nk = torch.tensor([n, k], device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.broadcast(nk, src=0)
@@ -74,7 +75,7 @@ def flowmap_backward_simulation(model: FlowMap, noise: torch.Tensor, cond: Any, 
     x = noise
     b = noise.shape[0]
     for t, r, fine in flowmap_segments(plan, shift):
-        tt, rr = torch.full((b,), t, dtype=torch.float64), torch.full((b,), r, dtype=torch.float64)
+        tt, rr = (torch.full((b,), v, dtype=torch.float64, device="cpu") for v in (t, r))
         with torch.set_grad_enabled(torch.is_grad_enabled() and (grad == "all" or fine)):
             u = model(x, tt.float(), rr.float(), cond)
         x = euler_step(x, u, tt, rr)
@@ -92,6 +93,6 @@ def consistency_backward_simulation(model: FlowMap, noise: torch.Tensor, cond: A
         with torch.set_grad_enabled(torch.is_grad_enabled() and i == plan.k):
             x0 = endpoint(model, x, t, cond)
         if i < plan.k:
-            fresh = torch.randn(x.shape, generator=generator).to(x)
+            fresh = rng.noise_like(x, generator)
             x = noisy(x0, fresh, taus[i + 1].expand(b))
     return x0

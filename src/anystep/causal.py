@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import rng
 from .backward_simulation import RolloutPlan, flowmap_backward_simulation
 from .flowmap import sample
 
@@ -23,8 +24,8 @@ def draw_num_chunks(num_chunks: int, full_chunk_limit: int, long_context_ratio: 
     """K, the chunks of a Stage-1 clip (official ``sample_latents``): with probability ``long_context_ratio``
     K ~ U{limit..num_chunks}, else K = limit (the last ``limit`` chunks are noisy, older ones context)."""
     limit = min(full_chunk_limit, num_chunks)
-    if float(torch.rand((), generator=generator)) < long_context_ratio:
-        return int(torch.randint(limit, num_chunks + 1, (), generator=generator))
+    if float(rng.uniform((), generator)) < long_context_ratio:
+        return int(rng.integers(limit, num_chunks + 1, (), generator))
     return limit
 
 

@@ -122,7 +122,9 @@ class Stage2Config:
     cotrain_weight: float = 1.0                # the Stage-1 loss on a real batch, in the generator step
     critic_ratio: int = 1                      # generator steps every `critic_ratio` iterations; critic every one
     critic_shift: float = 5.0                  # critic flow matching: logit-normal t, shift
-    cond_dropout: float = 0.1                  # prompts of the DMD and critic batches dropped to the null one
+    cond_dropout: float = 0.0                  # prompts of the rollout (DMD) and critic batches dropped to the
+                                               # null one; official 0 (its only 10% dropout is inside the
+                                               # co-trained Stage-1 loss: stage1.cond_dropout)
     teacher: str | None = None                 # teacher checkpoint; None: the student's init run's model.init;
                                                # 'exact': the world's analytic teacher (gmm)
     critic_lr: float | None = None             # None: the same as optim.lr
@@ -139,6 +141,8 @@ class Stage2Config:
             raise ValueError(f"stage2.dmd_time_range must satisfy 0 <= min < max <= 1000, got {self.dmd_time_range}")
         if self.dmd_batch_size < 1 or self.critic_ratio < 1:
             raise ValueError("stage2.dmd_batch_size and stage2.critic_ratio must be >= 1")
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            raise ValueError(f"stage2.cond_dropout must lie in [0, 1], got {self.cond_dropout}")
         for name in ("dmd_shift", "critic_shift", "rollout_shift"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -342,8 +346,18 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# Sections a kind of run never reads: given by a user they are an error (never silently ignored), and they are
+# left out of the run's saved config.yaml.
+UNUSED_SECTIONS = {"stage2": ("optim",)}
+UNUSED_SECTIONS_WHY = {"optim": "Stage 2's generator and critic optimizers are stage2.optim, official lr 2e-6 and "
+                                "betas (0, 0.999); stage2.critic_lr sets the critic's lr"}
+
+
 def to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    data = to_dict(cfg)
+    for section in UNUSED_SECTIONS.get(cfg.kind, ()):
+        data.pop(section)
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,4 +404,8 @@ def resolve(preset: str | None, overrides: list[str] = ()) -> RunConfig:
     data = load_preset(preset) if preset else {}
     for item in overrides:
         apply_override(data, item)
-    return from_dict(RunConfig, data)
+    cfg = from_dict(RunConfig, data)
+    unused = [section for section in UNUSED_SECTIONS.get(cfg.kind, ()) if section in data]
+    if unused:
+        raise ValueError(f"a {cfg.kind!r} run does not read the section {unused[0]!r} ({UNUSED_SECTIONS_WHY[unused[0]]})")
+    return cfg

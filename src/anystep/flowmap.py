@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import rng
 from .time import T_MAX, custom_grid, grid
 
 
@@ -131,6 +132,6 @@ def sample_consistency(model: FlowMap, noise: torch.Tensor, cond: Any, steps: in
     for i in range(len(taus) - 1):
         x0 = endpoint(model, x, taus[i].expand(b), cond)
         if taus[i + 1] > 0:
-            fresh = torch.randn(x.shape, generator=generator).to(x)
+            fresh = rng.noise_like(x, generator)
             x = noisy(x0, fresh, taus[i + 1].expand(b))
     return x0

@@ -117,7 +117,8 @@ def shared_base(cfg: RunConfig, roles=("student", "critic"), teacher_adapter: bo
                   teacher_trainable=teacher_trainable)
     if cfg.causal.enabled:   # a causal run's roles share a FAR base
         return SharedBase(far_transformer(lora_base(cfg, training), cfg), **kwargs)
-    return SharedBase.from_wan(lora_base(cfg, training), gate_value=m.gate_value, **kwargs)
+    return SharedBase.from_wan(lora_base(cfg, training), gate_value=m.gate_value, deltatime_type=m.deltatime_type,
+                               **kwargs)
 
 
 def find_teacher(spec: str | None) -> str | None:
@@ -273,8 +274,36 @@ def _enable_checkpointing(module: nn.Module) -> None:
         module.transformer.enable_gradient_checkpointing()
 
 
+# The network fields of ``model`` each world builds from (the wan world's network is its model folder's).
+ARCHITECTURE_FIELDS = {"gmm": ("hidden", "depth", "max_freq"),
+                       "shapes": ("patch", "heads", "head_dim", "layers", "ffn_dim"), "wan": ()}
+
+
+def architecture(cfg: RunConfig) -> dict:
+    """The world and network fields a run's weights were built with (saved in its ``config.yaml``)."""
+    return {"world": cfg.world.name, **{f: getattr(cfg.model, f) for f in ARCHITECTURE_FIELDS[cfg.world.name]}}
+
+
+def check_architecture(cfg: RunConfig) -> None:
+    """A run that starts from ``model.init`` trains the init's network: its world and network fields must be
+    the init's, or the saved config would describe another network than the weights (an error naming the
+    first difference, instead of training one network and failing to reload it later)."""
+    if not cfg.model.init:
+        return
+    theirs, ours = architecture(checkpoint_config(resolve_checkpoint(cfg.model.init))), architecture(cfg)
+    if theirs["world"] != ours["world"]:
+        raise ValueError(f"model.init={cfg.model.init} is a {theirs['world']!r}-world run; this run trains in the "
+                         f"{ours['world']!r} world (world.name): start from a run of the same world")
+    for field, value in ours.items():
+        if theirs[field] != value:
+            raise ValueError(f"model.{field}={value!r}, but model.init={cfg.model.init} was trained with "
+                             f"model.{field}={theirs[field]!r}: a run starting from model.init keeps its network, "
+                             f"so set model.{field}={theirs[field]!r} (or leave model.init unset)")
+
+
 def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
     """The Method for ``cfg.kind`` with its models, inside a :class:`Trainer`."""
+    check_architecture(cfg)
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     binding = make_binding(cfg.world)

@@ -7,6 +7,8 @@ Conventions (used by every module of anystep):
   float32/float64 in the math (the official code's bf16 times are a known flaw; ``time_dtype`` in the
   Stage-1 config can emulate them).
 * shift(s) = k s / (1 + (k - 1) s), k = 5 by default (Wan / SD3 time shift).
+* Grids, time pairs and tables are made on the CPU (float64 math, from CPU generators; see :mod:`anystep.rng`);
+  the caller moves them to the data's device. :func:`beta08_weight` answers on the device of its ``t``.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from . import rng
+
 T_MAX = 1000.0
+CPU = torch.device("cpu")
 
 
 def shift(s: torch.Tensor | float, k: float = 5.0) -> torch.Tensor:
     """Time shift ``k s / (1 + (k - 1) s)``; monotone on [0, 1] with shift(0) = 0, shift(1) = 1."""
-    s = torch.as_tensor(s, dtype=torch.float64) if not torch.is_tensor(s) else s
+    s = torch.as_tensor(s, dtype=torch.float64, device=CPU) if not torch.is_tensor(s) else s
     return k * s / (1 + (k - 1) * s)
 
 
@@ -33,7 +38,7 @@ def grid(num_steps: int, k: float = 5.0) -> torch.Tensor:
     """
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"number of sampling steps must be an integer >= 1, got {num_steps!r}")
-    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64, device=CPU)
     taus = T_MAX * shift(s, k)
     taus[-1] = 0.0
     return taus
@@ -42,7 +47,7 @@ def grid(num_steps: int, k: float = 5.0) -> torch.Tensor:
 def custom_grid(timesteps: Sequence[float]) -> torch.Tensor:
     """A user-given grid in timestep units; strictly decreasing, within [0, 1000]. A terminal 0 is appended
     when missing (as diffusers does for custom schedules)."""
-    taus = torch.as_tensor(list(timesteps), dtype=torch.float64)
+    taus = torch.as_tensor(list(timesteps), dtype=torch.float64, device=CPU)
     if taus.ndim != 1 or taus.numel() < 1:
         raise ValueError("a custom grid needs at least one timestep")
     if taus[-1] != 0:
@@ -57,7 +62,7 @@ def custom_grid(timesteps: Sequence[float]) -> torch.Tensor:
 def logit_normal(n: int, k: float = 5.0, mean: float = 0.0, std: float = 1.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Flow-matching training times: ``1000 shift(sigmoid(N(mean, std)))`` (teacher and critic), float32."""
-    z = torch.randn(n, generator=generator, dtype=torch.float64) * std + mean
+    z = rng.normal(n, generator, dtype=torch.float64) * std + mean
     return (T_MAX * shift(torch.sigmoid(z), k)).float()
 
 
@@ -80,6 +85,13 @@ class TimePairs:
         return self.bucket == DIFFUSION
 
 
+def check_bucket_ratios(diffusion: float, consistency: float) -> None:
+    """Both ratios >= 0 and their sum <= 1 (the rest is the free bucket), or a ValueError naming them."""
+    if not (diffusion >= 0 and consistency >= 0 and diffusion + consistency <= 1):
+        raise ValueError(f"bucket ratios must be >= 0 and sum to <= 1 (the rest is free), got diffusion "
+                         f"{diffusion} + consistency {consistency}")
+
+
 def assign_buckets(batch: int, diffusion: float = 0.5, consistency: float = 0.25, *,
                    split: str = "stratified", rank: int = 0, world_size: int = 1,
                    generator: torch.Generator | None = None) -> torch.Tensor:
@@ -94,23 +106,22 @@ def assign_buckets(batch: int, diffusion: float = 0.5, consistency: float = 0.25
     A batch of B gets exactly the rounded proportions, and a batch of 1 draws each bucket with its
     probability over training.
     """
-    if not 0 <= diffusion and 0 <= consistency and diffusion + consistency <= 1:
-        raise ValueError(f"bucket ratios must be >= 0 and sum to <= 1, got {diffusion}, {consistency}")
+    check_bucket_ratios(diffusion, consistency)
     if split == "official":
         g_batch = world_size * batch
-        g_index = rank * batch + torch.arange(batch)
+        g_index = rank * batch + torch.arange(batch, device=CPU)
         n_diff, n_cons = round(diffusion * g_batch), round(consistency * g_batch)
-        bucket = torch.full((batch,), FREE, dtype=torch.long)
+        bucket = torch.full((batch,), FREE, dtype=torch.long, device=CPU)
         bucket[g_index < n_diff + n_cons] = CONSISTENCY
         bucket[g_index < n_diff] = DIFFUSION
         return bucket
     if split == "stratified":
-        offset = torch.rand((), generator=generator, dtype=torch.float64)
-        u = ((offset + torch.arange(batch, dtype=torch.float64)) / batch) % 1.0
-        bucket = torch.full((batch,), FREE, dtype=torch.long)
+        offset = rng.uniform((), generator, dtype=torch.float64).to(CPU)
+        u = ((offset + torch.arange(batch, dtype=torch.float64, device=CPU)) / batch) % 1.0
+        bucket = torch.full((batch,), FREE, dtype=torch.long, device=CPU)
         bucket[u < diffusion + consistency] = CONSISTENCY
         bucket[u < diffusion] = DIFFUSION
-        return bucket[torch.randperm(batch, generator=generator)]
+        return bucket[rng.permutation(batch, generator).to(CPU)]
     raise ValueError(f"unknown bucket split {split!r}; expected 'stratified' or 'official'")
 
 
@@ -123,7 +134,7 @@ def sample_time_pairs(batch: int, k: float = 5.0, diffusion: float = 0.5, consis
     reproduces the official code's bf16 times (its ``torch.rand(dtype=bf16)`` and bf16 shift)."""
     bucket = assign_buckets(batch, diffusion, consistency, split=split, rank=rank,
                             world_size=world_size, generator=generator)
-    u = torch.rand(batch, 2, generator=generator).to(time_dtype)
+    u = rng.uniform((batch, 2), generator).to(CPU, time_dtype)
     t, r = u.max(dim=1).values, u.min(dim=1).values
     r = torch.where(bucket == DIFFUSION, t, r)
     r = torch.where(bucket == CONSISTENCY, torch.zeros_like(r), r)
@@ -139,13 +150,14 @@ def beta08_table(k: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The official ``beta08`` loss-weight table: on the 1001 shifted grid points ``g_j = shift(j/1000)``,
     ``y = g (1 - g)^0.5`` (an unnormalised Beta(2, 1.5) density in shifted sigma), scaled so that the
     weights sum to 1000. Returns (grid in timestep units, weights), float64."""
-    g = shift(torch.linspace(0.0, 1.0, 1001, dtype=torch.float64), k)
+    g = shift(torch.linspace(0.0, 1.0, 1001, dtype=torch.float64, device=CPU), k)
     y = g * (1 - g).clamp_min(0).sqrt()
     return T_MAX * g, y * (1000.0 / y.sum())
 
 
 def beta08_weight(t: torch.Tensor, k: float = 5.0) -> torch.Tensor:
-    """Nearest-grid lookup of the beta08 weight at timesteps ``t`` (r plays no part), float32."""
-    g, w = beta08_table(k)
+    """Nearest-grid lookup of the beta08 weight at timesteps ``t`` (r plays no part), float32, on ``t``'s
+    device."""
+    g, w = (v.to(t.device) for v in beta08_table(k))
     idx = (t.double()[:, None] - g[None, :]).abs().argmin(dim=1)
     return w[idx].float()

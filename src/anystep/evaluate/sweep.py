@@ -36,20 +36,23 @@ class Sampler:
 
 
 def sample_batched(s: Sampler, null_cond: Any, noise: torch.Tensor, cond: Any, steps: int, shift: float,
-                   chunk: int = 64, seed: int = 0) -> torch.Tensor:
-    """Sample in chunks; the consistency sampler's re-noising draws from a generator seeded by ``seed``."""
+                   chunk: int = 64, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sample in chunks on ``device`` (the model's); the samples come back on the CPU, where the judges run.
+    The consistency sampler's re-noising draws from a CPU generator seeded by ``seed``."""
+    null_cond = null_cond.to(device) if torch.is_tensor(null_cond) else null_cond
     model = guided(s.model, s.guidance, null_cond)
     generator = torch.Generator().manual_seed(seed)
     outs = []
     for i in range(0, noise.shape[0], chunk):
-        x, c = noise[i:i + chunk], cond[i:i + chunk]
+        x, c = noise[i:i + chunk].to(device), cond[i:i + chunk]
+        c = c.to(device) if torch.is_tensor(c) else c
         if s.mode == "consistency":
             outs.append(sample_consistency(model, x, c, steps, shift=shift, generator=generator))
         elif s.mode == "causal":
             outs.append(sample_causal(s.model, x, c, steps, shift=shift))
         else:
             outs.append(sample(model, x, c, steps, shift=shift, mean_velocity=s.mode == "flowmap"))
-    return torch.cat(outs)
+    return torch.cat(outs).cpu()
 
 
 def run_sweep(samplers: list[Sampler], binding: Any, cfg: SweepConfig, out_dir: str | Path,

@@ -125,11 +125,18 @@ class SharedBase(nn.Module):
 
     @classmethod
     def from_wan(cls, wan: WanTransformer3DModel | AnyFlowTransformer3DModel, *, gate_value: float = 0.25,
-                 **kwargs) -> SharedBase:
-        """The shared base of a Wan teacher: ``student_from_wan(wan)`` (its own copy of the weights). An
-        AnyFlow transformer (a released AnyFlow model, imported to train on) is the base as it is."""
-        base = wan if isinstance(wan, AnyFlowTransformer3DModel) else student_from_wan(wan, gate_value=gate_value)
-        return cls(base, **kwargs)
+                 deltatime_type: str = "r", **kwargs) -> SharedBase:
+        """The shared base of a Wan teacher: ``student_from_wan(wan, gate_value, deltatime_type)`` (its own copy
+        of the weights). An AnyFlow transformer (a released AnyFlow model, imported to train on) is the base as
+        it is; its own gate and delta-time type must then be the ones asked for (an error otherwise)."""
+        if isinstance(wan, AnyFlowTransformer3DModel):
+            own = (wan.config.gate_value, wan.config.deltatime_type)
+            if own != (gate_value, deltatime_type):
+                raise ValueError(f"the AnyFlow base has gate_value={own[0]} and deltatime_type={own[1]!r}; "
+                                 f"model.gate_value={gate_value} and model.deltatime_type={deltatime_type!r} "
+                                 "were asked for: set them to the base's")
+            return cls(wan, **kwargs)
+        return cls(student_from_wan(wan, gate_value=gate_value, deltatime_type=deltatime_type), **kwargs)
 
     def copy_adapter(self, source: str, target: str) -> None:
         """Set adapter ``target``'s weights to ``source``'s (the critic starts as the LoRA teacher). Both
@@ -153,8 +160,8 @@ class SharedBase(nn.Module):
         if targets is not None:
             self._add_adapter(name, lora_targets(self.base, targets), rank, rank if alpha is None else alpha,
                               trainable)
-        for module in owned:
-            getattr(self.base, module).requires_grad_(trainable)
+        for module in owned:   # fp32 master weights (as the adapters), computed in bf16 under autocast
+            getattr(self.base, module).float().requires_grad_(trainable)
         self.roles[name] = Role(adapter=name if targets is not None else None, flowmap=flowmap, owned=tuple(owned))
 
     def _add_adapter(self, name: str, targets: list[str], rank: int, alpha: float, trainable: bool) -> None:

@@ -19,7 +19,7 @@ def sinusoidal(t: torch.Tensor, dim: int, max_freq: float) -> torch.Tensor:
     """cos/sin features of t (timestep units) at frequencies geometrically spaced in [1e-3, max_freq] rad per
     unit of *normalised* time t/1000. A low max_freq keeps the central difference accurate (see DESIGN.md)."""
     half = dim // 2
-    freqs = torch.exp(torch.linspace(math.log(1e-3), math.log(max_freq), half, dtype=torch.float64))
+    freqs = torch.exp(torch.linspace(math.log(1e-3), math.log(max_freq), half, dtype=torch.float64, device="cpu"))
     arg = (t / 1000.0)[:, None] * freqs[None, :].to(device=t.device, dtype=t.dtype)
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import rng
 from ..causal import draw_num_chunks, teacher_forcing_cond, teacher_forcing_split
 from ..config import CausalConfig
 from ..flowmap import expand_cond, noisy
@@ -47,7 +48,7 @@ class CausalStage1Objective:
         null = teacher_forcing_cond(expand_cond(self.null_cond, b), targets, context)
         loss, stats = self.flowmap(student, targets, cond, generator, null=null)
         stats["causal/chunks"] = float(k)
-        if c.bidirectional_prob > 0 and float(torch.rand((), generator=generator)) < c.bidirectional_prob:
+        if c.bidirectional_prob > 0 and float(rng.uniform((), generator)) < c.bidirectional_prob:
             extra = bidirectional_flow_matching(student, x0, text, self.null_cond, self.stage1, generator)
             loss = loss + extra
             stats["loss/bidirectional"] = extra.item()
@@ -63,7 +64,7 @@ def bidirectional_flow_matching(student, x0: torch.Tensor, text: torch.Tensor, n
     if stage1.cond_dropout > 0:
         text, _ = drop_condition(text, null, stage1.cond_dropout, b, generator)
     t = logit_normal(b, stage1.shift, generator=generator).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator).to(x0)
+    eps = rng.noise_like(x0, generator)
     x_t = noisy(x0, eps, t)
     pred = student.bidirectional(x_t, t, t, text)
     w = stage1.fuse_guidance_scale

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from .. import rng
+
 
 def select_cond(keep: torch.Tensor, cond: Any, null_cond: Any) -> Any:
     """Row-wise ``cond if keep else null_cond``; ``null_cond`` may have batch 1. Works on tensors and dicts."""
@@ -20,5 +22,5 @@ def drop_condition(cond: Any, null_cond: Any, p: float, batch: int,
                    generator: torch.Generator | None = None) -> tuple[Any, torch.Tensor]:
     """Replace each row of ``cond`` by the null condition with probability ``p`` (official: 0.1, with Wan's
     negative-prompt embedding as the null). Returns the new condition and the keep mask (B,) bool."""
-    keep = torch.rand(batch, generator=generator) >= p
+    keep = rng.uniform(batch, generator) >= p
     return select_cond(keep, cond, null_cond), keep

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import rng
 from ..flowmap import FlowMap, endpoint, euler_step, noisy
 from ..time import grid
 
@@ -24,7 +25,7 @@ def consistency_pairs(batch: int, intervals: int, k: float = 5.0,
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Adjacent grid times (t, s), t > s, one pair per sample, float64."""
     taus = grid(intervals, k)
-    i = torch.randint(intervals, (batch,), generator=generator)
+    i = rng.integers(0, intervals, batch, generator).cpu()
     return taus[i], taus[i + 1]
 
 
@@ -33,7 +34,7 @@ def consistency_distillation_loss(student: FlowMap, teacher: FlowMap, x0: torch.
                                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
     """The loss on a batch of real data; ``teacher`` is the (guided) velocity model."""
     t, s = consistency_pairs(x0.shape[0], intervals, shift, generator)
-    eps = torch.randn(x0.shape, generator=generator).to(x0)
+    eps = rng.noise_like(x0, generator)
     x_t = noisy(x0, eps, t)
     with torch.no_grad():
         x_s = euler_step(x_t, teacher(x_t, t.float(), t.float(), cond), t, s)

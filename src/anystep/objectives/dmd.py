@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .. import rng
 from ..flowmap import FlowMap, cat_cond, euler_step, expand_cond, noisy
 from ..time import T_MAX, shift
 
@@ -27,7 +28,7 @@ from ..time import T_MAX, shift
 def dmd_times(batch: int, k: float = 5.0, generator: torch.Generator | None = None, min_t: float = 0.0,
               max_t: float = T_MAX) -> torch.Tensor:
     """One DMD time per sample: ``clamp(1000 shift(U(0, 1)), min_t, max_t)`` (official: min 0, max 1000)."""
-    return (T_MAX * shift(torch.rand(batch, generator=generator, dtype=torch.float64), k)).clamp(min_t, max_t)
+    return (T_MAX * shift(rng.uniform(batch, generator, dtype=torch.float64), k)).clamp(min_t, max_t)
 
 
 def x0_from_velocity(z: torch.Tensor, tau: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ def dmd_loss(x_hat: torch.Tensor, critic: FlowMap, teacher: FlowMap, cond: Any, 
     b = x_hat.shape[0]
     with torch.no_grad():
         tau = dmd_times(b, shift_k, generator, *time_range)
-        n = torch.randn(x_hat.shape, generator=generator).to(x_hat)
+        n = rng.noise_like(x_hat, generator)
         z = noisy(x_hat.detach(), n, tau)
         t = tau.float()
         x0_fake = x0_from_velocity(z, tau, critic(z, t, t, cond))

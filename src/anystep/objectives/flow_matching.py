@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .. import rng
 from ..flowmap import FlowMap, noisy
 from ..time import logit_normal
 from .conditioning import drop_condition
@@ -29,7 +30,7 @@ def flow_matching_step(model: FlowMap, x0: torch.Tensor, cond: Any, null_cond: A
     b = x0.shape[0]
     if null_cond is not None and cond_dropout > 0:
         cond, _ = drop_condition(cond, null_cond, cond_dropout, b, generator)
-    t = logit_normal(b, shift, generator=generator)
-    eps = torch.randn(x0.shape, generator=generator).to(x0)
+    t = logit_normal(b, shift, generator=generator).to(x0.device)
+    eps = rng.noise_like(x0, generator)
     loss = flow_matching_loss(model, x0, eps, t, cond).mean()
     return loss, {"loss/flow_matching": loss.item()}

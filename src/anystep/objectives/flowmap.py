@@ -21,8 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import rng
 from ..flowmap import FlowMap, cat_cond, expand_cond, take_rows
-from ..time import T_MAX, beta08_weight, sample_time_pairs
+from ..time import T_MAX, beta08_weight, check_bucket_ratios, sample_time_pairs
 from .conditioning import drop_condition
 from .flow_matching import noisy
 
@@ -55,6 +56,9 @@ class Stage1Config:
                 raise ValueError(f"stage1.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.epsilon <= 0:
             raise ValueError(f"stage1.epsilon must be > 0 timestep units, got {self.epsilon}")
+        check_bucket_ratios(self.diffusion_ratio, self.consistency_ratio)
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            raise ValueError(f"stage1.cond_dropout must lie in [0, 1], got {self.cond_dropout}")
         if not 0.0 <= self.rebalance_power <= 1.0:
             raise ValueError(f"stage1.rebalance_power must be in [0, 1], got {self.rebalance_power}")
 
@@ -166,7 +170,7 @@ class Stage1Objective:
     def __init__(self, cfg: Stage1Config, null_cond: Any | None = None):
         self.cfg = cfg
         self.null_cond = null_cond
-        self.diffusion_mean_ema = torch.tensor(float("nan"), dtype=torch.float64)
+        self.diffusion_mean_ema = torch.tensor(float("nan"), dtype=torch.float64, device="cpu")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"diffusion_mean_ema": self.diffusion_mean_ema.clone()}
@@ -192,7 +196,7 @@ class Stage1Objective:
                                   split=cfg.bucket_split, rank=rank, world_size=world_size,
                                   generator=generator, time_dtype=time_dtype)
         t, r = pairs.t.to(x0.device), pairs.r.to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0)
+        eps = rng.noise_like(x0, generator)
         v = eps - x0
         x_t = noisy(x0, eps, t)
         # 2. the student with grad; the null branch and the derivative in one no-grad batch

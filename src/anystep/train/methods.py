@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import rng
 from ..backward_simulation import consistency_backward_simulation, draw_plan, flowmap_backward_simulation
 from ..causal import causal_backward_simulation
 from ..config import CausalConfig, ConsistencyConfig, Stage2Config
@@ -123,7 +124,7 @@ class Stage2(Method):
         if self.cfg.cond_dropout > 0:
             rollout_cond, _ = drop_condition(rollout_cond, expand_cond(self.world.null_cond, n),
                                              self.cfg.cond_dropout, n, generator)
-        noise = torch.randn((n, *x0.shape[1:]), generator=generator).to(x0)
+        noise = rng.normal((n, *x0.shape[1:]), generator).to(x0)
         return x0, cond, noise, rollout_cond
 
     def phases(self, step, generator):

@@ -16,6 +16,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch import nn
 
+from .. import rng
 from ..config import ModelConfig, WorldConfig
 from ..flowmap import FlowMap
 from ..models.toy import ToyFlowMapNet
@@ -40,7 +41,7 @@ class GMMBinding:
     def __init__(self, cfg: WorldConfig):
         self.world = GMMWorld(cfg.gmm)
         self.shape = self.world.shape
-        self.null_cond = torch.tensor([self.world.null_label])
+        self.null_cond = torch.tensor([self.world.null_label], device="cpu")
         self._reference: dict[tuple[int, float], torch.Tensor] = {}
 
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +69,8 @@ class GMMBinding:
 
     def eval_set(self, n: int, seed: int) -> EvalSet:
         g = torch.Generator().manual_seed(seed)
-        labels = torch.arange(n) % self.world.num_classes
-        noise = torch.randn(n, *self.shape, generator=g)
+        labels = torch.arange(n, device="cpu") % self.world.num_classes
+        noise = rng.normal((n, *self.shape), g)
         return EvalSet(noise, labels, labels)
 
     def evaluate(self, samples: torch.Tensor, ev: EvalSet, guidance: float) -> dict[str, float]:
@@ -124,7 +125,7 @@ class ShapesBinding:
         return videos, self.embed(specs)
 
     def embed(self, specs) -> torch.Tensor:
-        idx = torch.tensor([self.world.prompt_index(s) for s in specs])
+        idx = torch.tensor([self.world.prompt_index(s) for s in specs], device="cpu")
         return self.prompt_embeds[idx]
 
     def velocity_net(self, m: ModelConfig) -> nn.Module:
@@ -140,7 +141,7 @@ class ShapesBinding:
     def eval_set(self, n: int, seed: int) -> EvalSet:
         g = torch.Generator().manual_seed(seed)
         specs = self.world.sample_specs(n, g)
-        noise = torch.randn(n, *self.shape, generator=g)
+        noise = rng.normal((n, *self.shape), g)
         return EvalSet(noise, self.embed(specs), specs)
 
     def evaluate(self, samples: torch.Tensor, ev: EvalSet, guidance: float) -> dict[str, float]:

@@ -1,0 +1,173 @@
+"""Device placement, checked without a GPU.
+
+The first CUDA run of Stage 1 crashed on a tensor that the library created on the CPU (by default) and mixed
+with CUDA data. This guard finds that class of bug on a CPU-only machine: the data and the models live on the
+CPU, and every training and sampling path runs under :class:`ImplicitDeviceOnMeta`, which puts every tensor
+that *anystep's own code* creates without naming a device on ``meta``. Such a tensor cannot meet the real
+(CPU) data: torch raises ("Cannot copy out of meta tensor", "Expected all tensors to be on the same device")
+exactly where it would have met CUDA data on a GPU. Library code (diffusers, peft, torch) is left alone:
+it may build tables on the CPU and move them, which is right on every device. So is the shapes world's
+renderer and judge, a CPU component by contract (``OnDevice`` moves its batches to the training device, the
+sweep judges CPU copies of the samples).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from anystep.backward_simulation import RolloutPlan, consistency_backward_simulation, flowmap_backward_simulation
+from anystep.causal import causal_backward_simulation, sample_causal
+from anystep.config import CausalConfig, ConsistencyConfig, ModelConfig, Stage2Config, WorldConfig
+from anystep.evaluate.sweep import Sampler, sample_batched
+from anystep.flowmap import guided, sample, sample_consistency
+from anystep.models.far import far_student_from_wan
+from anystep.models.far_student import FARStudent
+from anystep.models.roles import SharedBase
+from anystep.models.wan import tiny_wan
+from anystep.objectives.flowmap import Stage1Config
+from anystep.train.loop import Trainer
+from anystep.train.methods import (CausalStage1, CausalStage2, ConsistencyDistillation, Stage1, Stage2,
+                                   TeacherFineTune)
+from anystep.worlds.binding import make_binding
+from anystep.worlds.shapes import ShapesConfig
+
+FACTORIES = {torch.linspace, torch.logspace, torch.arange, torch.zeros, torch.ones, torch.full, torch.empty,
+             torch.eye, torch.rand, torch.randn, torch.randint, torch.randperm, torch.tensor, torch.as_tensor}
+
+
+class ImplicitDeviceOnMeta(TorchFunctionMode):
+    """Tensor factories called from ``anystep`` without ``device=`` make their tensor on ``meta``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in FACTORIES and "device" not in kwargs and self._from_anystep():
+            if not (func in (torch.tensor, torch.as_tensor) and args and torch.is_tensor(args[0])):
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _from_anystep() -> bool:
+        module = sys._getframe(2).f_globals.get("__name__", "")
+        return module.startswith("anystep") and not module.startswith(CPU_COMPONENTS)
+
+
+CPU_COMPONENTS = ("anystep.worlds.shapes",)
+
+
+@contextlib.contextmanager
+def implicit_tensors_on_meta():
+    with ImplicitDeviceOnMeta():
+        yield
+
+
+def _shapes(causal: bool = False):
+    shapes = (ShapesConfig(size=8, frames=5, shape_size=3.0, speed=1.0, chunk_partition=(1, 2, 2)) if causal
+              else ShapesConfig(size=8, frames=3, shape_size=3.0, speed=1.0))
+    return make_binding(WorldConfig(name="shapes", shapes=shapes))
+
+
+def _gmm():
+    return make_binding(WorldConfig(name="gmm"))
+
+
+def _wan_net(seed=0):
+    torch.manual_seed(seed)
+    return tiny_wan(in_channels=3, text_dim=32, heads=2, head_dim=8, layers=1, ffn_dim=16, patch=(1, 2, 2))
+
+
+def _velocity(world):
+    return world.velocity_net(ModelConfig(heads=2, head_dim=8, layers=1, ffn_dim=16, hidden=16, depth=1))
+
+
+def _student(world):
+    return world.student_from(_velocity(world), ModelConfig(hidden=16, depth=1))
+
+
+def _far(partition=(1, 2, 2)):
+    return FARStudent(far_student_from_wan(_wan_net(), chunk_partition=partition), partition)
+
+
+def _step(method, tmp_path):
+    trainer = Trainer(method, steps=1, out_dir=tmp_path, optim={"lr": 1e-4, "warmup_steps": 0}, progress=False)
+    with implicit_tensors_on_meta():
+        stats = trainer.train_step()
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
+STAGE1_VARIANTS = [Stage1Config(), Stage1Config(derivative="jvp"), Stage1Config(fd_boundary="none"),
+                   Stage1Config(time_dtype="bfloat16", bucket_split="official"),
+                   Stage1Config(weight_type="uniform", fuse_guidance_scale=None)]
+
+
+@pytest.mark.parametrize("cfg", STAGE1_VARIANTS, ids=["official", "jvp", "fd_none", "bf16_times", "plain"])
+def test_stage1_creates_every_tensor_on_the_data_device(cfg, tmp_path):
+    world = _shapes()
+    _step(Stage1(_student(world), world, 4, cfg), tmp_path)
+
+
+def test_teacher_and_consistency_create_every_tensor_on_the_data_device(tmp_path):
+    world = _gmm()
+    _step(TeacherFineTune(_velocity(world), world, 8), tmp_path / "t")
+    _step(ConsistencyDistillation(_student(world), world.reference_teacher(), world, 8,
+                                  ConsistencyConfig(intervals=4)), tmp_path / "c")
+
+
+@pytest.mark.parametrize("rollout, grad", [("flowmap", "all"), ("flowmap", "one"), ("consistency", "all")])
+def test_stage2_creates_every_tensor_on_the_data_device(rollout, grad, tmp_path):
+    world = _shapes()
+    cfg = Stage2Config(rollout=rollout, rollout_grad=grad, rollout_steps=(2, 4), dmd_batch_size=2)
+    teacher = _velocity(world).requires_grad_(False)
+    _step(Stage2(_student(world), _velocity(world), teacher, world, 4, cfg, Stage1Config()), tmp_path)
+
+
+def test_stage2_with_lora_roles_creates_every_tensor_on_the_data_device(tmp_path):
+    world = _shapes()
+    shared = SharedBase.from_wan(_wan_net(), rank=4)
+    roles = {r: shared.role(r) for r in ("student", "critic", "teacher")}
+    cfg = Stage2Config(rollout_steps=(2,), dmd_batch_size=2)
+    _step(Stage2(roles["student"], roles["critic"], roles["teacher"], world, 2, cfg, Stage1Config()), tmp_path)
+
+
+def test_causal_stage1_and_stage2_create_every_tensor_on_the_data_device(tmp_path):
+    world = _shapes(causal=True)
+    causal = CausalConfig(enabled=True, chunk_partition=(1, 2, 2), bidirectional_prob=1.0)
+    _step(CausalStage1(_far(), world, 2, Stage1Config(), causal), tmp_path / "s1")
+    shared = SharedBase(far_student_from_wan(_wan_net(), chunk_partition=(1, 2, 2)), rank=4)
+    cfg = Stage2Config(rollout_steps=(2,), dmd_batch_size=2)
+    _step(CausalStage2(shared.role("student"), shared.role("critic"), shared.role("teacher"), world, 2, cfg,
+                       Stage1Config(), causal), tmp_path / "s2")
+
+
+def test_samplers_create_every_tensor_on_the_data_device():
+    world = _shapes(causal=True)
+    ev = world.eval_set(2, seed=0)
+    student, far = _student(world), _far()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), implicit_tensors_on_meta():
+        for steps in (1, 3, [1000.0, 500.0, 0.0]):
+            sample(student, ev.noise, ev.cond, steps)
+            sample(guided(_velocity(world), 3.0, world.null_cond), ev.noise, ev.cond, steps, mean_velocity=False)
+            sample_consistency(student, ev.noise, ev.cond, steps, generator=g)
+        for mode in ("flowmap", "euler", "consistency"):
+            sample_batched(Sampler(mode, student, 1.0, mode), world.null_cond, ev.noise, ev.cond, 2, 5.0)
+        sample_causal(far, ev.noise, ev.cond, 2)
+        sample_causal(far, ev.noise, ev.cond, 2, given=ev.noise[:, :1].clone())
+        plan = RolloutPlan(4, 1)
+        flowmap_backward_simulation(student, ev.noise, ev.cond, plan)
+        consistency_backward_simulation(student, ev.noise, ev.cond, plan, generator=g)
+        causal_backward_simulation(far, ev.noise, ev.cond, plan)
+
+
+def test_the_guard_catches_an_implicit_cpu_tensor():
+    """The guard itself: a tensor made without a device cannot meet the data (it could on a CPU-only run)."""
+    probe = {"__name__": "anystep.probe", "torch": torch}
+    exec("def scaled(x):\n    return x * torch.linspace(0, 1, x.shape[0])\n", probe)
+    x = torch.ones(3)
+    assert torch.equal(probe["scaled"](x), torch.linspace(0, 1, 3))
+    with implicit_tensors_on_meta(), pytest.raises((RuntimeError, NotImplementedError)):
+        probe["scaled"](x)
