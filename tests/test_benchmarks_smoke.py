@@ -80,3 +80,25 @@ def test_out_of_memory_falls_back_to_the_next_size(bench, capsys):
     assert "retrying at 49x480x832 (latent 13x60x104, 20280 tokens)" in capsys.readouterr().out
     assert bench.with_fallback("x", sizes[:1], run, None, torch.device("cpu"), (1, 2, 2)) == (None, {})
     assert sizes[0].latent == (21, 60, 104) and sizes[0].tokens((1, 2, 2)) == 32760
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_mode_runs_every_part(tmp_path):
+    """benchmarks/gpu_check.py --device cpu: the whole check (both tiny chains, placement, the pipelines, the
+    tiny throughput) runs here, so the script is ready whenever a GPU is lent."""
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCHMARKS / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "check.json"
+    result = module.main(["--device", "cpu", "--throughput-size", "tiny", "--repeats", "1", "--out", str(out),
+                          "--workdir", str(tmp_path / "work")])
+    saved = json.loads(out.read_text())
+    assert saved == result and result["ok"], [p.get("error") for p in result["parts"] if not p["ok"]]
+    names = [p["name"] for p in result["parts"]]
+    for part in ("Stage 2 (LoRA roles on one base)", "AnyFlowPipeline at 1 and 4 steps", "causal Stage 2",
+                 "AnyFlowFARPipeline at 1 and 4 steps (T2V, I2V)", "throughput (tiny)"):
+        assert part in names
+    pipeline = next(p for p in result["parts"] if p["name"] == "AnyFlowPipeline at 1 and 4 steps")
+    assert pipeline["N=4"]["shape"] == [1, 17, 32, 32, 3]
+    rows = next(p for p in result["parts"] if p["name"] == "throughput (tiny)")["rows"]
+    assert any(r["metric"] == "Stage 2 step (s)" and r["value"] > 0 for r in rows)
