@@ -93,7 +93,10 @@ class MetricsLog:
 
 
 def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    """Linear warm-up over ``warmup`` steps, then constant, as diffusers' ``get_constant_schedule_with_warmup``
+    (the official schedule): the factor of update ``step`` (0-based) is ``step / warmup`` before ``warmup``,
+    so the first update has lr 0."""
+    return lambda step: step / warmup if step < warmup else 1.0
 
 
 class Trainer:
