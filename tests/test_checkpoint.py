@@ -75,3 +75,15 @@ def test_lr_warmup_is_diffusers_constant_schedule_with_warmup(tmp_path, warmup):
         ref.step()
     assert used == expected and used[0] == 0.0 and used[-1] == 0.1
     assert all(torch.equal(a, b) for a, b in zip(after_first, start))   # lr 0: the first update moved nothing
+
+
+
+# ---------------------------------------------------------------------------------------------- 10(f), (i)
+@pytest.mark.parametrize("override, message", [
+    ("train.checkpoint_every=0", "train.checkpoint_every must be >= 1"),
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("train.steps=0", "train.steps must be >= 1"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0"),
+])
+def test_bad_train_settings_are_refused_before_training(override, message, capsys):
+    _one_line_error(capsys, teacher("runs/x", "--dry-run", override), message)
