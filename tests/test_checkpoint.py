@@ -87,3 +87,10 @@ def test_lr_warmup_is_diffusers_constant_schedule_with_warmup(tmp_path, warmup):
 ])
 def test_bad_train_settings_are_refused_before_training(override, message, capsys):
     _one_line_error(capsys, teacher("runs/x", "--dry-run", override), message)
+
+
+
+def test_a_model_init_from_another_world_is_a_clear_error(tmp_path, capsys):
+    _one_line_error(capsys, ["stage1", "--config", "gmm_stage1", "--no-progress", f"train.out_dir={tmp_path}",
+                             "model.init=shipped:shapes_teacher", *GMM],
+                    "model.init=shipped:shapes_teacher is a 'shapes'-world run", "'gmm'")

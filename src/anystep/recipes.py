@@ -273,8 +273,21 @@ def _enable_checkpointing(module: nn.Module) -> None:
         module.transformer.enable_gradient_checkpointing()
 
 
+def _check_same_world(cfg: RunConfig) -> None:
+    """The runs this one starts from (``model.init``, a named teacher) were trained in its world."""
+    named = {"model.init": cfg.model.init, "stage2.teacher": cfg.stage2.teacher if cfg.kind == "stage2" else None,
+             "consistency.teacher": cfg.consistency.teacher if cfg.kind == "consistency" else None}
+    for key, spec in named.items():
+        if spec and spec != "exact":
+            world = checkpoint_config(resolve_checkpoint(spec)).world.name
+            if world != cfg.world.name:
+                raise ValueError(f"{key}={spec} is a {world!r}-world run, but this run's world is "
+                                 f"{cfg.world.name!r}: start from a run of the same world")
+
+
 def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
     """The Method for ``cfg.kind`` with its models, inside a :class:`Trainer`."""
+    _check_same_world(cfg)
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     binding = make_binding(cfg.world)
