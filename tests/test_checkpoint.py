@@ -7,7 +7,8 @@ from torch import nn
 
 from anystep.cli import main
 from anystep.config import resolve
-from anystep.train.loop import Trainer
+from anystep.train.checkpoint import find_checkpoint
+from anystep.train.loop import NonFiniteLossError, Trainer
 from anystep.train.methods import Method, Phase
 
 GMM = ["model.hidden=32", "model.depth=1", "train.batch_size=16", "train.log_every=1", "optim.warmup_steps=2",
@@ -94,3 +95,37 @@ def test_a_model_init_from_another_world_is_a_clear_error(tmp_path, capsys):
     _one_line_error(capsys, ["stage1", "--config", "gmm_stage1", "--no-progress", f"train.out_dir={tmp_path}",
                              "model.init=shipped:shapes_teacher", *GMM],
                     "model.init=shipped:shapes_teacher is a 'shapes'-world run", "'gmm'")
+
+
+
+# ---------------------------------------------------------------------------------------------- 10(g)
+def test_nan_before_any_checkpoint_says_none_was_written(tmp_path):
+    trainer = _toy_trainer(tmp_path, Toy(lambda m, step: m.weight.sum() * float("nan")))
+    with pytest.raises(NonFiniteLossError, match=r"^step 0: loss term 'loss/toy' of role 'student' is nan; "
+                                                 r"training stopped, no checkpoint was written yet$"):
+        trainer.fit()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_non_finite_gradient_stops_training_before_the_update(tmp_path):
+    def loss(m, step):   # finite, but at step 2 its gradient is infinite (d sqrt(u) / du at u = 0)
+        value = m.weight.pow(2).sum()
+        return value + torch.sqrt(m.weight - m.weight.detach()).sum() if step == 2 else value
+
+    trainer = _toy_trainer(tmp_path, Toy(loss))
+    with pytest.raises(NonFiniteLossError, match=r"step 2: the gradient norm of role 'student' is inf; training "
+                                                 r"stopped, the last good checkpoint is .*step_000002$"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.method.roles["student"].parameters())
+    assert find_checkpoint(tmp_path).name == "step_000002"
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    # an absurd lr with beta1 = 0: each update moves the weight by -3e38, so the second overflows to -inf while
+    # the loss (that weight) and its gradient (1) stay finite
+    optim = {"lr": 3e38, "betas": (0.0, 0.95), "warmup_steps": 0}
+    trainer = _toy_trainer(tmp_path, Toy(lambda m, step: m.weight[0, 0]), steps=2, optim=optim)
+    with pytest.raises(NonFiniteLossError, match=r"step 2: weights of role 'student' are not finite .*the last good "
+                                                 r"checkpoint is .*step_000001$"):
+        trainer.fit()
+    assert find_checkpoint(tmp_path).name == "step_000001"

@@ -2,7 +2,8 @@
 
 It knows nothing of the algorithm. A :class:`~anystep.train.methods.Method` says, for each iteration, which
 *phases* run: a phase names the role whose optimizer steps and returns its loss terms. The loop sums the
-terms, checks that each is finite, back-propagates, clips, steps, and updates that role's EMA.
+terms, back-propagates, clips, checks that the loss terms and the gradient norm are finite (one host sync),
+steps, and updates that role's EMA; trained weights are checked before every log and checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .methods import Method
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite; training stops and the last good checkpoint is kept."""
+    """A loss term, a gradient norm or a trained weight became NaN or infinite; training stops before the
+    optimizer steps on it (weights: before they are logged or saved) and the last good checkpoint is kept."""
 
 
 class EMA:
@@ -129,6 +131,7 @@ class Trainer:
             if role in method.ema_roles:
                 self.emas[role] = EMA(module, ro.get("ema_decay", 0.999), ro.get("ema_warmup_steps", 0))
         self.step = 0
+        self.last_checkpoint: Path | None = None   # the newest checkpoint saved or resumed from
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -147,7 +150,9 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "method": self.method.state_dict(),
         }
-        return save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.config_yaml, self.keep)
+        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.config_yaml,
+                                               self.keep)
+        return self.last_checkpoint
 
     def resume(self, path: str | Path | None = None) -> int:
         """Restore everything from a checkpoint (default: this run's latest). Returns the step."""
@@ -165,6 +170,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.method.load_state_dict(state["method"])
         self.step = int(state["step"])
+        self.last_checkpoint = ckpt
         return self.step
 
     # ------------------------------------------------------------------ the loop
@@ -175,23 +181,41 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             with self._autocast(module):
                 terms, phase_stats = phase.run()
-            for name, value in terms.items():
-                if not torch.isfinite(value).all():
-                    raise NonFiniteLossError(
-                        f"step {self.step}: loss term {name!r} of role {phase.role!r} is {value.item()}; "
-                        f"training stopped, the last good checkpoint is in {self.checkpoint_dir}")
-            total = sum(terms.values())
-            total.backward()
+            sum(terms.values()).backward()
             params = [p for p in module.parameters() if p.requires_grad]
             gnorm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+            gnorm = self._checked_grad_norm(phase.role, terms, gnorm)
             opt.step()
             self.schedulers[phase.role].step()
             if phase.role in self.emas:
                 self.emas[phase.role].update(module, self.step)
             stats.update(phase_stats)
-            stats[f"grad_norm/{phase.role}"] = float(gnorm)
+            stats[f"grad_norm/{phase.role}"] = gnorm
             stats[f"lr/{phase.role}"] = self.schedulers[phase.role].get_last_lr()[0]
         return stats
+
+    def _checked_grad_norm(self, role: str, terms: dict[str, torch.Tensor], gnorm: torch.Tensor) -> float:
+        """The gradient norm, read with the loss terms in one host sync; NonFiniteLossError naming the step,
+        role and culprit when any of them is NaN or infinite (before the optimizer steps on them)."""
+        values = torch.stack([v.detach().float().sum() for v in terms.values()] + [gnorm.detach().float()]).tolist()
+        for name, value in zip([*(f"loss term {k!r}" for k in terms), "the gradient norm"], values):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"step {self.step}: {name} of role {role!r} is {value}; {self._stopped()}")
+        return values[-1]
+
+    def _check_weights(self) -> None:
+        """NonFiniteLossError when a trained weight of a role is NaN or infinite (one host sync per role)."""
+        for role, module in self.method.roles.items():
+            params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+            if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():
+                bad = next(n for n, p in params.items() if not torch.isfinite(p).all())
+                raise NonFiniteLossError(f"step {self.step}: weights of role {role!r} are not finite (e.g. {bad}) "
+                                         f"after the optimizer step; {self._stopped()}")
+
+    def _stopped(self) -> str:
+        where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None
+                 else "no checkpoint was written yet")
+        return f"training stopped, {where}"
 
     def _autocast(self, module: torch.nn.Module):
         """bf16 autocast on the role's device (weights, gradients, EMA and optimizer state stay fp32)."""
@@ -201,6 +225,8 @@ class Trainer:
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
     def fit(self) -> Path | None:
+        """Train up to ``steps``; logs every ``log_every`` steps, saves every ``checkpoint_every`` and at the end,
+        each time after checking the weights. Returns the last checkpoint saved (None when none was)."""
         log = MetricsLog(self.out_dir, self.step)
         bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train",
                    dynamic_ncols=True)
@@ -210,13 +236,17 @@ class Trainer:
             stats = self.train_step()
             self.step += 1
             bar.update(1)
-            if self.step % self.log_every == 0 or self.step == self.steps:
+            logging = self.step % self.log_every == 0 or self.step == self.steps
+            saving = self.step % self.checkpoint_every == 0 or self.step == self.steps
+            if logging or saving:
+                self._check_weights()
+            if logging:
                 stats["time/sec_per_step"] = (time.time() - t0) / self.log_every
                 t0 = time.time()
                 log.log(self.step, stats)
                 shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in stats.items() if k.startswith("loss/")}
                 bar.set_postfix(shown, refresh=False)
-            if self.step % self.checkpoint_every == 0 or self.step == self.steps:
+            if saving:
                 last = self.save()
         bar.close()
         return last
