@@ -11,7 +11,8 @@ from torch import nn
 
 from .config import RunConfig, from_dict, to_yaml
 from .flowmap import FlowMap
-from .train.checkpoint import CheckpointError, find_checkpoint, load_module
+from .train.checkpoint import (CheckpointError, checkpoint_to_resume, clean_run_folder, clear_run_folder,
+                               find_checkpoint, load_module, lock_run_folder, write_text_atomic)
 from .train.loop import Trainer
 from .train.methods import (CausalStage1, CausalStage2, ConsistencyDistillation, Stage1, Stage2,
                             TeacherFineTune)
@@ -327,18 +328,28 @@ def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
                    mixed_precision=cfg.train.mixed_precision)
 
 
-def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the final checkpoint folder. ``train.threads``, when set, becomes this
-    process's torch thread count."""
+def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True, *, resume_if_present: bool = False,
+          overwrite: bool = False) -> Path:
+    """Run (or resume) training; returns the final checkpoint folder. ``resume``: True for the run's newest
+    complete checkpoint, or a checkpoint path; ``resume_if_present``: resume when the run has a complete
+    checkpoint, else start fresh; ``overwrite``: start over in a folder holding a run (deleted once the model
+    is built), which a fresh start refuses otherwise. The run folder is locked for the whole run and cleaned of
+    what a kill left; folder problems are raised before any model is built. ``train.threads``, when set,
+    becomes this process's torch thread count."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    trainer = build_trainer(cfg, progress)
-    if resume:
-        trainer.resume(None if resume is True else resume)
-    Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.train.out_dir) / "config.yaml").write_text(to_yaml(cfg))
-    last = trainer.fit()
-    return last if last is not None else find_checkpoint(trainer.checkpoint_dir)
+    out = Path(cfg.train.out_dir)
+    with lock_run_folder(out):
+        clean_run_folder(out)
+        start = checkpoint_to_resume(out, resume, resume_if_present, overwrite)
+        trainer = build_trainer(cfg, progress)
+        if overwrite:
+            clear_run_folder(out)
+        if start is not None:
+            trainer.resume(start)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
+        last = trainer.fit()
+    return last if last is not None else trainer.last_checkpoint
 
 
 def export_run(spec: str, out: str | Path, *, adapters: bool = False, dtype: torch.dtype | None = None,

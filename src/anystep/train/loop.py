@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import find_checkpoint, load_tensors, load_trainer_state, save_checkpoint
+from .checkpoint import (CheckpointError, fault_point, find_checkpoint, fitting_tensors, load_module,
+                         load_trainer_state, save_checkpoint, write_text_atomic)
 from .methods import Method
 
 
@@ -63,7 +65,7 @@ class MetricsLog:
         self.rows: list[dict[str, Any]] = []
         if self.path.exists():
             with open(self.path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+                self.rows = [r for r in csv.DictReader(f) if _whole(r) and int(r["step"]) <= resume_step]
         self.fields = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
         self._write_all()
         try:
@@ -87,11 +89,18 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, step)
 
     def _write_all(self) -> None:
+        """The whole file again, replaced atomically (a kill never loses the rows written before)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, self.fields)
-            w.writeheader()
-            w.writerows(self.rows)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, self.fields)
+        w.writeheader()
+        w.writerows(self.rows)
+        write_text_atomic(self.path, text.getvalue())
+
+
+def _whole(row: dict[str, Any]) -> bool:
+    """A CSV row that was written to the end (a kill can cut the last one short)."""
+    return None not in row and all(v is not None for v in row.values()) and row["step"].isdigit()
 
 
 def _lr_lambda(warmup: int):
@@ -118,14 +127,15 @@ class Trainer:
         self.mixed_precision = mixed_precision
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        self.optimizers, self.schedulers, self.emas = {}, {}, {}
+        self.optimizers, self.schedulers, self.emas, self.hyper = {}, {}, {}, {}
         for role, module in method.roles.items():
             params = [p for p in module.parameters() if p.requires_grad]
             if not params:
                 raise ValueError(f"role {role!r} has no trainable parameters")
             ro = {**o, **method.optim_overrides.get(role, {})}
-            opt = torch.optim.AdamW(params, lr=ro.get("lr", 5e-5), betas=tuple(ro.get("betas", (0.9, 0.95))),
+            self.hyper[role] = dict(lr=ro.get("lr", 5e-5), betas=tuple(ro.get("betas", (0.9, 0.95))),
                                     weight_decay=ro.get("weight_decay", 0.0))
+            opt = torch.optim.AdamW(params, **self.hyper[role])
             self.optimizers[role] = opt
             self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(ro.get("warmup_steps", 0)))
             if role in method.ema_roles:
@@ -155,23 +165,41 @@ class Trainer:
         return self.last_checkpoint
 
     def resume(self, path: str | Path | None = None) -> int:
-        """Restore everything from a checkpoint (default: this run's latest). Returns the step."""
+        """Restore everything from a checkpoint (default: this run's newest complete one), then apply this run's
+        optimizer settings (lr, betas, weight decay: the saved ones are those of the run that wrote it).
+        CheckpointError when it does not fit this run. Returns the step."""
         ckpt = find_checkpoint(path or self.checkpoint_dir)
         for role, module in self.method.roles.items():
-            module.load_state_dict(load_tensors(ckpt / f"{role}.safetensors"))
+            load_module(module, ckpt / f"{role}.safetensors")
         for role, ema in self.emas.items():
-            ema.load(load_tensors(ckpt / f"{role}_ema.safetensors"))
+            ema.load(fitting_tensors(ckpt / f"{role}_ema.safetensors", self.method.roles[role].state_dict()))
         state = load_trainer_state(ckpt)
-        for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
-        for k, s in self.schedulers.items():
-            s.load_state_dict(state["schedulers"][k])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self.method.load_state_dict(state["method"])
-        self.step = int(state["step"])
+        try:
+            for k, o in self.optimizers.items():
+                o.load_state_dict(state["optimizers"][k])
+            for k, s in self.schedulers.items():
+                s.load_state_dict(state["schedulers"][k])
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            self.method.load_state_dict(state["method"])
+            self.step = int(state["step"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{ckpt / 'trainer.pt'} does not fit this run: {type(err).__name__} "
+                                  f"{str(err).splitlines()[0] if str(err) else ''}") from err
+        self._apply_hyperparameters()
         self.last_checkpoint = ckpt
         return self.step
+
+    def _apply_hyperparameters(self) -> None:
+        """This run's lr, betas and weight decay in every optimizer, the schedule continuing from its restored
+        step (exactly the lr an uninterrupted run would have)."""
+        for role, opt in self.optimizers.items():
+            h, sched = self.hyper[role], self.schedulers[role]
+            sched.base_lrs = [h["lr"]] * len(opt.param_groups)
+            for group, fn in zip(opt.param_groups, sched.lr_lambdas):
+                group.update(betas=h["betas"], weight_decay=h["weight_decay"], initial_lr=h["lr"],
+                             lr=h["lr"] * fn(sched.last_epoch))
+            sched._last_lr = [group["lr"] for group in opt.param_groups]
 
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> dict[str, float]:
@@ -186,6 +214,7 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
             gnorm = self._checked_grad_norm(phase.role, terms, gnorm)
             opt.step()
+            fault_point("mid_step", self.step + 1)
             self.schedulers[phase.role].step()
             if phase.role in self.emas:
                 self.emas[phase.role].update(module, self.step)
