@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def _save(root, step, value):
     return save_checkpoint(root, step, {"student": {"w": torch.full((3,), value)}}, {"step": step}, "kind: stage1\n")
 
 
-def test_a_kill_while_a_step_is_saved_again_keeps_the_old_checkpoint(tmp_path):
+def test_a_kill_while_a_step_is_saved_again_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
     _save(root, 3, 1.0)
     env = {**os.environ, "ANYSTEP_FAULT": "replace_old:3"}
@@ -153,6 +154,18 @@ def test_a_kill_while_a_step_is_saved_again_keeps_the_old_checkpoint(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not (root / "step_000003").exists()      # killed between moving the old one away and the new in place
     assert load_tensors(find_checkpoint(tmp_path) / "student.safetensors")["w"][0] == 1.0   # still read
+    # saving the step again before any cleanup, and failing to put the new one in place, keeps the old one
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name.startswith(".tmp_step_"):
+            raise OSError("disk full")
+        real_replace(src, dst)
+    monkeypatch.setattr("anystep.train.checkpoint.os.replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        _save(root, 3, 3.0)
+    monkeypatch.undo()
+    assert load_tensors(find_checkpoint(tmp_path) / "student.safetensors")["w"][0] == 1.0
     clean_run_folder(tmp_path)
     assert sorted(os.listdir(root)) == ["latest", "step_000003"]
     assert load_tensors(find_checkpoint(tmp_path) / "student.safetensors")["w"][0] == 1.0

@@ -177,20 +177,19 @@ def _put_in_place(tmp: Path, final: Path, step: int) -> None:
     only once the new one is in place (after a kill in between, readers still take it and
     :func:`clean_run_folder` puts it back)."""
     old = final.with_name(f".replaced_{final.name}")
-    if old.exists():
-        _discard(old)          # left by an earlier kill after its replacement was in place
-    moved = final.exists()
-    if moved:
+    if final.exists():
+        if old.exists():
+            _discard(old)      # stale: an earlier kill came after its replacement was in place
         os.replace(final, old)
         fault_point("replace_old", step)
     try:
         os.replace(tmp, final)
     except BaseException:
-        if moved:
+        if old.exists() and not final.exists():
             os.replace(old, final)
         raise
     _fsync_dir(final.parent)
-    if moved:
+    if old.exists():
         _discard(old)
 
 
