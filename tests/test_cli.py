@@ -192,10 +192,11 @@ def test_shapes_lora_roles_on_one_frozen_base_end_to_end(tmp_path):
 
 def test_demo_runs_every_stage_and_sweeps_them_together(tmp_path):
     """The default demo trains the baselines in a second process; --sequential trains all four stages here.
-    With one thread everywhere both give the same table."""
+    With one thread everywhere both give the same table. The second demo runs in the first one's folder: a
+    demo starts its runs over."""
     tables = {}
+    out = tmp_path / "demo"
     for mode in ("parallel", "sequential"):
-        out = tmp_path / mode
         flags = ["--sequential"] if mode == "sequential" else []
         assert main(["demo", "--out", str(out), "--budget", "2,1,2,1", "sweep.num_samples=4", "sweep.steps=[1,2]",
                      "stage2.dmd_batch_size=2", "train.threads=1", "--no-progress", *flags]) == 0

@@ -71,7 +71,11 @@ def test_missing_and_corrupt_checkpoints_give_clear_errors(tmp_path):
     (bad / "student.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no checkpoint|missing"):
         load_model(str(bad))
+    # `latest` is a hint for people, never trusted: the newest complete checkpoint is found whatever it says
     (ckpt.parent / "latest").write_text("step_999999\n")
+    assert find_checkpoint(tmp_path / "run") == ckpt
+    # a run from before checkpoints had a COMPLETE marker is read through `latest`: a dangling one is an error
+    (ckpt / "COMPLETE").unlink()
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(str(tmp_path / "run"))
 

@@ -95,7 +95,7 @@ def test_export_is_the_stage2_students_ema(chain):
 
 
 def test_bf16_base_keeps_float32_adapters(chain):
-    cfg = resolve(str(chain["stage2"] / "config.yaml"), ["train.steps=0"])
+    cfg = resolve(str(chain["stage2"] / "config.yaml"), ["train.steps=1"])
     assert cfg.model.base_dtype == "bfloat16"      # the preset's (official bf16 parameters)
     student = build_trainer(cfg, progress=False).method.roles["student"]
     assert student.shared.base.blocks[0].attn1.to_q.base_layer.weight.dtype == torch.bfloat16
@@ -109,7 +109,7 @@ def test_student_delta_embedder_trains_and_is_saved(chain):
 
 
 def test_all_roles_share_the_raw_wan_base_and_the_teacher_is_the_teacher_run(chain):
-    cfg = resolve(str(chain["stage2"] / "config.yaml"), ["train.steps=0", "model.base_dtype=float32"])
+    cfg = resolve(str(chain["stage2"] / "config.yaml"), ["train.steps=1", "model.base_dtype=float32"])
     trainer = build_trainer(cfg, progress=False)
     student, critic = trainer.method.roles["student"], trainer.method.roles["critic"]
     teacher = trainer.method.teacher

@@ -69,9 +69,17 @@ def _train_parser(sub, name: str, help_: str, preset: str) -> None:
     p.add_argument("--config", default=preset, help=f"a preset name or a YAML file (default: {preset})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    p.add_argument("--resume-from", metavar="CHECKPOINT", default=None,
-                   help="continue from this checkpoint (a run folder or a step_* folder)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the run's newest complete checkpoint (an error when there is none)")
+    start.add_argument("--resume-if-present", action="store_true",
+                       help="continue from the run's newest complete checkpoint when there is one, else start "
+                            "fresh (for restart scripts)")
+    start.add_argument("--resume-from", metavar="CHECKPOINT", default=None,
+                       help="continue from this checkpoint (a run folder or a step_* folder)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over in a train.out_dir that holds a run: its checkpoints, metrics and logs are "
+                            "deleted (without this flag or a resume flag, such a folder is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -88,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "training), Stage 2 (on-policy distillation), the two consistency baselines "
                                    "(consistency distillation; consistency backward simulation + DMD), then the "
                                    "sweep N = 1..32 of every student and the teacher's Euler sampler: table, "
-                                   "plot and videos. --full runs the longer budgets.")
-    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+                                   "plot and videos. --full runs the longer budgets. Every run starts fresh: "
+                                   "running it again replaces the stages' runs (and the sweep) in --out.")
+    d.add_argument("--out", default="runs/demo",
+                   help="output folder (default: runs/demo); stage runs already in it are started over")
     d.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides applied to every stage's config (e.g. train.threads=1)")
     d.add_argument("--full", action="store_true",
@@ -265,7 +275,8 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    ckpt = train(cfg, resume=args.resume_from or args.resume, progress=not args.no_progress)
+    ckpt = train(cfg, resume=args.resume_from or args.resume, progress=not args.no_progress,
+                 resume_if_present=args.resume_if_present, overwrite=args.overwrite)
     print(f"done: checkpoint {ckpt}")
     return 0
 
@@ -366,7 +377,7 @@ def _train_chain(stages: list, total: int, threads: int | None, progress: bool) 
     for i, (title, cfg) in stages:
         t0 = time.time()
         print(f"[{i}/{total}] {title}: {cfg.train.steps} steps", flush=True)
-        ckpt = train(cfg, progress=progress)
+        ckpt = train(cfg, progress=progress, overwrite=True)   # the demo starts every stage fresh
         print(f"      [{i}/{total}] done in {time.time() - t0:.0f} s: {ckpt}", flush=True)
 
 

@@ -208,9 +208,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.mixed_precision not in ("fp32", "bf16"):
             raise ValueError(f"train.mixed_precision must be 'fp32' or 'bf16', got {self.mixed_precision!r}")
-        if self.steps < 0 or self.batch_size < 1:
-            raise ValueError(f"train.steps must be >= 0 and train.batch_size >= 1, got {self.steps}, "
-                             f"{self.batch_size}")
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"train.keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
 
 
 @dataclass

@@ -11,7 +11,8 @@ from torch import nn
 
 from .config import RunConfig, from_dict, to_yaml
 from .flowmap import FlowMap
-from .train.checkpoint import CheckpointError, find_checkpoint, load_module
+from .train.checkpoint import (CheckpointError, checkpoint_to_resume, clean_run_folder, clear_run_folder,
+                               find_checkpoint, load_module, lock_run_folder, write_text_atomic)
 from .train.loop import Trainer
 from .train.methods import (CausalStage1, CausalStage2, ConsistencyDistillation, Stage1, Stage2,
                             TeacherFineTune)
@@ -274,6 +275,18 @@ def _enable_checkpointing(module: nn.Module) -> None:
         module.transformer.enable_gradient_checkpointing()
 
 
+def _check_same_world(cfg: RunConfig) -> None:
+    """The runs this one starts from (``model.init``, a named teacher) were trained in its world."""
+    named = {"model.init": cfg.model.init, "stage2.teacher": cfg.stage2.teacher if cfg.kind == "stage2" else None,
+             "consistency.teacher": cfg.consistency.teacher if cfg.kind == "consistency" else None}
+    for key, spec in named.items():
+        if spec and spec != "exact":
+            world = checkpoint_config(resolve_checkpoint(spec)).world.name
+            if world != cfg.world.name:
+                raise ValueError(f"{key}={spec} is a {world!r}-world run, but this run's world is "
+                                 f"{cfg.world.name!r}: start from a run of the same world")
+
+
 # The network fields of ``model`` each world builds from (the wan world's network is its model folder's).
 ARCHITECTURE_FIELDS = {"gmm": ("hidden", "depth", "max_freq"),
                        "shapes": ("patch", "heads", "head_dim", "layers", "ffn_dim"), "wan": ()}
@@ -291,9 +304,6 @@ def check_architecture(cfg: RunConfig) -> None:
     if not cfg.model.init:
         return
     theirs, ours = architecture(checkpoint_config(resolve_checkpoint(cfg.model.init))), architecture(cfg)
-    if theirs["world"] != ours["world"]:
-        raise ValueError(f"model.init={cfg.model.init} is a {theirs['world']!r}-world run; this run trains in the "
-                         f"{ours['world']!r} world (world.name): start from a run of the same world")
     for field, value in ours.items():
         if theirs[field] != value:
             raise ValueError(f"model.{field}={value!r}, but model.init={cfg.model.init} was trained with "
@@ -303,6 +313,7 @@ def check_architecture(cfg: RunConfig) -> None:
 
 def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
     """The Method for ``cfg.kind`` with its models, inside a :class:`Trainer`."""
+    _check_same_world(cfg)
     check_architecture(cfg)
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
@@ -343,18 +354,28 @@ def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
                    mixed_precision=cfg.train.mixed_precision)
 
 
-def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the final checkpoint folder. ``train.threads``, when set, becomes this
-    process's torch thread count."""
+def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True, *, resume_if_present: bool = False,
+          overwrite: bool = False) -> Path:
+    """Run (or resume) training; returns the final checkpoint folder. ``resume``: True for the run's newest
+    complete checkpoint, or a checkpoint path; ``resume_if_present``: resume when the run has a complete
+    checkpoint, else start fresh; ``overwrite``: start over in a folder holding a run (deleted once the model
+    is built), which a fresh start refuses otherwise. The run folder is locked for the whole run and cleaned of
+    what a kill left; folder problems are raised before any model is built. ``train.threads``, when set,
+    becomes this process's torch thread count."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    trainer = build_trainer(cfg, progress)
-    if resume:
-        trainer.resume(None if resume is True else resume)
-    Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.train.out_dir) / "config.yaml").write_text(to_yaml(cfg))
-    last = trainer.fit()
-    return last if last is not None else find_checkpoint(trainer.checkpoint_dir)
+    out = Path(cfg.train.out_dir)
+    with lock_run_folder(out):
+        clean_run_folder(out)
+        start = checkpoint_to_resume(out, resume, resume_if_present, overwrite)
+        trainer = build_trainer(cfg, progress)
+        if overwrite:
+            clear_run_folder(out)
+        if start is not None:
+            trainer.resume(start)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
+        last = trainer.fit()
+    return last if last is not None else trainer.last_checkpoint
 
 
 def export_run(spec: str, out: str | Path, *, adapters: bool = False, dtype: torch.dtype | None = None,

@@ -2,13 +2,15 @@
 
 It knows nothing of the algorithm. A :class:`~anystep.train.methods.Method` says, for each iteration, which
 *phases* run: a phase names the role whose optimizer steps and returns its loss terms. The loop sums the
-terms, checks that each is finite, back-propagates, clips, steps, and updates that role's EMA.
+terms, back-propagates, clips, checks that the loss terms and the gradient norm are finite (one host sync),
+steps, and updates that role's EMA; trained weights are checked before every log and checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
 import time
 from pathlib import Path
@@ -17,12 +19,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import find_checkpoint, load_tensors, load_trainer_state, save_checkpoint
+from .checkpoint import (CheckpointError, fault_point, find_checkpoint, fitting_tensors, load_module,
+                         load_trainer_state, save_checkpoint, write_text_atomic)
 from .methods import Method
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite; training stops and the last good checkpoint is kept."""
+    """A loss term, a gradient norm or a trained weight became NaN or infinite; training stops before the
+    optimizer steps on it (weights: before they are logged or saved) and the last good checkpoint is kept."""
 
 
 class EMA:
@@ -61,7 +65,7 @@ class MetricsLog:
         self.rows: list[dict[str, Any]] = []
         if self.path.exists():
             with open(self.path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+                self.rows = [r for r in csv.DictReader(f) if _whole(r) and int(r["step"]) <= resume_step]
         self.fields = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
         self._write_all()
         try:
@@ -85,15 +89,25 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, step)
 
     def _write_all(self) -> None:
+        """The whole file again, replaced atomically (a kill never loses the rows written before)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, self.fields)
-            w.writeheader()
-            w.writerows(self.rows)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, self.fields)
+        w.writeheader()
+        w.writerows(self.rows)
+        write_text_atomic(self.path, text.getvalue())
+
+
+def _whole(row: dict[str, Any]) -> bool:
+    """A CSV row that was written to the end (a kill can cut the last one short)."""
+    return None not in row and all(v is not None for v in row.values()) and row["step"].isdigit()
 
 
 def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    """Linear warm-up over ``warmup`` steps, then constant, as diffusers' ``get_constant_schedule_with_warmup``
+    (the official schedule): the factor of update ``step`` (0-based) is ``step / warmup`` before ``warmup``,
+    so the first update has lr 0."""
+    return lambda step: step / warmup if step < warmup else 1.0
 
 
 class Trainer:
@@ -113,19 +127,21 @@ class Trainer:
         self.mixed_precision = mixed_precision
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        self.optimizers, self.schedulers, self.emas = {}, {}, {}
+        self.optimizers, self.schedulers, self.emas, self.hyper = {}, {}, {}, {}
         for role, module in method.roles.items():
             params = [p for p in module.parameters() if p.requires_grad]
             if not params:
                 raise ValueError(f"role {role!r} has no trainable parameters")
             ro = {**o, **method.optim_overrides.get(role, {})}
-            opt = torch.optim.AdamW(params, lr=ro.get("lr", 5e-5), betas=tuple(ro.get("betas", (0.9, 0.95))),
+            self.hyper[role] = dict(lr=ro.get("lr", 5e-5), betas=tuple(ro.get("betas", (0.9, 0.95))),
                                     weight_decay=ro.get("weight_decay", 0.0))
+            opt = torch.optim.AdamW(params, **self.hyper[role])
             self.optimizers[role] = opt
             self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(ro.get("warmup_steps", 0)))
             if role in method.ema_roles:
                 self.emas[role] = EMA(module, ro.get("ema_decay", 0.999), ro.get("ema_warmup_steps", 0))
         self.step = 0
+        self.last_checkpoint: Path | None = None   # the newest checkpoint saved or resumed from
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -144,25 +160,46 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "method": self.method.state_dict(),
         }
-        return save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.config_yaml, self.keep)
+        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.config_yaml,
+                                               self.keep)
+        return self.last_checkpoint
 
     def resume(self, path: str | Path | None = None) -> int:
-        """Restore everything from a checkpoint (default: this run's latest). Returns the step."""
+        """Restore everything from a checkpoint (default: this run's newest complete one), then apply this run's
+        optimizer settings (lr, betas, weight decay: the saved ones are those of the run that wrote it).
+        CheckpointError when it does not fit this run. Returns the step."""
         ckpt = find_checkpoint(path or self.checkpoint_dir)
         for role, module in self.method.roles.items():
-            module.load_state_dict(load_tensors(ckpt / f"{role}.safetensors"))
+            load_module(module, ckpt / f"{role}.safetensors")
         for role, ema in self.emas.items():
-            ema.load(load_tensors(ckpt / f"{role}_ema.safetensors"))
+            ema.load(fitting_tensors(ckpt / f"{role}_ema.safetensors", self.method.roles[role].state_dict()))
         state = load_trainer_state(ckpt)
-        for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
-        for k, s in self.schedulers.items():
-            s.load_state_dict(state["schedulers"][k])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self.method.load_state_dict(state["method"])
-        self.step = int(state["step"])
+        try:
+            for k, o in self.optimizers.items():
+                o.load_state_dict(state["optimizers"][k])
+            for k, s in self.schedulers.items():
+                s.load_state_dict(state["schedulers"][k])
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            self.method.load_state_dict(state["method"])
+            self.step = int(state["step"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{ckpt / 'trainer.pt'} does not fit this run: {type(err).__name__} "
+                                  f"{str(err).splitlines()[0] if str(err) else ''}") from err
+        self._apply_hyperparameters()
+        self.last_checkpoint = ckpt
         return self.step
+
+    def _apply_hyperparameters(self) -> None:
+        """This run's lr, betas and weight decay in every optimizer, the schedule continuing from its restored
+        step (exactly the lr an uninterrupted run would have)."""
+        for role, opt in self.optimizers.items():
+            h, sched = self.hyper[role], self.schedulers[role]
+            sched.base_lrs = [h["lr"]] * len(opt.param_groups)
+            for group, fn in zip(opt.param_groups, sched.lr_lambdas):
+                group.update(betas=h["betas"], weight_decay=h["weight_decay"], initial_lr=h["lr"],
+                             lr=h["lr"] * fn(sched.last_epoch))
+            sched._last_lr = [group["lr"] for group in opt.param_groups]
 
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> dict[str, float]:
@@ -172,23 +209,42 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             with self._autocast(module):
                 terms, phase_stats = phase.run()
-            for name, value in terms.items():
-                if not torch.isfinite(value).all():
-                    raise NonFiniteLossError(
-                        f"step {self.step}: loss term {name!r} of role {phase.role!r} is {value.item()}; "
-                        f"training stopped, the last good checkpoint is in {self.checkpoint_dir}")
-            total = sum(terms.values())
-            total.backward()
+            sum(terms.values()).backward()
             params = [p for p in module.parameters() if p.requires_grad]
             gnorm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+            gnorm = self._checked_grad_norm(phase.role, terms, gnorm)
             opt.step()
+            fault_point("mid_step", self.step + 1)
             self.schedulers[phase.role].step()
             if phase.role in self.emas:
                 self.emas[phase.role].update(module, self.step)
             stats.update(phase_stats)
-            stats[f"grad_norm/{phase.role}"] = float(gnorm)
+            stats[f"grad_norm/{phase.role}"] = gnorm
             stats[f"lr/{phase.role}"] = self.schedulers[phase.role].get_last_lr()[0]
         return stats
+
+    def _checked_grad_norm(self, role: str, terms: dict[str, torch.Tensor], gnorm: torch.Tensor) -> float:
+        """The gradient norm, read with the loss terms in one host sync; NonFiniteLossError naming the step,
+        role and culprit when any of them is NaN or infinite (before the optimizer steps on them)."""
+        values = torch.stack([v.detach().float().sum() for v in terms.values()] + [gnorm.detach().float()]).tolist()
+        for name, value in zip([*(f"loss term {k!r}" for k in terms), "the gradient norm"], values):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"step {self.step}: {name} of role {role!r} is {value}; {self._stopped()}")
+        return values[-1]
+
+    def _check_weights(self) -> None:
+        """NonFiniteLossError when a trained weight of a role is NaN or infinite (one host sync per role)."""
+        for role, module in self.method.roles.items():
+            params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+            if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():
+                bad = next(n for n, p in params.items() if not torch.isfinite(p).all())
+                raise NonFiniteLossError(f"step {self.step}: weights of role {role!r} are not finite (e.g. {bad}) "
+                                         f"after the optimizer step; {self._stopped()}")
+
+    def _stopped(self) -> str:
+        where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint is not None
+                 else "no checkpoint was written yet")
+        return f"training stopped, {where}"
 
     def _autocast(self, module: torch.nn.Module):
         """bf16 autocast on the role's device (weights, gradients, EMA and optimizer state stay fp32)."""
@@ -198,6 +254,8 @@ class Trainer:
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
     def fit(self) -> Path | None:
+        """Train up to ``steps``; logs every ``log_every`` steps, saves every ``checkpoint_every`` and at the end,
+        each time after checking the weights. Returns the last checkpoint saved (None when none was)."""
         log = MetricsLog(self.out_dir, self.step)
         bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train",
                    dynamic_ncols=True)
@@ -207,13 +265,17 @@ class Trainer:
             stats = self.train_step()
             self.step += 1
             bar.update(1)
-            if self.step % self.log_every == 0 or self.step == self.steps:
+            logging = self.step % self.log_every == 0 or self.step == self.steps
+            saving = self.step % self.checkpoint_every == 0 or self.step == self.steps
+            if logging or saving:
+                self._check_weights()
+            if logging:
                 stats["time/sec_per_step"] = (time.time() - t0) / self.log_every
                 t0 = time.time()
                 log.log(self.step, stats)
                 shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in stats.items() if k.startswith("loss/")}
                 bar.set_postfix(shown, refresh=False)
-            if self.step % self.checkpoint_every == 0 or self.step == self.steps:
+            if saving:
                 last = self.save()
         bar.close()
         return last
