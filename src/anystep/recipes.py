@@ -365,6 +365,8 @@ def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True, *, 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out = Path(cfg.train.out_dir)
+    _check_same_world(cfg)   # before anything is written
+    check_architecture(cfg)
     with lock_run_folder(out):
         clean_run_folder(out)
         start = checkpoint_to_resume(out, resume, resume_if_present, overwrite)
