@@ -183,7 +183,8 @@ def test_text_embedder(world):
     null = e1(["", "a red disk moving left"])
     assert torch.all(null[0] == 0) and torch.equal(null[1], a[0])
     assert torch.equal(e1("a red disk moving left"), a[:1])
-    assert e1.lengths(["", "a red disk", "x " * 20]).tolist() == [0, 3, 8]
+    long = e1(["x " * 20])  # truncated to max_tokens words
+    assert long.shape == (1, 8, 32) and torch.all(long.abs().sum(-1) > 0)
     assert not torch.equal(TextEmbedder(seed=1)(ps[:1]), a[:1])
     assert TextEmbedder(dim=7, max_tokens=3)(ps[:2]).shape == (2, 3, 7)
     # same word at the same position -> same vector, regardless of the rest of the prompt

@@ -48,10 +48,6 @@ class TextEmbedder:
             self._cache[word] = v
         return v
 
-    def lengths(self, prompts: Sequence[str]) -> Tensor:
-        """Number of (non-padding) tokens per prompt, ``(B,)`` long."""
-        return torch.tensor([min(len(self.tokenize(p)), self.max_tokens) for p in prompts], dtype=torch.long)
-
     def __call__(self, prompts: Sequence[str] | str) -> Tensor:
         if isinstance(prompts, str):
             prompts = [prompts]
