@@ -10,6 +10,7 @@ from anystep.worlds.shapes import (
     CAUSAL_PARTITION,
     ClipSpec,
     ShapesConfig,
+    ShapesJudge,
     ShapesWorld,
     causal_config,
     chunk_bounds,
@@ -23,6 +24,11 @@ KEYS = {"background", "consistency", "smoothness", "color", "shape", "direction"
 @pytest.fixture(scope="module")
 def world() -> ShapesWorld:
     return ShapesWorld(causal_config())
+
+
+@pytest.fixture(scope="module")
+def judge(world) -> ShapesJudge:
+    return ShapesJudge(world)
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +98,15 @@ def test_far_teacher_preset_resolves():
         assert getattr(cfg.model, key) == getattr(teacher.model, key), key
 
 
-def test_judge_references_on_nine_frames(world, batch):
+def test_judge_references_on_nine_frames(world, judge, batch):
     videos, specs = batch
     g = torch.Generator().manual_seed(1)
-    real = world.evaluate(videos, specs)
-    small = world.evaluate(videos + 0.03 * torch.randn(videos.shape, generator=g), specs)
-    noisy = world.evaluate(videos + 0.2 * torch.randn(videos.shape, generator=g), specs)
-    blur = world.evaluate(world.mean_videos(specs, 32, g), specs)
-    static = world.evaluate(videos[:, :1].expand_as(videos), specs)
-    pure = world.evaluate(torch.randn(videos.shape, generator=g), specs)
+    real = judge.evaluate(videos, specs)
+    small = judge.evaluate(videos + 0.03 * torch.randn(videos.shape, generator=g), specs)
+    noisy = judge.evaluate(videos + 0.2 * torch.randn(videos.shape, generator=g), specs)
+    blur = judge.evaluate(world.mean_videos(specs, 32, g), specs)
+    static = judge.evaluate(videos[:, :1].expand_as(videos), specs)
+    pure = judge.evaluate(torch.randn(videos.shape, generator=g), specs)
     assert real["total"] >= 0.99 and small["total"] >= 0.95
     for bad in (noisy, blur, static, pure):
         assert bad["total"] < real["total"] - 0.2
@@ -110,58 +116,58 @@ def test_judge_references_on_nine_frames(world, batch):
 # ----------------------------------------------------------------------------------- per-chunk judge
 
 
-def test_judge_chunks_api(world, batch):
+def test_judge_chunks_api(judge, batch):
     videos, specs = batch
-    r = world.judge_chunks(videos, specs)
+    r = judge.judge_chunks(videos, specs)
     assert set(r) == KEYS
     for k, v in r.items():
         assert v.shape == (64, 5) and v.dtype == torch.float32, k
         assert float(v.min()) >= 0.0 and float(v.max()) <= 1.0, k
     torch.testing.assert_close(r["total"], 0.8 * r["quality"] + 0.2 * r["semantic"])
     # the config's partition is the default; prompts work as specs; evaluate_chunks gives the per-chunk means
-    explicit = world.judge_chunks(videos, [s.prompt() for s in specs], [1, 2, 2, 2, 2])
+    explicit = judge.judge_chunks(videos, [s.prompt() for s in specs], [1, 2, 2, 2, 2])
     assert all(torch.equal(r[k], explicit[k]) for k in KEYS)
-    e = world.evaluate_chunks(videos, specs, [3, 3, 3])
+    e = judge.evaluate_chunks(videos, specs, [3, 3, 3])
     assert len(e["total"]) == 3 and e["total"][0] == pytest.approx(1.0)
-    assert world.judge_chunks(videos, specs, [9])["total"].shape == (64, 1)
+    assert judge.judge_chunks(videos, specs, [9])["total"].shape == (64, 1)
     with pytest.raises(ValueError, match="partition"):
-        world.judge_chunks(videos, specs, [2, 2, 2])
+        judge.judge_chunks(videos, specs, [2, 2, 2])
     with pytest.raises(ValueError, match="chunk_partition"):
-        ShapesWorld(ShapesConfig(frames=9, speed=1.0)).judge_chunks(videos, specs)
+        ShapesJudge(ShapesConfig(frames=9, speed=1.0)).judge_chunks(videos, specs)
     with pytest.raises(ValueError, match=r"\(B, 9, 3, 16, 16\)"):
-        world.judge_chunks(videos[:, :4], specs)
+        judge.judge_chunks(videos[:, :4], specs)
     with pytest.raises(ValueError, match="specs"):
-        world.judge_chunks(videos[:3], specs[:2])
+        judge.judge_chunks(videos[:3], specs[:2])
 
 
-def test_real_clips_score_one_on_every_chunk(world, batch):
+def test_real_clips_score_one_on_every_chunk(world, judge, batch):
     videos, specs = batch
-    r = world.judge_chunks(videos, specs)
+    r = judge.judge_chunks(videos, specs)
     for k, v in r.items():
         assert float(v.min()) >= 0.999, k
     v, s = world.sample(16, 99)
-    assert float(world.judge_chunks(v, s)["total"].min()) >= 0.999
+    assert float(judge.judge_chunks(v, s)["total"].min()) >= 0.999
 
 
-def test_uniform_damage_favours_no_chunk(world, batch):
+def test_uniform_damage_favours_no_chunk(judge, batch):
     """Noise on every frame, pure noise, a static clip: every chunk scores about the same."""
     videos, specs = batch
     g = torch.Generator().manual_seed(2)
     for bad in (videos + 0.2 * torch.randn(videos.shape, generator=g), torch.randn(videos.shape, generator=g),
                 videos[:, :1].expand_as(videos)):
-        m = torch.tensor(world.evaluate_chunks(bad, specs)["total"])
+        m = torch.tensor(judge.evaluate_chunks(bad, specs)["total"])
         assert float(m.max() - m.min()) < 0.04, m
         assert float(m.max()) < 0.85
 
 
-def _changed(world, clean, bad, specs):
-    ref = world.judge_chunks(clean, specs)
-    got = world.judge_chunks(bad, specs)
+def _changed(judge, clean, bad, specs):
+    ref = judge.judge_chunks(clean, specs)
+    got = judge.judge_chunks(bad, specs)
     return ref, got
 
 
 @pytest.mark.parametrize("corruption", ["noise", "detour", "colour", "stall"])
-def test_late_corruption_lowers_exactly_the_late_chunks(world, lane_specs, corruption):
+def test_late_corruption_lowers_exactly_the_late_chunks(world, judge, lane_specs, corruption):
     specs = lane_specs
     clean = world.render(specs)
     late = slice(5, 9)                                 # chunks 3 and 4
@@ -178,7 +184,7 @@ def test_late_corruption_lowers_exactly_the_late_chunks(world, lane_specs, corru
     else:                                              # stops moving at frame 4
         bad = clean.clone()
         bad[:, late] = clean[:, 4:5]
-    ref, got = _changed(world, clean, bad, specs)
+    ref, got = _changed(judge, clean, bad, specs)
     for k in KEYS:
         torch.testing.assert_close(got[k][:, :3], ref[k][:, :3], msg=lambda m, k=k: f"{k}: {m}")
     drop = (ref["total"] - got["total"])[:, 3:].mean(0)
@@ -188,7 +194,7 @@ def test_late_corruption_lowers_exactly_the_late_chunks(world, lane_specs, corru
 
 
 @pytest.mark.parametrize("corruption", ["noise", "colour", "displaced"])
-def test_first_chunk_corruption_lowers_only_the_first_chunk(world, lane_specs, corruption):
+def test_first_chunk_corruption_lowers_only_the_first_chunk(world, judge, lane_specs, corruption):
     specs = lane_specs
     clean = world.render(specs)
     if corruption == "noise":
@@ -200,7 +206,7 @@ def test_first_chunk_corruption_lowers_only_the_first_chunk(world, lane_specs, c
         off = torch.zeros(len(specs), 9, 2)
         off[:, 0] = perp(specs) * 1.5
         bad = render_path(world, specs, off)
-    ref, got = _changed(world, clean, bad, specs)
+    ref, got = _changed(judge, clean, bad, specs)
     for k in KEYS - {"drift"}:
         torch.testing.assert_close(got[k][:, 1:], ref[k][:, 1:], msg=lambda m, k=k: f"{k}: {m}")
     assert float((ref["total"] - got["total"])[:, 0].mean()) > 0.1
@@ -210,13 +216,13 @@ def test_first_chunk_corruption_lowers_only_the_first_chunk(world, lane_specs, c
         assert float(got["drift"][:, 2:].min()) > 0.5
 
 
-def test_boundary_jump_is_charged_to_the_later_chunk(world, lane_specs):
+def test_boundary_jump_is_charged_to_the_later_chunk(world, judge, lane_specs):
     """A jump of the shape at the start of chunk 3 (between frames 4 and 5) lowers chunk 3's motion only."""
     specs = lane_specs
     off = torch.zeros(len(specs), 9, 2)
     off[:, 5:] = perp(specs)[:, None] * 1.5             # the shape jumps 1.5 px sideways, then goes on straight
     clean, bad = world.render(specs), render_path(world, specs, off)
-    ref, got = _changed(world, clean, bad, specs)
+    ref, got = _changed(judge, clean, bad, specs)
     d = (ref["smoothness"] - got["smoothness"]).mean(0)
     assert float(d[3]) > 0.2
     assert float(d[[0, 1, 2, 4]].abs().max()) < 0.05, d

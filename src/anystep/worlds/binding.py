@@ -22,7 +22,7 @@ from ..flowmap import FlowMap
 from ..models.toy import ToyFlowMapNet
 from ..models.wan import AnyFlowStudent, WanVelocity, student_from_wan, tiny_wan
 from .gmm import GMMWorld
-from .shapes import ShapesWorld, TextEmbedder
+from .shapes import ShapesJudge, ShapesWorld, TextEmbedder
 
 
 @dataclass
@@ -114,6 +114,7 @@ class ShapesBinding:
 
     def __init__(self, cfg: WorldConfig):
         self.world = ShapesWorld(cfg.shapes)
+        self.judge = ShapesJudge(self.world)
         self.shape = (cfg.shapes.frames, 3, cfg.shapes.size, cfg.shapes.size)
         self.embedder = TextEmbedder(cfg.text.dim, cfg.text.max_tokens)
         self.prompt_embeds = self.embedder(self.world.prompts)   # (P, L, D)
@@ -148,9 +149,9 @@ class ShapesBinding:
         """The judge's clip scores; for chunked (causal-world) clips also the Quality of the first two and of
         the last two chunks, and their gap (exposure bias shows as late chunks scoring below early ones)."""
         samples = samples.clamp(-1, 1)
-        out = self.world.evaluate(samples, ev.meta)
+        out = self.judge.evaluate(samples, ev.meta)
         if self.world.cfg.chunk_partition and len(self.world.cfg.chunk_partition) >= 4:
-            quality = self.world.judge_chunks(samples, ev.meta)["quality"].mean(0)   # (K,)
+            quality = self.judge.judge_chunks(samples, ev.meta)["quality"].mean(0)   # (K,)
             out["early_quality"] = float(quality[:2].mean())
             out["late_quality"] = float(quality[-2:].mean())
             out["late_gap"] = out["early_quality"] - out["late_quality"]
