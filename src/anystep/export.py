@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models.folder import ModelFolderError, load_transformer, require_local_folder, transformer_class_name
+from .models.folder import ModelFolderError, load_transformer, require_local_folder, transformer_kind
 
 COPIED_PARTS = ("vae", "text_encoder", "tokenizer")
 OFFICIAL_SHIFT = 5.0
@@ -164,14 +164,16 @@ def export_student(shared, source: str | Path, out_dir: str | Path, *, role: str
 
 
 def import_anyflow(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """The ``AnyFlowTransformer3DModel`` of a released (or exported) AnyFlow diffusers folder (local path;
-    ``folder`` may also be the ``transformer/`` folder itself)."""
+    """The transformer of a released (or exported) AnyFlow diffusers folder (local path; ``folder`` may also be
+    the ``transformer/`` folder itself): an ``AnyFlowTransformer3DModel``, or an
+    ``AnyFlowFARTransformer3DModel`` for a causal folder. Both metadata layouts load: the diffusers classes',
+    and the first uploads' official ``FAR_Wan_Transformer3DModel`` (see :mod:`anystep.models.folder`);
+    re-exporting an imported old-layout folder writes it in the diffusers layout."""
     p = require_local_folder(folder)
-    name = transformer_class_name(p)
-    if name != "AnyFlowTransformer3DModel":
-        hint = (" This is a Wan2.1 folder: load it with anystep.models.folder.load_transformer and build the "
-                "student with anystep.models.wan.student_from_wan." if name == "WanTransformer3DModel" else "")
-        raise ModelFolderError(f"{p}: the transformer is a {name}, not an AnyFlowTransformer3DModel.{hint}")
+    if transformer_kind(p) == "wan":
+        raise ModelFolderError(f"{p}: the transformer is a WanTransformer3DModel, not an AnyFlow transformer. "
+                               "This is a Wan2.1 folder: load it with anystep.models.folder.load_transformer and "
+                               "build the student with anystep.models.wan.student_from_wan.")
     return load_transformer(p, dtype=dtype)
 
 
