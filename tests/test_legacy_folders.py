@@ -19,8 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from anystep.export import export_pipeline, import_anyflow
 from anystep.models.far import bidirectional, far_student_from_wan, set_causal_attention, teacher_forced
-from anystep.models.folder import (ModelFolderError, load_transformer, transformer_class_name,
-                                   transformer_kind)
+from anystep.models.folder import ModelFolderError, load_transformer, transformer_class_name, transformer_kind
 from anystep.models.tiny_folder import build_tiny_wan_folder
 from anystep.models.wan import student_from_wan
 

@@ -24,8 +24,15 @@ import torch
 from ..models.folder import require_local_folder
 from .shards import ShardWriter, torch_dtype, write_null_embedding
 from .text import WAN_NEGATIVE_PROMPT, encode_prompts
-from .video_io import (OFFICIAL_FPS, VideoDecodeError, VideoItem, VideoPrep, check_video_shape, list_items,
-                       load_item)
+from .video_io import (
+    OFFICIAL_FPS,
+    VideoDecodeError,
+    VideoItem,
+    VideoPrep,
+    check_video_shape,
+    list_items,
+    load_item,
+)
 
 
 def latent_stats(vae_config) -> tuple[torch.Tensor, torch.Tensor]:
