@@ -262,9 +262,23 @@ def cmd_export(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = export_run(args.run, args.out, adapters=args.adapters, dtype=dtype, overwrite=args.overwrite,
                      shift=args.shift)
-    print(f"exported: {out}\n  from diffusers import AnyFlowPipeline; pipe = AnyFlowPipeline.from_pretrained("
-          f"{str(out)!r})" + ("; pipe.load_lora_weights(...)" if args.adapters else ""))
+    print(f"exported: {out}\n  {_load_hint(out, args.adapters)}")
     return 0
+
+
+def _load_hint(folder: Path, adapters: bool) -> str:
+    """How to load an exported folder: its pipeline class (``AnyFlowFARPipeline`` for a causal student, which
+    needs ``anystep.patch_far_pipeline``) read from its ``model_index.json``."""
+    import json
+
+    pipeline = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
+    load = f"{pipeline}.from_pretrained({str(folder)!r})"
+    lora = "; pipe.load_lora_weights(...)" if adapters else ""
+    if pipeline == "AnyFlowFARPipeline":
+        return (f"import anystep; from diffusers import {pipeline}; pipe = {load}{lora}; "
+                "anystep.patch_far_pipeline(pipe)  # diffusers 0.42.1 pads the KV-cache step without a mask "
+                "(see the folder's README.md)")
+    return f"from diffusers import {pipeline}; pipe = {load}{lora}"
 
 
 def cmd_tiny_wan(args) -> int:
