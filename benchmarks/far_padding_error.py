@@ -23,6 +23,7 @@ keys less weight); the point is that it is not zero and that the patch removes i
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -76,7 +77,7 @@ def measure(partition: list[int], steps: int, seed: int, size: dict) -> dict:
         patched = pipeline()
         ours = sample_causal(student, noise.clone(), text, steps=steps)
     bounds = [sum(partition[:c]) for c in range(len(partition) + 1)]
-    per_chunk = [(stock - ours)[:, a:b].abs().max().item() for a, b in zip(bounds, bounds[1:])]
+    per_chunk = [(stock - ours)[:, a:b].abs().max().item() for a, b in itertools.pairwise(bounds)]
     return {"partition": partition, "tokens per chunk": [1560 * n for n in partition], "per chunk": per_chunk,
             "stock vs ours": (stock - ours).abs().max().item(),
             "stock vs ours, mean": (stock - ours).abs().mean().item(),
@@ -95,7 +96,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="blocks (default 2; Wan2.1-1.3B: 30)")
     parser.add_argument("--ffn", type=int, default=64, help="FFN width (default 64; Wan2.1-1.3B: 8960)")
     args = parser.parse_args()
-    size = dict(heads=args.heads, head_dim=args.head_dim, layers=args.layers, ffn_dim=args.ffn)
+    size = {"heads": args.heads, "head_dim": args.head_dim, "layers": args.layers, "ffn_dim": args.ffn}
     print(f"transformer: {size}, {args.steps} steps per chunk, seed {args.seed}")
     import warnings
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import (AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, AnyFlowPipeline,
-                       FlowMapEulerDiscreteScheduler)
+from diffusers import (
+    AnyFlowFARPipeline,
+    AnyFlowFARTransformer3DModel,
+    AnyFlowPipeline,
+    FlowMapEulerDiscreteScheduler,
+)
 
 import anystep
 from anystep.causal import sample_causal
