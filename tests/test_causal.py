@@ -207,7 +207,7 @@ def _run(*argv, progress=False):
 
 
 @pytest.mark.parametrize("lora", [0, 4])
-def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path, lora):
+def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path, lora, capsys):
     from diffusers import AnyFlowFARPipeline
 
     from anystep.models.tiny_folder import build_tiny_wan_folder
@@ -223,7 +223,10 @@ def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path, lora):
     _run("stage2", "--config", "wan1.3b_stage2", *common, "train.steps=2", "stage2.teacher=null",
          "stage2.rollout_steps=[2]", "stage2.optim.warmup_steps=0", f"model.init={tmp_path / 's1'}",
          f"train.out_dir={tmp_path / 's2'}")
+    capsys.readouterr()
     _run("export", tmp_path / "s2", "--out", tmp_path / "export", progress=True)
+    printed = capsys.readouterr().out      # the load hint names the causal pipeline and the patch
+    assert "from diffusers import AnyFlowFARPipeline" in printed and "anystep.patch_far_pipeline" in printed
     pipe = AnyFlowFARPipeline.from_pretrained(tmp_path / "export")
     if lora:   # the student's compressed patch embedding trains fully beside its adapter, and is exported
         from safetensors.torch import load_file

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 import tarfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from anystep.data.cache import cache_videos
 from anystep.data.shards import CacheError, LatentCache, ShardWriter
 from anystep.data.synthesize import read_prompts, synthesize
 from anystep.data.text import WAN_NEGATIVE_PROMPT, encode_prompts, pad_embeddings
-from anystep.data.video_io import VideoSourceError, list_items, read_video
+from anystep.data.video_io import VideoDecodeError, VideoPrep, VideoSourceError, list_items, read_video
 from anystep.models.tiny_folder import build_tiny_wan_folder
 
 FRAMES, SIZE = 9, 32  # latents (16, 3, 4, 4)
@@ -106,7 +107,7 @@ def test_read_video_crops_the_centre_and_scales_to_unit_range(tmp_path):
     frame[:, :24] = frame[:, 72:] = (255, 0, 0)
     frame[:, 24:72] = (0, 0, 255)
     imageio.mimwrite(tmp_path / "v.mp4", [frame] * 5, fps=8)
-    video = read_video(tmp_path / "v.mp4", 5, 32, 32)
+    video = read_video(tmp_path / "v.mp4", 5, 32, 32, VideoPrep(resize="crop"))
     assert video.shape == (3, 5, 32, 32) and video.dtype == torch.float32
     inner = video[:, :, :, 3:-3]
     torch.testing.assert_close(inner, torch.tensor([-1.0, -1.0, 1.0]).view(3, 1, 1, 1).expand_as(inner),
@@ -117,11 +118,98 @@ def test_read_video_crops_the_centre_and_scales_to_unit_range(tmp_path):
 def test_read_video_stride_and_frame_count(tmp_path):
     frames = [np.full((32, 32, 3), 20 * t, np.uint8) for t in range(9)]
     imageio.mimwrite(tmp_path / "v.mp4", frames, fps=8)
-    every, second = read_video(tmp_path / "v.mp4", 9, 32, 32), read_video(tmp_path / "v.mp4", 5, 32, 32, stride=2)
+    every = read_video(tmp_path / "v.mp4", 9, 32, 32, VideoPrep(fps=None))
+    second = read_video(tmp_path / "v.mp4", 5, 32, 32, VideoPrep(fps=None, stride=2))
     torch.testing.assert_close(second, every[:, ::2])
     torch.testing.assert_close(every.mean(dim=(0, 2, 3)), torch.arange(9) * 20 / 127.5 - 1, atol=0.03, rtol=0)
     with pytest.raises(ValueError, match="4k \\+ 1"):
         read_video(tmp_path / "v.mp4", 8, 32, 32)
+
+
+def official_select_frame_indices(total_frames: int, original_fps: float, target_fps: float) -> list[int]:
+    """The reference: the official picker (``select_frame_indices``, NVlabs/AnyFlow far/utils/video_util.py)
+    restated: scan all ``total_frames`` source frames with a float accumulator that grows by
+    target/original per frame and keeps frame i (losing 1) whenever it reaches 1; frame 0 is always kept."""
+    kept, acc = [0], 0.0
+    for i in range(1, total_frames):
+        acc += target_fps / original_fps
+        if acc >= 1.0:
+            kept.append(i)
+            acc -= 1.0
+    return kept
+
+
+def write_index_clip(path: Path, frames: int, fps: float) -> Path:
+    """A clip whose frame i shows i in its brightness: left half (i % 16), right half (i // 16), in steps of
+    16 grey levels (the codec's error is ~1 level)."""
+    video = np.zeros((frames, 32, 48, 3), np.uint8)
+    for i in range(frames):
+        video[i, :, :24] = (i % 16) * 16 + 8
+        video[i, :, 24:] = (i // 16) * 16 + 8
+    imageio.mimwrite(path, list(video), fps=fps)
+    return path
+
+
+def frame_numbers(video: torch.Tensor) -> list[int]:
+    """The source frame index each frame of a ``read_video`` output (3, F, 32, 32) shows."""
+    grey = (video.mean(0) + 1) * 127.5                      # (F, 32, 32), stretched 48 -> 32 wide
+    low, high = grey[:, 8:24, 2:12].mean((1, 2)), grey[:, 8:24, 20:30].mean((1, 2))
+    return [int(a) + 16 * int(b) for a, b in zip(((low - 8) / 16).round(), ((high - 8) / 16).round())]
+
+
+@pytest.mark.parametrize("source_fps, frames, expected_span", [(30, 33, 60), (8, 9, 8), (24, 17, 24)])
+def test_read_video_resamples_to_16_fps_with_the_official_picker(tmp_path, source_fps, frames, expected_span):
+    """Default preparation = the official one: 16 fps by time from the container's frame rate. At 30 fps,
+    33 frames span 2 s of the source (frames 0..60), not 33 consecutive frames; at 8 fps (below 16) every
+    frame is kept, as the official picker does."""
+    clip = write_index_clip(tmp_path / "v.mp4", expected_span + 10, source_fps)
+    picked = frame_numbers(read_video(clip, frames, 32, 32))
+    assert picked == official_select_frame_indices(expected_span + 10, source_fps, 16)[:frames]
+    assert picked[-1] in (expected_span, expected_span + 1)   # the last frame is ~2 s (30, 24) / 1 s (8) in
+    if source_fps > 16:   # the k-th frame is the first source frame at time k/16 s (float rounding: +1 frame)
+        exact = [math.ceil(k * source_fps / 16) for k in range(frames)]
+        assert all(0 <= p - e <= 1 for p, e in zip(picked, exact))
+    assert frame_numbers(read_video(clip, frames, 32, 32, VideoPrep(fps=None, stride=2))) == list(
+        range(0, 2 * frames, 2))
+
+
+def test_official_picker_keeps_its_float_rounding():
+    """At 30 fps the official float accumulator reaches 0.99999... where exact arithmetic reaches 1, and takes
+    frame 16 for output frame 8 (exactly 0.5 s would be frame 15): anystep takes the same frames."""
+    from anystep.data.video_io import resample_indices
+
+    for source_fps in (23.976, 24, 25, 29.97, 30, 50, 59.94, 60, 120, 8, 16):
+        assert resample_indices(81, source_fps, 16) == official_select_frame_indices(2000, source_fps, 16)[:81]
+    assert resample_indices(9, 30, 16)[8] == 16
+
+
+def test_too_short_or_unknown_fps_videos_raise_clear_errors(tmp_path):
+    clip = write_index_clip(tmp_path / "v.mp4", 40, 30)       # 33 frames at 16 fps need source frames 0..61
+    with pytest.raises(VideoDecodeError, match="40 frames; 33 frames at 16 fps \\(source 30 fps\\) need 62"):
+        read_video(clip, 33, 32, 32)
+    with pytest.raises(VideoDecodeError, match="no frame rate.*--stride"):
+        VideoPrep().indices(5, 0.0, "x.mp4")                   # imageio reports fps 0 when it finds none
+    with pytest.raises(ValueError, match="not both"):
+        VideoPrep(fps=16, stride=2)
+    assert VideoPrep(fps=0).settings() == {"fps": None, "stride": 1, "resize": "stretch"}
+    with pytest.raises(ValueError, match="resize"):
+        VideoPrep(resize="pad")
+
+
+def test_stretch_resize_keeps_the_whole_frame(tmp_path):
+    """A 48 x 96 frame with a 6-pixel red border round a blue inside: stretched to 32 x 32 the border is on
+    all four sides (the official resize); the centre-crop of the same frame has lost the left and right."""
+    frame = np.zeros((48, 96, 3), np.uint8)
+    frame[:] = (255, 0, 0)
+    frame[6:-6, 6:-6] = (0, 0, 255)
+    imageio.mimwrite(tmp_path / "v.mp4", [frame] * 5, fps=16)
+    red, blue = torch.tensor([1.0, -1.0, -1.0]), torch.tensor([-1.0, -1.0, 1.0])
+    video = read_video(tmp_path / "v.mp4", 5, 32, 32)[:, 0]           # (3, 32, 32) of the first frame
+    for edge in (video[:, 0, 4:-4], video[:, -1, 4:-4], video[:, 4:-4, 0], video[:, 4:-4, -1]):
+        torch.testing.assert_close(edge, red[:, None].expand_as(edge), atol=0.15, rtol=0)
+    torch.testing.assert_close(video[:, 12:20, 12:20], blue[:, None, None].expand(3, 8, 8), atol=0.1, rtol=0)
+    cropped = read_video(tmp_path / "v.mp4", 5, 32, 32, VideoPrep(resize="crop"))[:, 0]
+    assert (cropped[:, 8:24, 0] - blue[:, None]).abs().max() < 0.15    # the left border is gone
 
 
 def test_caption_sources(tmp_path):
@@ -205,6 +293,37 @@ def test_header_mismatch_names_the_field(tiny, clips, video_cache):
     header = {k: v for k, v in header.items() if k not in ("shards", "skipped")}
     with pytest.raises(CacheError, match="settings.stride"):
         ShardWriter(video_cache, 2, {**header, "settings": {**header["settings"], "stride": 2}})
+
+
+def test_header_records_the_frame_preparation(tiny, clips, video_cache, tmp_path):
+    settings = json.loads((video_cache / "index.json").read_text())["settings"]
+    assert {k: settings[k] for k in ("fps", "stride", "resize")} == {"fps": 16.0, "stride": None,
+                                                                    "resize": "stretch"}
+    out = cache_videos(tiny, clips, tmp_path / "old", fps=None, stride=2, resize="crop",
+                       **{**SETTINGS, "frames": 5})
+    settings = json.loads((out / "index.json").read_text())["settings"]
+    assert {k: settings[k] for k in ("fps", "stride", "resize")} == {"fps": None, "stride": 2, "resize": "crop"}
+    with pytest.raises(CacheError, match="settings.fps is None in the cache but 16.0 now"):
+        cache_videos(tiny, clips, out, **{**SETTINGS, "frames": 5})
+
+
+def test_cache_cli_frame_options(tiny, clips, tmp_path, capsys):
+    from anystep.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["cache", "--help"])
+    text = capsys.readouterr().out
+    for phrase in ("16 fps", "--stride", "--resize", "stretch", "crop", "without crop"):
+        assert phrase in " ".join(text.split()), phrase
+    common = ["cache", "--model", str(tiny), "--videos", str(clips), "--frames", "5", "--height", "32",
+              "--width", "32", "--dtype", "float32", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "both"), "--fps", "16", "--stride", "2"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "stride"), "--stride", "2", "--resize", "crop"]) == 0
+    settings = json.loads((tmp_path / "stride" / "index.json").read_text())["settings"]
+    assert {k: settings[k] for k in ("fps", "stride", "resize")} == {"fps": None, "stride": 2, "resize": "crop"}
+    assert main([*common, "--out", str(tmp_path / "default")]) == 0
+    assert json.loads((tmp_path / "default" / "index.json").read_text())["settings"]["fps"] == 16.0
 
 
 def test_tar_shards_equal_the_folder_source(tiny, clips, video_cache, tmp_path):

@@ -164,12 +164,28 @@ def _real_path_parsers(sub) -> None:
                        description="Encode (video, caption) pairs with the model folder's VAE (posterior mean, "
                                    "normalised with the VAE's latents mean/std) and UMT5 text encoder (zero "
                                    "padding), plus the negative-prompt embedding used as the null prompt; "
-                                   "sharded safetensors, resumable (run it again to continue).")
+                                   "sharded safetensors, resumable (run it again to continue). Frames are "
+                                   "prepared as the official code does: resampled in time to 16 fps from each "
+                                   "video's frame rate (81 frames = ~5 s of motion, whatever the source rate; "
+                                   "a source at or below 16 fps gives every frame) and stretched to "
+                                   "HEIGHT x WIDTH without crop. --stride N (or --fps 0) takes every N-th frame "
+                                   "instead, --resize crop centre-crops. Videos too short for --frames, or "
+                                   "without a frame rate in their metadata, are skipped and listed in the "
+                                   "cache's index.json. The choices are recorded in the cache: resuming with "
+                                   "other ones is refused.")
     c.add_argument("--model", required=True, help="local Wan2.1 diffusers folder (vae/, text_encoder/, tokenizer/)")
     c.add_argument("--videos", required=True, help="a folder of .mp4 with captions.json / captions.txt / "
                                                    "same-name .txt files, or webdataset .tar shard(s)")
     _cache_args(c)
-    c.add_argument("--stride", type=int, default=1, help="take every stride-th frame (default 1)")
+    c.add_argument("--fps", type=float, default=None,
+                   help="resample each video in time to FPS frames per second, from the frame rate in its "
+                        "metadata (default 16, the official rate; 0 turns it off: frames by --stride)")
+    c.add_argument("--stride", type=int, default=None,
+                   help="take every STRIDE-th source frame instead of resampling to an fps (implies --fps 0; "
+                        "giving it with --fps > 0 is an error)")
+    c.add_argument("--resize", choices=("stretch", "crop"), default="stretch",
+                   help="stretch: resize the whole frame to HEIGHT x WIDTH, aspect not kept (default, "
+                        "official); crop: resize the short side and centre-crop")
     c.add_argument("--limit", type=int, default=None, help="cache only the first LIMIT videos")
 
     s = sub.add_parser("synthesize", help="teacher-generated training data: prompts -> teacher samples",
@@ -221,10 +237,13 @@ def _cache_args(p) -> None:
 
 def cmd_cache(args) -> int:
     from .data.cache import cache_videos
+    from .data.video_io import OFFICIAL_FPS
     from .recipes import resolve_device
 
+    fps = args.fps if args.fps is not None else (None if args.stride is not None else OFFICIAL_FPS)
     out = cache_videos(args.model, args.videos, args.out, frames=args.frames, height=args.height,
-                       width=args.width, stride=args.stride, max_text_len=args.max_text_len,
+                       width=args.width, fps=fps, stride=args.stride, resize=args.resize,
+                       max_text_len=args.max_text_len,
                        shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
                        device=resolve_device(args.device), progress=not args.no_progress, limit=args.limit)
     print(f"cache: {out} (train with world.wan.data={out})")
@@ -253,9 +272,23 @@ def cmd_export(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = export_run(args.run, args.out, adapters=args.adapters, dtype=dtype, overwrite=args.overwrite,
                      shift=args.shift)
-    print(f"exported: {out}\n  from diffusers import AnyFlowPipeline; pipe = AnyFlowPipeline.from_pretrained("
-          f"{str(out)!r})" + ("; pipe.load_lora_weights(...)" if args.adapters else ""))
+    print(f"exported: {out}\n  {_load_hint(out, args.adapters)}")
     return 0
+
+
+def _load_hint(folder: Path, adapters: bool) -> str:
+    """How to load an exported folder: its pipeline class (``AnyFlowFARPipeline`` for a causal student, which
+    needs ``anystep.patch_far_pipeline``) read from its ``model_index.json``."""
+    import json
+
+    pipeline = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
+    load = f"{pipeline}.from_pretrained({str(folder)!r})"
+    lora = "; pipe.load_lora_weights(...)" if adapters else ""
+    if pipeline == "AnyFlowFARPipeline":
+        return (f"import anystep; from diffusers import {pipeline}; pipe = {load}{lora}; "
+                "anystep.patch_far_pipeline(pipe)  # diffusers 0.42.1 pads the KV-cache step without a mask "
+                "(see the folder's README.md)")
+    return f"from diffusers import {pipeline}; pipe = {load}{lora}"
 
 
 def cmd_tiny_wan(args) -> int:

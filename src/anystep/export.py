@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models.folder import ModelFolderError, load_transformer, require_local_folder, transformer_class_name
+from .models.folder import ModelFolderError, load_transformer, require_local_folder, transformer_kind
 
 COPIED_PARTS = ("vae", "text_encoder", "tokenizer")
 OFFICIAL_SHIFT = 5.0
@@ -164,14 +164,16 @@ def export_student(shared, source: str | Path, out_dir: str | Path, *, role: str
 
 
 def import_anyflow(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """The ``AnyFlowTransformer3DModel`` of a released (or exported) AnyFlow diffusers folder (local path;
-    ``folder`` may also be the ``transformer/`` folder itself)."""
+    """The transformer of a released (or exported) AnyFlow diffusers folder (local path; ``folder`` may also be
+    the ``transformer/`` folder itself): an ``AnyFlowTransformer3DModel``, or an
+    ``AnyFlowFARTransformer3DModel`` for a causal folder. Both metadata layouts load: the diffusers classes',
+    and the first uploads' official ``FAR_Wan_Transformer3DModel`` (see :mod:`anystep.models.folder`);
+    re-exporting an imported old-layout folder writes it in the diffusers layout."""
     p = require_local_folder(folder)
-    name = transformer_class_name(p)
-    if name != "AnyFlowTransformer3DModel":
-        hint = (" This is a Wan2.1 folder: load it with anystep.models.folder.load_transformer and build the "
-                "student with anystep.models.wan.student_from_wan." if name == "WanTransformer3DModel" else "")
-        raise ModelFolderError(f"{p}: the transformer is a {name}, not an AnyFlowTransformer3DModel.{hint}")
+    if transformer_kind(p) == "wan":
+        raise ModelFolderError(f"{p}: the transformer is a WanTransformer3DModel, not an AnyFlow transformer. "
+                               "This is a Wan2.1 folder: load it with anystep.models.folder.load_transformer and "
+                               "build the student with anystep.models.wan.student_from_wan.")
     return load_transformer(p, dtype=dtype)
 
 
@@ -232,10 +234,8 @@ def _write_folder(folder: Path, transformer, src: Path, shift: float, lora: Lora
         WanLoraLoaderMixin.save_lora_weights(folder, transformer_lora_layers=lora.diffusers_layers(dtype, keep),
                                              weight_name=LORA_WEIGHT_NAME,
                                              transformer_lora_adapter_metadata=lora.metadata())
-    pipeline = _pipeline_name(transformer)
     (folder / "model_index.json").write_text(json.dumps(_model_index(src, transformer), indent=2) + "\n")
-    (folder / "README.md").write_text(_readme(src, shift, lora, dtype).replace("AnyFlowPipeline", pipeline)
-                                      .replace("AnyFlowTransformer3DModel", type(transformer).__name__))
+    (folder / "README.md").write_text(_readme(src, shift, lora, dtype, transformer))
 
 
 def _param_dtype(name: str, dtype: torch.dtype | None, keep_fp32: Sequence[str]) -> torch.dtype | None:
@@ -294,12 +294,18 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         old.unlink()
 
 
-def _readme(src: Path, shift: float, lora: LoraExport | None, dtype: torch.dtype | None) -> str:
+def _readme(src: Path, shift: float, lora: LoraExport | None, dtype: torch.dtype | None, transformer) -> str:
+    """The exported folder's ``README.md``: what it holds and how to load and sample it (``AnyFlowPipeline``,
+    or for a causal student ``AnyFlowFARPipeline`` with :func:`anystep.patch_far_pipeline`)."""
+    pipeline, model_class = _pipeline_name(transformer), type(transformer).__name__
+    causal = pipeline == "AnyFlowFARPipeline"
     dtype_arg = f", torch_dtype={dtype}" if dtype is not None else ""
-    load = ["import torch", "from diffusers import AnyFlowPipeline", "",
-            f'pipe = AnyFlowPipeline.from_pretrained("path/to/this/folder"{dtype_arg})']
+    load = ["import torch", *(["import anystep"] if causal else []), f"from diffusers import {pipeline}", "",
+            f'pipe = {pipeline}.from_pretrained("path/to/this/folder"{dtype_arg})']
     if lora is not None:
         load.append('pipe.load_lora_weights("path/to/this/folder")  # the distilled student adapter')
+    if causal:
+        load.append("anystep.patch_far_pipeline(pipe)  # diffusers 0.42.1's KV-cache step: see below")
     load += ['video = pipe("a prompt", num_inference_steps=4, guidance_scale=1.0).frames[0]']
     if lora is None:
         variant = "The student's LoRA is merged into the transformer weights."
@@ -310,8 +316,10 @@ def _readme(src: Path, shift: float, lora: LoraExport | None, dtype: torch.dtype
                    "`load_lora_weights` the pipeline runs the base, not the student. `pipe.fuse_lora()` "
                    "merges it for speed.")
     kind = str(dtype or "as trained").replace("torch.", "")
-    intro = ("A flow-map distilled text-to-video model (AnyFlow, flow-map distillation of Wan2.1) in diffusers "
-             "format: `AnyFlowTransformer3DModel` + `FlowMapEulerDiscreteScheduler` "
+    what = ("A flow-map distilled causal (FAR) video model (AnyFlow, flow-map distillation of Wan2.1) that "
+            "generates chunk by chunk with a KV cache of its own output" if causal else
+            "A flow-map distilled text-to-video model (AnyFlow, flow-map distillation of Wan2.1)")
+    intro = (f"{what}, in diffusers format: `{model_class}` + `FlowMapEulerDiscreteScheduler` "
              f"(shift {shift:g}, 1000 train steps); VAE, text encoder and tokenizer copied unchanged from "
              f"`{src.name}`. Transformer weights: {kind} (time embedder, norms and modulation tables float32 "
              "when cast).")
@@ -321,4 +329,25 @@ def _readme(src: Path, shift: float, lora: LoraExport | None, dtype: torch.dtype
              "480x832, 81 frames, and writes mp4 at 16 fps.")
     lines = ["# AnyFlow any-step video generator (anystep export)", "", intro, "", variant, "",
              "## Load and sample", "", "```python", *load, "```", "", steps, ""]
+    if causal:
+        lines += [_causal_notes(transformer), ""]
     return "\n".join(lines)
+
+
+def _causal_notes(transformer) -> str:
+    """The causal folder's extra README text: chunking, I2V / V2V, and why the pipeline needs the patch."""
+    partition = list(transformer.config.chunk_partition)
+    return (f"Each call generates the latent frames in chunks `{partition}` (the config's `chunk_partition`; "
+            "pass `chunk_partition=` for another `num_frames`), every chunk with the full N-step schedule "
+            "against the KV cache of the chunks before it. Image-to-video and video continuation: pass the "
+            "first frame(s) as `video=` (whole chunks: 1 pixel frame for chunk 0).\n\n"
+            "**`anystep.patch_far_pipeline(pipe)`** (from the `anystep` package that exported this folder) "
+            "fixes a defect of diffusers 0.42.1: when it denoises a chunk against the KV cache, its "
+            "`AnyFlowCausalAttnProcessor` pads queries and keys to a multiple of 128 tokens with zeros and no "
+            "mask, so the zero keys take part in the softmax. At 480x832 (1560 tokens per latent frame) no "
+            "chunk is a multiple of 128, and the stock pipeline does not sample what the model was trained "
+            "to (official code, anystep's sampler). The patch installs anystep's attention processor on the "
+            "causal blocks (unpadded attention on the cache read; flex attention on CUDA and dense SDPA on "
+            "the CPU for the masked cache prefill); after it the pipeline gives anystep's "
+            "`sample_causal` latents. See anystep's README, \"The causal (FAR) path\", for measured "
+            "differences.")

@@ -7,6 +7,10 @@ Each video becomes the VAE's posterior mean, normalised per channel as ``(z - la
 both go to shards in the format of ``shards.py``. The VAE runs in float32 (as diffusers' Wan examples
 recommend), the text encoder in the cache's ``dtype`` (Wan runs UMT5 in bfloat16). The transformer is not
 loaded. A second call with the same settings resumes: ids already in the cache are skipped.
+
+Frames are prepared as the official code does by default (``video_io.VideoPrep``): resampled to 16 fps from
+the source's frame rate and stretched to the target size without crop; ``stride=N`` (with ``fps=None``) and
+``resize="crop"`` give the older fixed-stride, centre-crop preparation. The choice is in the header.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ import torch
 from ..models.folder import require_local_folder
 from .shards import ShardWriter, torch_dtype, write_null_embedding
 from .text import WAN_NEGATIVE_PROMPT, encode_prompts
-from .video_io import VideoDecodeError, VideoItem, check_video_shape, list_items, load_item
+from .video_io import (
+    OFFICIAL_FPS,
+    VideoDecodeError,
+    VideoItem,
+    VideoPrep,
+    check_video_shape,
+    list_items,
+    load_item,
+)
 
 
 def latent_stats(vae_config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,23 +82,23 @@ def load_encoders(folder: Path, dtype: str, device: str | torch.device) -> tuple
     return vae.to(device).eval(), tokenizer, text_encoder.to(device).eval()
 
 
-def cache_header(folder: Path, vae, text_encoder, *, frames: int, height: int, width: int, stride: int,
+def cache_header(folder: Path, vae, text_encoder, *, frames: int, height: int, width: int, prep: VideoPrep,
                  max_text_len: int, dtype: str, negative_prompt: str, videos: str | Path) -> dict:
     """The index header of a video cache (the fields a resumed run must match, plus information)."""
     return {"model": str(folder.resolve()), "source": "videos", "frames": frames, "height": height,
             "width": width, "latent_shape": latent_shape(vae.config, frames, height, width),
             "text_dim": int(text_encoder.config.d_model), "max_text_len": max_text_len, "dtype": dtype,
-            "settings": {"stride": stride, "negative_prompt": negative_prompt, "vae_dtype": "float32"},
+            "settings": {**prep.settings(), "negative_prompt": negative_prompt, "vae_dtype": "float32"},
             "videos": str(Path(videos).resolve())}
 
 
 def decode_batch(items: list[VideoItem], writer: ShardWriter, frames: int, height: int, width: int,
-                 stride: int) -> tuple[list[VideoItem], list[torch.Tensor]]:
+                 prep: VideoPrep) -> tuple[list[VideoItem], list[torch.Tensor]]:
     """Decode a batch of items; unreadable or too-short videos are skipped with a warning and recorded."""
     kept, videos = [], []
     for item in items:
         try:
-            videos.append(load_item(item, frames, height, width, stride))
+            videos.append(load_item(item, frames, height, width, prep))
             kept.append(item)
         except VideoDecodeError as err:
             warnings.warn(f"skipping {item.id}: {err}", stacklevel=3)
@@ -95,21 +107,27 @@ def decode_batch(items: list[VideoItem], writer: ShardWriter, frames: int, heigh
 
 
 def cache_videos(model: str | Path, source: str | Path, out_dir: str | Path, *, frames: int = 81,
-                 height: int = 480, width: int = 832, stride: int = 1, max_text_len: int = 512,
+                 height: int = 480, width: int = 832, fps: float | None = OFFICIAL_FPS,
+                 stride: int | None = None, resize: str = "stretch", max_text_len: int = 512,
                  shard_size: int = 64, batch_size: int = 1, dtype: str = "bfloat16",
                  device: str | torch.device = "cpu", negative_prompt: str = WAN_NEGATIVE_PROMPT,
                  progress: bool = True, limit: int | None = None) -> Path:
     """Cache the (video, caption) pairs of ``source`` (see ``video_io``) as latents + embeddings in ``out_dir``.
 
+    Frames: ``fps`` (official 16) resamples each video in time from its container's frame rate; with
+    ``fps=None`` (or 0) every ``stride``-th frame is taken instead (giving both is an error). ``resize`` is
+    ``"stretch"`` (official: the whole frame, aspect not kept) or ``"crop"`` (centre-crop). Videos too short
+    for ``frames`` frames, or without a frame rate when one is needed, are skipped with a warning.
     ``limit`` caches only the first ``limit`` items of the source (in its fixed order); calling again
     with a larger or no limit continues. Returns ``out_dir``."""
     from tqdm.auto import tqdm
 
     check_video_shape(frames, height, width)
+    prep = VideoPrep(fps, stride, resize)
     folder = require_local_folder(model, "vae")
     items = list_items(source)[:limit]
     vae, tokenizer, text_encoder = load_encoders(folder, dtype, device)
-    header = cache_header(folder, vae, text_encoder, frames=frames, height=height, width=width, stride=stride,
+    header = cache_header(folder, vae, text_encoder, frames=frames, height=height, width=width, prep=prep,
                           max_text_len=max_text_len, dtype=dtype, negative_prompt=negative_prompt,
                           videos=source)
     with torch.no_grad(), ShardWriter(out_dir, shard_size, header) as writer:
@@ -120,7 +138,7 @@ def cache_videos(model: str | Path, source: str | Path, out_dir: str | Path, *, 
         bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="caching videos", unit="video",
                    disable=not progress)
         for start in range(0, len(todo), batch_size):
-            kept, videos = decode_batch(todo[start:start + batch_size], writer, frames, height, width, stride)
+            kept, videos = decode_batch(todo[start:start + batch_size], writer, frames, height, width, prep)
             if kept:
                 latents = encode_videos(vae, torch.stack(videos))
                 embeds = encode_prompts(tokenizer, text_encoder, [it.caption for it in kept], max_text_len)
@@ -130,8 +148,8 @@ def cache_videos(model: str | Path, source: str | Path, out_dir: str | Path, *, 
         bar.close()
     skipped = len(writer.index["skipped"])
     if skipped:
-        warnings.warn(f"{skipped} of {len(items)} videos were skipped (unreadable or too short); they are "
-                      f"listed under 'skipped' in {Path(out_dir) / 'index.json'}", stacklevel=2)
+        warnings.warn(f"{skipped} of {len(items)} videos were skipped (unreadable, too short, or no frame rate); "
+                      f"they are listed under 'skipped' in {Path(out_dir) / 'index.json'}", stacklevel=2)
     del vae, text_encoder
     free_memory()
     return Path(out_dir)

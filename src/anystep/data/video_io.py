@@ -13,19 +13,28 @@ the ids to resume):
 A source with no videos or a video with no caption is an error naming the file. Unreadable or too-short
 videos are only found when decoded: ``read_video`` raises ``VideoDecodeError`` and the caller skips them.
 
-Decoding (``read_video``) takes ``frames`` frames from the start at a given stride, resizes the short side
-(bilinear, antialiased) and centre-crops to ``(height, width)``, and scales to [-1, 1]: a float32
-``(3, F, H, W)`` tensor, the ``(C, F, H, W)`` layout of Wan's VAE. The VAE compresses time 4x causally, so
-``F`` must be ``4k + 1``.
+Decoding (``read_video``) picks ``frames`` frames from the start, resizes them to ``(height, width)``
+(bilinear, antialiased) and scales to [-1, 1]: a float32 ``(3, F, H, W)`` tensor, the ``(C, F, H, W)`` layout
+of Wan's VAE. The VAE compresses time 4x causally, so ``F`` must be ``4k + 1``. How frames are picked and
+resized is a :class:`VideoPrep`; the default is the official preparation (``far/data/t2v_tar_dataset.py``):
+
+* **fps 16**: time-based resampling to 16 fps from the source fps in the container metadata, with the
+  official accumulator rule (:func:`resample_indices`), so 81 frames are ~5 s of motion whatever the source
+  rate (a source at or below 16 fps gives every frame, as in the official code);
+* **resize "stretch"**: straight to ``(height, width)``, no crop (the aspect ratio is not kept).
+
+The alternatives: ``stride=N`` (every N-th source frame, ignoring the fps) and ``resize="crop"`` (resize the
+short side, centre-crop).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import posixpath
 import tarfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +42,8 @@ import torch
 import torch.nn.functional as F
 
 CAPTION_TABLES = ("captions.json", "captions.tsv", "captions.txt")
+OFFICIAL_FPS = 16.0
+RESIZE_MODES = ("stretch", "crop")
 
 
 class VideoSourceError(ValueError):
@@ -196,25 +207,108 @@ def check_video_shape(frames: int, height: int, width: int, temporal: int = 4, s
         raise ValueError(f"height={height}, width={width}: both must be positive multiples of {spatial}")
 
 
-def decode_frames(data: Path | str | bytes, count: int, stride: int = 1, name: str | None = None) -> np.ndarray:
-    """Frames ``0, stride, ..., (count-1)*stride`` of an mp4 as uint8 ``(count, h, w, 3)``."""
+@dataclass(frozen=True)
+class VideoPrep:
+    """How a video's frames are picked and resized (defaults: the official preparation).
+
+    Args:
+        fps: resample in time to this frame rate (official 16); None or 0 picks frames by ``stride`` instead.
+        stride: take every ``stride``-th source frame; only without ``fps`` (None then means 1).
+        resize: ``"stretch"`` to the target size without crop (official) or ``"crop"`` (cover, centre-crop).
+
+    Giving both an ``fps`` and a ``stride`` is an error: they are two different frame rules.
+    """
+
+    fps: float | None = OFFICIAL_FPS
+    stride: int | None = None
+    resize: str = "stretch"
+
+    def __post_init__(self):
+        fps = None if not self.fps else float(self.fps)
+        if fps is not None and not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps must be a positive frame rate (or 0/None for a stride), got {self.fps!r}")
+        if fps is not None and self.stride is not None:
+            raise ValueError(f"give a target fps ({fps:g}, time-based) or a frame stride ({self.stride}), not "
+                             f"both; pass fps=0 (CLI: --fps 0) to pick frames by stride")
+        stride = None if fps is not None else (1 if self.stride is None else self.stride)
+        if stride is not None and (not isinstance(stride, int) or stride < 1):
+            raise ValueError(f"stride must be an integer >= 1, got {self.stride!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        object.__setattr__(self, "fps", fps)
+        object.__setattr__(self, "stride", stride)
+
+    def settings(self) -> dict:
+        """The fields a cache header records (a resumed cache must match them)."""
+        return asdict(self)
+
+    def indices(self, count: int, source_fps: float | None, name: str) -> list[int]:
+        """The source frame indices of ``count`` output frames (``source_fps`` is needed for an fps rule)."""
+        if self.fps is None:
+            return list(range(0, count * self.stride, self.stride))
+        if source_fps is None or not math.isfinite(source_fps) or source_fps <= 0:
+            raise VideoDecodeError(f"{name}: the container has no frame rate, needed to resample to "
+                                   f"{self.fps:g} fps; use a frame stride instead (CLI: --stride N)")
+        return resample_indices(count, source_fps, self.fps)
+
+    def describe(self, source_fps: float | None) -> str:
+        """The frame rule in words, for messages."""
+        if self.fps is None:
+            return f"at stride {self.stride}"
+        return f"at {self.fps:g} fps (source {source_fps:g} fps)"
+
+
+def resample_indices(count: int, source_fps: float, target_fps: float) -> list[int]:
+    """The first ``count`` source frames the official time-based resampler keeps (``select_frame_indices`` in
+    the official ``far/utils/video_util.py``): frame 0, then frame i whenever an accumulator that grows by
+    ``target_fps / source_fps`` per source frame reaches 1 (and then loses 1). The k-th output frame is thus
+    the first source frame at or after time k / target_fps, up to float rounding of the running sum (kept:
+    the official code accumulates in floats too, e.g. at 30 fps it takes frame 16 where exact arithmetic
+    gives 15). A source at or below ``target_fps`` keeps every frame (no frame is repeated)."""
+    step, acc, picks, i = target_fps / source_fps, 0.0, [0], 0
+    while len(picks) < count:
+        i += 1
+        acc += step
+        if acc >= 1.0:
+            picks.append(i)
+            acc -= 1.0
+    return picks[:count]
+
+
+def decode_frames(data: Path | str | bytes, count: int, prep: VideoPrep = VideoPrep(),
+                  name: str | None = None) -> np.ndarray:
+    """The ``count`` frames ``prep`` picks from an mp4, as uint8 ``(count, h, w, 3)``."""
     import imageio.v3 as iio
 
     name = name or str(data)[:200]
-    needed = (count - 1) * stride + 1
-    frames = []
     try:
-        reader = iio.imiter(data, plugin="FFMPEG", extension=".mp4")
-        try:
-            frames = list(itertools.islice(reader, needed))
-        finally:
-            reader.close()
+        with iio.imopen(data, "r", plugin="FFMPEG", extension=".mp4") as file:
+            reader = file.legacy_get_reader()
+            try:
+                source_fps = reader.get_meta_data().get("fps")
+                indices = prep.indices(count, source_fps, name)
+                wanted, frames, seen = set(indices), [], 0
+                for seen, frame in enumerate(itertools.islice(reader, indices[-1] + 1), start=1):
+                    if seen - 1 in wanted:     # keep only the picked frames (a 60 fps source decodes 4x more)
+                        frames.append(frame)
+            finally:
+                reader.close()
+    except VideoDecodeError:
+        raise
     except Exception as err:  # imageio/ffmpeg raise OSError, RuntimeError, ... for unreadable files
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise VideoDecodeError(f"cannot decode {name}: {first_line}") from err
-    if len(frames) < needed:
-        raise VideoDecodeError(f"{name} has {len(frames)} frames; {count} frames at stride {stride} need {needed}")
-    return np.stack(frames[::stride])[..., :3]
+    if seen <= indices[-1]:
+        raise VideoDecodeError(f"{name} has {seen} frames; {count} frames {prep.describe(source_fps)} "
+                               f"need {indices[-1] + 1}")
+    return np.stack(frames)[..., :3]
+
+
+def resize_stretch(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize ``(F, C, h, w)`` to exactly ``(height, width)``: the whole frame, aspect ratio not kept."""
+    if tuple(video.shape[-2:]) == (height, width):
+        return video
+    return F.interpolate(video, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
 
 
 def resize_center_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -228,15 +322,17 @@ def resize_center_crop(video: torch.Tensor, height: int, width: int) -> torch.Te
     return video[..., top:top + height, left:left + width]
 
 
-def read_video(data: Path | str | bytes, frames: int, height: int, width: int, stride: int = 1,
+def read_video(data: Path | str | bytes, frames: int, height: int, width: int, prep: VideoPrep = VideoPrep(),
                name: str | None = None) -> torch.Tensor:
-    """An mp4 as the VAE's input: float32 ``(3, frames, height, width)`` in [-1, 1]."""
+    """An mp4 as the VAE's input: float32 ``(3, frames, height, width)`` in [-1, 1], frames picked and
+    resized as ``prep`` says (default: the official 16 fps, stretched to the size)."""
     check_video_shape(frames, height, width)
-    pixels = torch.from_numpy(decode_frames(data, frames, stride, name)).permute(0, 3, 1, 2).float()
-    pixels = resize_center_crop(pixels, height, width)
+    pixels = torch.from_numpy(decode_frames(data, frames, prep, name)).permute(0, 3, 1, 2).float()
+    resize = resize_stretch if prep.resize == "stretch" else resize_center_crop
+    pixels = resize(pixels, height, width)
     return (pixels / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()
 
 
-def load_item(item: VideoItem, frames: int, height: int, width: int, stride: int = 1) -> torch.Tensor:
+def load_item(item: VideoItem, frames: int, height: int, width: int, prep: VideoPrep = VideoPrep()) -> torch.Tensor:
     """``read_video`` of a source item (a file or a tar member)."""
-    return read_video(item.data(), frames, height, width, stride, name=item.name)
+    return read_video(item.data(), frames, height, width, prep, name=item.name)

@@ -206,6 +206,38 @@ def set_causal_attention(model: AnyFlowFARTransformer3DModel,
     return shared
 
 
+def patch_far_pipeline(pipe, backend: str = "auto"):
+    """Make a diffusers ``AnyFlowFARPipeline`` sample like the official code (and like
+    :func:`anystep.causal.sample_causal`): install :class:`FARAttnProcessor` on its transformer's causal blocks.
+
+    diffusers 0.42.1's ``AnyFlowCausalAttnProcessor`` pads queries and keys to a multiple of 128 tokens with
+    zeros *without a mask* when it denoises a chunk against the KV cache, so the zero keys take part in the
+    softmax unless the chunk happens to be a multiple of 128 tokens (never at 480x832: 1560 tokens per latent
+    frame). The installed processor reads the cache with unpadded attention there, and keeps the masked calls
+    (the cache prefill) on flex with ``backend="auto"`` on CUDA (dense SDPA on CPU). Idempotent; returns
+    ``pipe``. Raises ``TypeError`` for anything but an ``AnyFlowFARPipeline`` with an
+    ``AnyFlowFARTransformer3DModel``.
+
+        pipe = anystep.patch_far_pipeline(AnyFlowFARPipeline.from_pretrained(folder))
+    """
+    from diffusers import AnyFlowFARPipeline
+
+    if backend not in ("auto", "dense", "flex"):
+        raise ValueError(f"backend must be 'auto', 'dense' or 'flex', got {backend!r}")
+    if not isinstance(pipe, AnyFlowFARPipeline):
+        raise TypeError(f"patch_far_pipeline expects a diffusers AnyFlowFARPipeline, got {type(pipe).__name__} "
+                        "(the bidirectional AnyFlowPipeline needs no patch)")
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, AnyFlowFARTransformer3DModel):
+        raise TypeError(f"patch_far_pipeline: the pipeline's transformer is a {type(transformer).__name__}, not "
+                        "an AnyFlowFARTransformer3DModel")
+    processors = {id(block.attn1.processor): block.attn1.processor for block in transformer.blocks}
+    installed = next(iter(processors.values())) if len(processors) == 1 else None
+    if not (isinstance(installed, FARAttnProcessor) and installed.backend == backend):
+        set_causal_attention(transformer, backend)
+    return pipe
+
+
 # ---------------------------------------------------------------------------------------------- forward modes
 def split_chunks(model: AnyFlowFARTransformer3DModel, chunk_partition: Sequence[int]) -> tuple[int, int]:
     """(compressed, full) chunk counts of a teacher-forced/training sequence: the newest ``full_chunk_limit``
