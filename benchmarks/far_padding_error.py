@@ -33,14 +33,13 @@ def build(partition: list[int], seed: int, size: dict):
     """The stock pipeline and a FAR student on the same random tiny-width weights."""
     from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel, FlowMapEulerDiscreteScheduler
 
-    from anystep.models.far import far_student_from_wan
-    from anystep.models.far_student import FARStudent
+    from anystep.models.far import CausalStudent, far_student_from_wan
     from anystep.models.tiny_folder import tiny_wan_components
     from anystep.models.wan import tiny_wan
 
     torch.manual_seed(seed)
     wan = tiny_wan(in_channels=16, text_dim=32, **size, rope_max_seq_len=1024)   # 52 width positions at 832 px
-    far = far_student_from_wan(wan, chunk_partition=partition).eval()
+    far = far_student_from_wan(wan, chunk_partition=partition, attention="dense").eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():    # Wan zero-inits some layers; make every weight matter
         for p in far.parameters():
@@ -51,7 +50,7 @@ def build(partition: list[int], seed: int, size: dict):
     pipe = AnyFlowFARPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=stock,
                               scheduler=FlowMapEulerDiscreteScheduler(shift=5.0))
     pipe.set_progress_bar_config(disable=True)
-    return pipe, FARStudent(far, partition, attention="dense")
+    return pipe, CausalStudent(far)
 
 
 def measure(partition: list[int], steps: int, seed: int, size: dict) -> dict:

@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from anystep.backward_simulation import RolloutPlan, flowmap_segments
-from anystep.causal import (causal_backward_simulation, draw_num_chunks, sample_causal, teacher_forcing_cond,
-                            teacher_forcing_split)
+from anystep.causal import (CausalFlowMap, TeacherForcing, causal_backward_simulation, chunks_covering,
+                            draw_num_chunks, is_causal, sample_causal, teacher_forcing_split)
 from anystep.cli import main
-from anystep.config import CausalConfig
-from anystep.models.far import far_student_from_wan, set_causal_attention
-from anystep.models.far_student import FARStudent, chunks_covering
+from anystep.models.far import CausalStudent, far_student_from_wan
+from anystep.models.far_attention import set_causal_attention
 from anystep.models.wan import tiny_wan
 from anystep.objectives.causal_flowmap import CausalStage1Objective
 from anystep.objectives.flowmap import Stage1Config
@@ -29,8 +28,7 @@ PARTITION = (1, 2, 2, 2)     # 7 frames; full_chunk_limit 3 -> up to one compres
 def _student(seed=0, partition=PARTITION):
     torch.manual_seed(seed)
     wan = tiny_wan(in_channels=4, text_dim=16, heads=2, head_dim=8, layers=2, ffn_dim=32, rope_max_seq_len=32)
-    far = far_student_from_wan(wan, chunk_partition=partition)
-    return FARStudent(far, partition, attention="dense")
+    return CausalStudent(far_student_from_wan(wan, chunk_partition=partition, attention="dense"))
 
 
 def test_teacher_forcing_split_follows_the_official_layout():
@@ -54,9 +52,26 @@ def test_number_of_chunks_is_limit_or_uniform_long_context():
 
 
 def test_chunks_covering():
-    assert chunks_covering(PARTITION, 5) == [1, 2, 2]
+    assert chunks_covering(PARTITION, 5) == (1, 2, 2)
     with pytest.raises(ValueError, match="whole number of chunks"):
         chunks_covering(PARTITION, 4)
+
+
+def test_a_causal_student_is_a_causal_flow_map_and_refuses_a_plain_prompt():
+    """Causal is the student's model type: the full fine-tune's student and a LoRA role of a FAR base are both a
+    CausalFlowMap, and both refuse a plain text tensor (full attention is ``.bidirectional``)."""
+    from anystep.models.roles import SharedBase
+
+    student = _student()
+    shared = SharedBase(_student(seed=1).transformer, rank=4)
+    lora = shared.role("student")
+    x, t, text = torch.randn(2, 5, 4, 4, 4), torch.tensor([900.0, 500.0]), torch.randn(2, 5, 16)
+    for s in (student, lora):
+        assert isinstance(s, CausalFlowMap) and is_causal(s) and s.chunk_partition == PARTITION
+        with pytest.raises(TypeError, match="TeacherForcing"):
+            s(x, t, t, text)
+        assert s.bidirectional(torch.randn(2, 7, 4, 4, 4), t, t, text).shape == (2, 7, 4, 4, 4)
+    assert not is_causal(shared.role("critic"))
 
 
 @pytest.mark.parametrize("seed,chunks", [(0, 4), (3, 3)])   # with compressed context (K = 4) and without
@@ -73,8 +88,8 @@ def test_causal_stage1_every_call_sees_the_same_context_and_clean_copies(seed, c
     b = 3
     x0 = torch.randn(b, 7, 4, 4, 4)
     text = torch.randn(b, 5, 16)
-    objective = CausalStage1Objective(Stage1Config(), CausalConfig(chunk_partition=PARTITION, long_context_ratio=1.0,
-                                                                   bidirectional_prob=0.0), torch.zeros(1, 5, 16))
+    objective = CausalStage1Objective(Stage1Config(long_context_ratio=1.0, bidirectional_prob=0.0),
+                                      torch.zeros(1, 5, 16))
     g = torch.Generator().manual_seed(seed)
     loss, stats = objective(student, x0, text, g)
     loss.backward()
@@ -82,25 +97,32 @@ def test_causal_stage1_every_call_sees_the_same_context_and_clean_copies(seed, c
     assert k == chunks
     ctx, tgt = teacher_forcing_split(x0, PARTITION, k, 3)
     assert len(seen) == 2                                     # the grad call and one batched no-grad call
-    assert torch.equal(seen[0][1]["clean"], tgt)              # the student's call: its own clips' copies
+    assert torch.equal(seen[0][1].clean, tgt)                # the student's call: its own clips' copies
     for batch, cond in seen:                                   # every row (null branch, t +- eps) is a clip's
+        assert isinstance(cond, TeacherForcing)
         for key, ref in (("clean", tgt), ("context", ctx)):
             if ref is None:
-                assert key not in cond
+                assert getattr(cond, key) is None
                 continue
-            rows = cond[key].flatten(1)
+            rows = getattr(cond, key).flatten(1)
             assert rows.shape[0] == batch
             assert (torch.cdist(rows, ref.flatten(1)).min(1).values == 0).all()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g_).all() for g_ in grads)
 
 
-def test_causal_stage1_null_branch_keeps_the_context():
-    b = 2
+def test_a_dropped_prompt_keeps_its_clips_context():
+    b = 3
     x0 = torch.randn(b, 7, 4, 4, 4)
     ctx, tgt = teacher_forcing_split(x0, PARTITION, 4, 3)
-    null = teacher_forcing_cond(torch.zeros(b, 5, 16), tgt, ctx)
-    assert torch.equal(null["clean"], tgt) and torch.equal(null["context"], ctx)
+    text = torch.randn(b, 5, 16)
+    cond, null = TeacherForcing(text, tgt, ctx), TeacherForcing(torch.zeros(1, 5, 16), tgt, ctx)
+    keep = torch.tensor([True, False, True])
+    dropped = cond.select(keep, null)
+    assert torch.equal(dropped.clean, tgt) and torch.equal(dropped.context, ctx)
+    assert torch.equal(dropped.text[keep], text[keep]) and (dropped.text[1] == 0).all()
+    rows = cond.cat(cond).take_rows(torch.tensor([4, 0]))
+    assert torch.equal(rows.clean, tgt[[1, 0]]) and torch.equal(rows.context, ctx[[1, 0]])
 
 
 class _Spy:
@@ -142,8 +164,8 @@ def test_i2v_and_v2v_keep_the_given_chunks(given_frames, generated):
     out = sample_causal(spy, noise, torch.zeros(2, 1, 1), steps=2, given=given)
     assert torch.equal(out[:, :given_frames], given)
     assert len(spy.calls) == 2 * generated
-    with pytest.raises(ValueError, match="whole chunks"):
-        sample_causal(spy, noise, torch.zeros(2, 1, 1), steps=2, given=torch.randn(2, 2, 1, 2, 2))
+    with pytest.raises(ValueError, match="whole number of chunks"):
+        sample_causal(spy, noise, torch.zeros(2, 1, 1), steps=2, given=torch.randn(2, 2, 1, 2, 2))  # not chunks
 
 
 def test_causal_backward_simulation_calls_and_gradients_per_chunk():
@@ -174,7 +196,7 @@ def test_our_causal_sampler_equals_diffusers_anyflow_far_pipeline(tmp_path):
     pipe = AnyFlowFARPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
                               transformer=far, scheduler=FlowMapEulerDiscreteScheduler(shift=5.0))
     set_causal_attention(pipe.transformer, "dense")
-    student = FARStudent(far, partition, attention="dense")
+    student = CausalStudent(far)
     text, _ = pipe.encode_prompt("a red block moving right", do_classifier_free_guidance=False)
     noise = torch.randn(1, 5, 16, 4, 4, generator=torch.Generator().manual_seed(0))
     for n in (1, 4):
@@ -215,14 +237,13 @@ def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path, lora, capsy
     wan = build_tiny_wan_folder(tmp_path / "wan")
     _run("cache", "--model", wan, "--videos", _clips(tmp_path / "clips"), "--out", tmp_path / "cache",
          "--frames", 17, "--height", 32, "--width", 32, "--dtype", "float32")
-    common = [f"world.wan.model={wan}", f"world.wan.data={tmp_path / 'cache'}", "causal.enabled=true",
-              "causal.chunk_partition=[1,1,1,2]", f"model.lora_rank={lora}", "model.base_dtype=float32",
-              "train.mixed_precision=fp32", "train.gradient_checkpointing=false", "train.batch_size=2"]
-    _run("stage1", "--config", "wan1.3b_stage1", *common, "optim.warmup_steps=1", "train.steps=2",
-         f"train.out_dir={tmp_path / 's1'}")
+    common = [f"world.wan.model={wan}", f"world.wan.data={tmp_path / 'cache'}", f"model.lora_rank={lora}",
+              "model.base_dtype=float32", "train.mixed_precision=fp32", "train.gradient_checkpointing=false",
+              "train.batch_size=2"]
+    _run("stage1", "--config", "wan1.3b_stage1", *common, "model.causal.chunk_partition=[1,1,1,2]",
+         "optim.student.warmup_steps=1", "train.steps=2", f"train.out_dir={tmp_path / 's1'}")
     _run("stage2", "--config", "wan1.3b_stage2", *common, "train.steps=2", "stage2.teacher=null",
-         "stage2.rollout_steps=[2]", "stage2.optim.warmup_steps=0", f"model.init={tmp_path / 's1'}",
-         f"train.out_dir={tmp_path / 's2'}")
+         "stage2.rollout_steps=[2]", f"model.init={tmp_path / 's1'}", f"train.out_dir={tmp_path / 's2'}")
     capsys.readouterr()
     _run("export", tmp_path / "s2", "--out", tmp_path / "export", progress=True)
     printed = capsys.readouterr().out      # the load hint names the causal pipeline and the patch
@@ -246,23 +267,22 @@ def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path, lora, capsy
 
 
 def test_causal_world_sweep_reports_the_late_chunk_gap():
-    from anystep.config import resolve
-    from anystep.worlds.binding import make_binding
+    from anystep.worlds.shapes import CAUSAL_PARTITION, ShapesData, causal_config
 
-    binding = make_binding(resolve("shapes_far_teacher").world)
-    ev = binding.eval_set(8, 0)
-    clips, ev.meta = binding.world.sample(8, torch.Generator().manual_seed(0))
-    real = binding.evaluate(clips, ev, 1.0)
+    world = ShapesData(causal_config())
+    judge, ev = world.judge(), world.eval_set(8, 0)
+    clips, ev.meta = world.world.sample(8, torch.Generator().manual_seed(0))
+    real = judge.score(clips, ev, 1.0, CAUSAL_PARTITION)
     assert abs(real["late_gap"]) < 1e-5 and real["early_quality"] > 0.99
+    assert "late_gap" not in judge.score(clips, ev, 1.0)        # no causal student: no per-chunk scores
     late = clips.clone()
     late[:, 5:] += 0.3 * torch.randn(late[:, 5:].shape, generator=torch.Generator().manual_seed(1))
-    bad = binding.evaluate(late, ev, 1.0)
+    bad = judge.score(late, ev, 1.0, CAUSAL_PARTITION)
     assert bad["early_quality"] > 0.99 and bad["late_gap"] > 0.2
 
 
 def test_causal_shapes_stage1_then_sample_i2v_and_sweep(tmp_path, capsys):
-    world = ["world.shapes.frames=9", "world.shapes.speed=1.0", "world.shapes.chunk_partition=[1,2,2,2,2]",
-             "causal.enabled=true", "causal.chunk_partition=[1,2,2,2,2]"]
+    world = ["world.shapes.frames=9", "world.shapes.speed=1.0", "model.causal.chunk_partition=[1,2,2,2,2]"]
     _run("stage1", "--config", "shapes_stage1", *world, "train.steps=2", "train.batch_size=4",
          f"train.out_dir={tmp_path / 's1'}")
     assert main(["sample", str(tmp_path / "s1"), "--steps", "2", "--num", "2", "--given-frames", "1",
@@ -276,20 +296,25 @@ def test_causal_shapes_stage1_then_sample_i2v_and_sweep(tmp_path, capsys):
 @pytest.mark.parametrize("preset", ["shapes_far_stage1", "shapes_far_stage2"])
 def test_causal_world_presets_start_from_the_shipped_causal_teacher(preset):
     from anystep.config import resolve
-    from anystep.recipes import find_teacher, load_model
+    from anystep.lineage import nearest_teacher, open_run
+    from anystep.recipes import load_model
+    from anystep.worlds.shapes import CAUSAL_PARTITION
 
     cfg = resolve(preset)
-    assert cfg.causal.enabled and cfg.causal.chunk_partition == tuple(cfg.world.shapes.chunk_partition)
+    assert cfg.kind == "stage2" or cfg.model.causal.chunk_partition == CAUSAL_PARTITION
     spec = cfg.model.init if cfg.kind == "stage1" else cfg.stage2.teacher
     teacher, tcfg, _ = load_model(spec)
-    assert tcfg.world.shapes == cfg.world.shapes and find_teacher(spec) == spec
+    assert tcfg.world.shapes == cfg.world.shapes and nearest_teacher(open_run(spec)).spec == spec
 
 
-def test_judge_and_student_chunk_partitions_must_agree():
+def test_a_causal_layout_that_does_not_cover_the_clips_is_refused_before_training(tmp_path):
     from anystep.config import resolve
+    from anystep.errors import UsageError
+    from anystep.recipes import build_trainer
 
-    with pytest.raises(ValueError, match="must equal causal.chunk_partition"):
-        resolve("shapes_far_stage1", ["causal.chunk_partition=[1,4,4]"])
+    with pytest.raises((UsageError, ValueError), match="covers"):
+        build_trainer(resolve("shapes_far_stage1", ["model.causal.chunk_partition=[1,4,3]", "train.steps=1",
+                                                    f"train.out_dir={tmp_path}"]))
 
 
 def test_bidirectional_flow_matching_term_is_added_with_its_probability():
@@ -297,8 +322,7 @@ def test_bidirectional_flow_matching_term_is_added_with_its_probability():
     x0, text = torch.randn(2, 7, 4, 4, 4), torch.randn(2, 5, 16)
     losses = {}
     for prob in (0.0, 1.0):
-        objective = CausalStage1Objective(Stage1Config(), CausalConfig(chunk_partition=PARTITION, bidirectional_prob=prob),
-                                          torch.zeros(1, 5, 16))
+        objective = CausalStage1Objective(Stage1Config(bidirectional_prob=prob), torch.zeros(1, 5, 16))
         losses[prob] = objective(student, x0, text, torch.Generator().manual_seed(0))
     (l0, s0), (l1, s1) = losses[0.0], losses[1.0]
     assert "loss/bidirectional" not in s0 and s1["loss/bidirectional"] > 0

@@ -1,6 +1,7 @@
 """Checkpoints, resumes and the run folder: warm-up, safe loading, crash safety, locking, clear errors."""
 
 import csv
+import importlib
 import fcntl
 import math
 import os
@@ -22,28 +23,34 @@ from anystep.recipes import build_trainer, load_model, train
 from anystep.train.checkpoint import (CheckpointError, clean_run_folder, find_checkpoint, load_tensors,
                                       save_checkpoint)
 from anystep.train.loop import NonFiniteLossError, Trainer
-from anystep.train.methods import Method, Phase
+from anystep.train.loop import EMAConfig, OptimConfig
+from anystep.train.method import Method, Phase
 
-GMM = ["model.hidden=32", "model.depth=1", "train.batch_size=16", "train.log_every=1", "optim.warmup_steps=2",
-       "optim.ema_warmup_steps=2"]
+GMM = ["model.network.hidden=32", "model.network.depth=1", "train.batch_size=16", "train.log_every=1",
+       "ema.warmup_steps=2"]
+
+
+def _gmm(role):
+    """The tiny gmm settings of a run that trains ``role`` (its optimizer is optim.<role>)."""
+    return [*GMM, f"optim.{role}.warmup_steps=2"]
 
 
 def teacher(out, *args):
     """``anystep teacher`` argv for a tiny gmm run in ``out``: flags first, then the overrides."""
     flags = [a for a in args if a.startswith("--")]
-    return ["teacher", "--config", "gmm_teacher", "--no-progress", *flags, f"train.out_dir={out}", *GMM,
+    return ["teacher", "--config", "gmm_teacher", "--no-progress", *flags, f"train.out_dir={out}", *_gmm("teacher"),
             *(a for a in args if not a.startswith("--"))]
 
 
 def _cfg(out, *extra, kind="stage1"):
-    return resolve(None, [f"kind={kind}", "world.name=gmm", f"train.out_dir={out}", *GMM, *extra])
+    return resolve(None, [f"kind={kind}", "world.name=gmm", f"train.out_dir={out}", *_gmm("student"), *extra])
 
 
 class Toy(Method):
     """One linear layer; ``loss(module, step)`` is the loss (default: its squared output on fixed inputs)."""
 
     def __init__(self, loss=None):
-        super().__init__(roles={"student": nn.Linear(4, 1)}, ema_roles=("student",))
+        super().__init__(roles={"student": nn.Linear(4, 1)})
         self.x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
         self.loss = loss or (lambda m, step: m(self.x).pow(2).mean())
 
@@ -53,8 +60,10 @@ class Toy(Method):
 
 def _toy_trainer(out, method=None, **kwargs):
     torch.manual_seed(0)
-    kwargs = {"steps": 3, "log_every": 1, "checkpoint_every": 1, "progress": False, **kwargs}
-    return Trainer(method or Toy(), out_dir=out, **kwargs)
+    kwargs = {"steps": 3, "log_every": 1, "checkpoint_every": 1, "progress": False, "files": {"config.yaml": ""},
+              **kwargs}
+    optim = {"student": OptimConfig(**kwargs.pop("optim", {"warmup_steps": 0}))}
+    return Trainer(method or Toy(), out_dir=out, optim=optim, ema={"student": EMAConfig(0.999, 0)}, **kwargs)
 
 
 def _one_line_error(capsys, argv, *needles):
@@ -138,12 +147,12 @@ DRIVER = """
 import sys, torch
 from anystep.train.checkpoint import save_checkpoint
 root, step, value = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-save_checkpoint(root, step, {"student": {"w": torch.full((3,), value)}}, {"step": step}, "kind: stage1\\n")
+save_checkpoint(root, step, {"student": {"w": torch.full((3,), value)}}, {"step": step}, {"config.yaml": "kind: stage1\\n"})
 """
 
 
 def _save(root, step, value):
-    return save_checkpoint(root, step, {"student": {"w": torch.full((3,), value)}}, {"step": step}, "kind: stage1\n")
+    return save_checkpoint(root, step, {"student": {"w": torch.full((3,), value)}}, {"step": step}, {"config.yaml": "kind: stage1\n"})
 
 
 def test_a_kill_while_a_step_is_saved_again_keeps_the_old_checkpoint(tmp_path, monkeypatch):
@@ -210,7 +219,7 @@ def _metric_rows(run):
 
 def test_a_finished_run_is_never_restarted_by_accident_and_overwrite_starts_over(tmp_path, capsys):
     run, ref = tmp_path / "run", tmp_path / "ref"
-    assert main(teacher(run, "train.steps=4", "optim.lr=0.01")) == 0
+    assert main(teacher(run, "train.steps=4", "optim.teacher.lr=0.01")) == 0
     metrics = (run / "metrics.csv").read_text()
     _one_line_error(capsys, teacher(run, "train.steps=3"), str(run), "--resume",
                     "--overwrite")
@@ -230,14 +239,14 @@ def test_a_finished_run_is_never_restarted_by_accident_and_overwrite_starts_over
 def test_optimizer_settings_given_with_resume_take_effect(tmp_path):
     run = tmp_path / "run"
     assert main(teacher(run, "train.checkpoint_every=1", "train.steps=3")) == 0
-    new = ["optim.lr=0.02", "optim.betas=[0.5,0.6]", "optim.weight_decay=0.1"]
+    new = ["optim.teacher.lr=0.02", "optim.teacher.betas=[0.5,0.6]", "optim.teacher.weight_decay=0.1"]
     assert main(teacher(run, "train.checkpoint_every=1", "train.steps=4", "--resume", *new)) == 0
     ck = run / "checkpoints"
     group = torch.load(ck / "step_000004" / "trainer.pt", weights_only=True)["optimizers"]["teacher"]
     assert (group["param_groups"][0]["lr"], group["param_groups"][0]["betas"]) == (0.02, (0.5, 0.6))
     assert _metric_rows(run)[-1]["lr/teacher"] == "0.02"
     # step 4's update is AdamW's with the new settings (the moments are those after it)
-    trainer = build_trainer(resolve("gmm_teacher", [f"train.out_dir={run}", *GMM]), progress=False)
+    trainer = build_trainer(resolve("gmm_teacher", [f"train.out_dir={run}", *_gmm("teacher")]), progress=False)
     name = next(n for n, p in trainer.method.roles["teacher"].named_parameters() if p.requires_grad)
     before = load_tensors(ck / "step_000003" / "teacher.safetensors")[name]
     after = load_tensors(ck / "step_000004" / "teacher.safetensors")[name]
@@ -262,7 +271,7 @@ def test_bad_train_settings_are_refused_before_training(override, message, capsy
 
 def test_a_model_init_from_another_world_is_a_clear_error(tmp_path, capsys):
     _one_line_error(capsys, ["stage1", "--config", "gmm_stage1", "--no-progress", f"train.out_dir={tmp_path}",
-                             "model.init=shipped:shapes_teacher", *GMM],
+                             "model.init=shipped:shapes_teacher", "optim.student.warmup_steps=2"],
                     "model.init=shipped:shapes_teacher is a 'shapes'-world run", "'gmm'")
 
 
@@ -280,13 +289,13 @@ def test_an_unwritable_out_dir_is_refused_before_the_model_is_built(tmp_path, ca
 
     def built(*args, **kwargs):
         raise AssertionError("the model was built")
-    monkeypatch.setattr("anystep.recipes.build_trainer", built)
+    monkeypatch.setattr(importlib.import_module("anystep.recipes.train"), "build_trainer", built)
     _one_line_error(capsys, teacher(out, "train.steps=1"), "cannot write", str(out))
 
 
 def test_resuming_another_architecture_names_the_mismatch(tmp_path, capsys):
     assert main(teacher(tmp_path, "train.steps=1")) == 0
-    err = _one_line_error(capsys, teacher(tmp_path, "train.steps=2", "model.hidden=48", "--resume"),
+    err = _one_line_error(capsys, teacher(tmp_path, "train.steps=2", "model.network.hidden=48", "--resume"),
                           "does not fit this model", "shape mismatch")
     assert "(48," in err or ", 48)" in err
 

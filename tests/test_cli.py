@@ -7,15 +7,12 @@ import yaml
 from anystep.cli import main
 from anystep.config import resolve
 
-GMM_TINY = ["world.name=gmm", "model.hidden=32", "model.depth=1", "train.batch_size=16", "train.steps=3",
-            "train.log_every=1", "optim.warmup_steps=1"]
-SHAPES_TINY = ["model.patch=[1,4,4]", "model.heads=2", "model.head_dim=8", "model.layers=1", "model.ffn_dim=16",
-               "train.batch_size=4", "train.steps=2", "train.log_every=1", "optim.warmup_steps=1"]
-
-
-def _no_optim(overrides):
-    """The overrides without optim.* (Stage 2 has its own optimizer section, stage2.optim)."""
-    return [o for o in overrides if not o.startswith("optim.")]
+GMM_TINY = ["world.name=gmm", "train.batch_size=16", "train.steps=3", "train.log_every=1"]
+SHAPES_TINY = ["train.batch_size=4", "train.steps=2", "train.log_every=1"]
+GMM_NET = ["model.network.hidden=32", "model.network.depth=1", "optim.teacher.warmup_steps=1"]   # a fresh teacher
+SHAPES_NET = ["model.network.heads=2", "model.network.head_dim=8", "model.network.layers=1",
+              "model.network.ffn_dim=16", "optim.teacher.warmup_steps=1"]
+WARM = ["optim.student.warmup_steps=1"]      # a Stage-1 or consistency student
 
 
 def _rows(path):
@@ -34,9 +31,10 @@ def test_help_is_there_for_every_command(capsys):
 
 
 def test_dry_run_prints_the_resolved_config_with_overrides(capsys):
-    assert main(["stage1", "--dry-run", "train.steps=7", "stage1.derivative=jvp", "optim.lr=1e-3"]) == 0
+    assert main(["stage1", "--dry-run", "train.steps=7", "stage1.derivative=jvp", "optim.student.lr=1e-3"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["train"]["steps"] == 7 and cfg["stage1"]["derivative"] == "jvp" and cfg["optim"]["lr"] == 1e-3
+    assert cfg["train"]["steps"] == 7 and cfg["stage1"]["derivative"] == "jvp"
+    assert cfg["optim"]["student"]["lr"] == 1e-3
     # paper defaults survive in the resolved config
     assert cfg["stage1"]["fuse_guidance_scale"] == 3.0 and cfg["stage1"]["epsilon"] == 5.0
     assert cfg["stage1"]["diffusion_ratio"] == 0.5 and cfg["model"]["gate_value"] == 0.25
@@ -44,14 +42,23 @@ def test_dry_run_prints_the_resolved_config_with_overrides(capsys):
 
 def test_paper_defaults_without_a_preset():
     cfg = resolve(None, [])
-    assert cfg.optim.lr == 5e-5 and cfg.optim.betas == (0.9, 0.95) and cfg.optim.warmup_steps == 1000
-    assert cfg.optim.ema_decay == 0.999 and cfg.train.steps == 6000 and cfg.stage1.weight_type == "beta08"
+    o = cfg.optim["student"]
+    assert o.lr == 5e-5 and o.betas == (0.9, 0.95) and o.warmup_steps == 1000 and list(cfg.optim) == ["student"]
+    assert cfg.ema.decay == 0.999 and cfg.train.steps == 6000 and cfg.stage1.weight_type == "beta08"
+    s2 = resolve(None, ["kind=stage2"])
+    assert {r: (o.lr, o.betas, o.warmup_steps) for r, o in s2.optim.items()} == {
+        "student": (2e-6, (0.0, 0.999), 0), "critic": (2e-6, (0.0, 0.999), 0)}
+    assert (s2.ema.decay, s2.ema.warmup_steps) == (0.99, 200) and s2.stage1.bidirectional_prob == 0.0
 
 
 @pytest.mark.parametrize("argv, message", [
     (["stage1", "--dry-run", "stage1.derivate=jvp"], "unknown config key 'stage1.derivate'"),
     (["stage1", "--dry-run", "train.steps=many"], "needs an integer"),
     (["stage1", "--dry-run", "stage1.derivative=forward"], "stage1.derivative must be one of"),
+    (["stage1", "--dry-run", "stage2.rollout_grad=one"], "a 'stage1' run has no section 'stage2'"),
+    (["stage2", "--dry-run", "optim.teacher.lr=1e-3"], "optim.teacher: a 'stage2' run trains"),
+    (["stage1", "--dry-run", "world.gmm.seed=1"], "world.gmm is not a section of the 'shapes' world"),
+    (["teacher", "--dry-run", "model.causal.chunk_partition=[1,2]"], "model.causal is for Stage-1 and Stage-2"),
     (["stage1", "--config", "nosuchpreset", "--dry-run"], "unknown preset"),
     (["teacher", "--config", "shapes_stage1", "--dry-run"], "use `anystep stage1`"),
     (["sample", "/no/such/run"], "checkpoint not found"),
@@ -69,13 +76,14 @@ def test_bad_step_lists_are_refused(capsys):
 
 def test_gmm_teacher_stage1_sample_sweep_end_to_end(tmp_path, capsys):
     t, s = tmp_path / "teacher", tmp_path / "student"
-    assert main(["teacher", "--config", "gmm_teacher", "--no-progress", f"train.out_dir={t}", *GMM_TINY]) == 0
-    # --resume is a flag: the overrides after it stay overrides
-    assert main(["teacher", "--config", "gmm_teacher", "--no-progress", "--resume", f"train.out_dir={t}",
-                 *GMM_TINY, "train.steps=4"]) == 0
+    assert main(["teacher", "--config", "gmm_teacher", "--no-progress", f"train.out_dir={t}", *GMM_TINY,
+                 *GMM_NET]) == 0
+    # overrides may stand anywhere: before, between and after the flags
+    assert main(["teacher", "--config", "gmm_teacher", *GMM_TINY, "--no-progress", "--resume", f"train.out_dir={t}",
+                 *GMM_NET, "train.steps=4"]) == 0
     assert (t / "checkpoints" / "step_000004").is_dir()
     assert main(["stage1", "--config", "gmm_stage1", "--no-progress", f"train.out_dir={s}",
-                 f"model.init={t}", *GMM_TINY]) == 0
+                 f"model.init={t}", *GMM_TINY, *WARM]) == 0
     assert main(["sample", str(s), "--steps", "2", "--out", str(tmp_path / "smp")]) == 0
     assert (tmp_path / "smp.png").is_file()
     assert main(["sweep", str(s), "--steps", "1,2", "--num-samples", "64", "--no-progress"]) == 0
@@ -96,8 +104,8 @@ def test_gmm_teacher_stage1_sample_sweep_end_to_end(tmp_path, capsys):
 
 def test_shapes_teacher_stage1_sample_sweep_end_to_end(tmp_path):
     t, s = tmp_path / "teacher", tmp_path / "student"
-    assert main(["teacher", "--no-progress", f"train.out_dir={t}", *SHAPES_TINY]) == 0
-    assert main(["stage1", "--no-progress", f"train.out_dir={s}", f"model.init={t}", *SHAPES_TINY]) == 0
+    assert main(["teacher", "--no-progress", f"train.out_dir={t}", *SHAPES_TINY, *SHAPES_NET]) == 0
+    assert main(["stage1", "--no-progress", f"train.out_dir={s}", f"model.init={t}", *SHAPES_TINY, *WARM]) == 0
     assert main(["sample", str(s), "--steps", "1", "--num", "2", "--prompt", "a red disk moving left",
                  "--out", str(tmp_path / "clip")]) == 0
     for ext in (".mp4", ".gif", ".png"):
@@ -113,16 +121,17 @@ def test_shapes_teacher_stage1_sample_sweep_end_to_end(tmp_path):
 def test_gmm_stage2_and_baselines_end_to_end(tmp_path, capsys):
     """teacher -> Stage 1 -> Stage 2 (exact teacher), teacher -> consistency -> consistency + DMD; one sweep."""
     t, s1, s2, cd, cbs = (tmp_path / n for n in ("teacher", "s1", "s2", "cd", "cbs"))
-    stage2_tiny = [*_no_optim(GMM_TINY), "stage2.dmd_batch_size=8", "stage2.rollout_steps=[2,4]"]
-    assert main(["teacher", "--config", "gmm_teacher", "--no-progress", f"train.out_dir={t}", *GMM_TINY]) == 0
+    stage2_tiny = [*GMM_TINY, "stage2.dmd_batch_size=8", "stage2.rollout_steps=[2,4]"]
+    assert main(["teacher", "--config", "gmm_teacher", "--no-progress", f"train.out_dir={t}", *GMM_TINY,
+                 *GMM_NET]) == 0
     assert main(["stage1", "--config", "gmm_stage1", "--no-progress", f"train.out_dir={s1}", f"model.init={t}",
-                 *GMM_TINY]) == 0
+                 *GMM_TINY, *WARM]) == 0
     assert main(["stage2", "--config", "gmm_stage2", "--no-progress", f"train.out_dir={s2}",
                  f"model.init={s1}", *stage2_tiny]) == 0
     assert main(["consistency", "--config", "gmm_consistency", "--no-progress", f"train.out_dir={cd}",
-                 f"model.init={t}", *GMM_TINY]) == 0
-    assert main(["stage2", "--config", "gmm_cbs", "--no-progress", f"train.out_dir={cbs}", f"model.init={cd}",
-                 *stage2_tiny]) == 0
+                 f"model.init={t}", *GMM_TINY, *WARM]) == 0
+    assert main(["cbs", "--config", "gmm_cbs", "--no-progress", f"train.out_dir={cbs}", f"model.init={cd}",
+                 *GMM_TINY, "cbs.dmd_batch_size=8", "cbs.rollout_steps=[2,4]"]) == 0
     ckpt = cbs / "checkpoints" / "step_000003"
     assert {p.name for p in ckpt.glob("*.safetensors")} == {"student.safetensors", "student_ema.safetensors",
                                                             "critic.safetensors"}
@@ -136,15 +145,15 @@ def test_gmm_stage2_and_baselines_end_to_end(tmp_path, capsys):
     # a Stage-2 run needs a Stage-1 student to start from
     assert main(["stage2", "--config", "gmm_stage2", "--no-progress", f"train.out_dir={tmp_path / 'x'}",
                  f"model.init={t}", *stage2_tiny]) == 2
-    assert "no 'student' weights" in capsys.readouterr().err
-    assert main(["stage2", "--config", "gmm_stage2", "--dry-run", "stage2.rollout=backwards"]) == 2
+    assert "is a 'teacher' run; a stage2 run starts from a stage1 or stage2 run" in capsys.readouterr().err
+    assert main(["stage2", "--config", "gmm_stage2", "--dry-run", "stage2.rollout_grad=backwards"]) == 2
 
 
 def test_shapes_stage2_end_to_end(tmp_path):
     t, s1, s2 = tmp_path / "teacher", tmp_path / "s1", tmp_path / "s2"
-    assert main(["teacher", "--no-progress", f"train.out_dir={t}", *SHAPES_TINY]) == 0
-    assert main(["stage1", "--no-progress", f"train.out_dir={s1}", f"model.init={t}", *SHAPES_TINY]) == 0
-    assert main(["stage2", "--no-progress", f"train.out_dir={s2}", f"model.init={s1}", *_no_optim(SHAPES_TINY),
+    assert main(["teacher", "--no-progress", f"train.out_dir={t}", *SHAPES_TINY, *SHAPES_NET]) == 0
+    assert main(["stage1", "--no-progress", f"train.out_dir={s1}", f"model.init={t}", *SHAPES_TINY, *WARM]) == 0
+    assert main(["stage2", "--no-progress", f"train.out_dir={s2}", f"model.init={s1}", *SHAPES_TINY,
                  "stage2.dmd_batch_size=2", "stage2.rollout_steps=[2]"]) == 0
     assert main(["sample", str(s2), "--steps", "2", "--num", "2", "--out", str(tmp_path / "clip")]) == 0
     assert (tmp_path / "clip.mp4").stat().st_size > 0
@@ -154,9 +163,9 @@ def test_demo_dry_run_resolves_every_stage(capsys):
     assert main(["demo", "--dry-run", "--budget", "5,4,3,2", "train.threads=1"]) == 0
     docs = [yaml.safe_load(d.split("\n", 1)[1]) for d in capsys.readouterr().out.split("\n# ")]
     assert [(d["kind"], d["train"]["steps"], d["train"]["threads"]) for d in docs] == [
-        ("stage1", 5, 1), ("stage2", 4, 1), ("consistency", 3, 1), ("stage2", 2, 1)]
-    assert docs[1]["model"]["init"] == "runs/demo/stage1" and docs[3]["stage2"]["rollout"] == "consistency"
-    assert docs[1]["stage2"]["optim"]["betas"] == [0.0, 0.999]
+        ("stage1", 5, 1), ("stage2", 4, 1), ("consistency", 3, 1), ("cbs", 2, 1)]
+    assert docs[1]["model"]["init"] == "runs/demo/stage1" and docs[3]["model"]["init"] == "runs/demo/consistency"
+    assert docs[1]["optim"]["student"]["betas"] == [0.0, 0.999] and "stage2" not in docs[3]
 
 
 def test_shapes_lora_roles_on_one_frozen_base_end_to_end(tmp_path):
@@ -167,9 +176,9 @@ def test_shapes_lora_roles_on_one_frozen_base_end_to_end(tmp_path):
 
     t, s1, s2 = tmp_path / "teacher", tmp_path / "s1", tmp_path / "s2"
     lora = ["model.lora_rank=4"]
-    assert main(["teacher", "--no-progress", f"train.out_dir={t}", *SHAPES_TINY]) == 0
-    assert main(["stage1", "--no-progress", f"train.out_dir={s1}", f"model.init={t}", *SHAPES_TINY, *lora]) == 0
-    assert main(["stage2", "--no-progress", f"train.out_dir={s2}", f"model.init={s1}", *_no_optim(SHAPES_TINY), *lora,
+    assert main(["teacher", "--no-progress", f"train.out_dir={t}", *SHAPES_TINY, *SHAPES_NET]) == 0
+    assert main(["stage1", "--no-progress", f"train.out_dir={s1}", f"model.init={t}", *SHAPES_TINY, *WARM, *lora]) == 0
+    assert main(["stage2", "--no-progress", f"train.out_dir={s2}", f"model.init={s1}", *SHAPES_TINY, *lora,
                  "stage2.dmd_batch_size=2", "stage2.rollout_steps=[2]"]) == 0
     weights = load_tensors(s2 / "checkpoints" / "step_000002" / "student.safetensors")
     assert weights and all("lora_" in k for k in weights)
@@ -199,7 +208,7 @@ def test_demo_runs_every_stage_and_sweeps_them_together(tmp_path):
     for mode in ("parallel", "sequential"):
         flags = ["--sequential"] if mode == "sequential" else []
         assert main(["demo", "--out", str(out), "--budget", "2,1,2,1", "sweep.num_samples=4", "sweep.steps=[1,2]",
-                     "stage2.dmd_batch_size=2", "train.threads=1", "--no-progress", *flags]) == 0
+                     "train.threads=1", "--no-progress", *flags]) == 0
         tables[mode] = _rows(out / "sweep" / "sweep.csv")
         assert (out / "consistency_dmd" / "checkpoints" / "step_000001").is_dir()
         assert (out / "sweep" / "grid.mp4").stat().st_size > 0
@@ -209,13 +218,16 @@ def test_demo_runs_every_stage_and_sweeps_them_together(tmp_path):
     assert tables["parallel"] == tables["sequential"]
 
 
-def test_optim_on_a_stage2_run_is_refused_and_left_out_of_its_config(capsys):
-    """Stage 2 trains with stage2.optim: an optim.* it would ignore is an error, and its saved config has none."""
-    assert main(["stage2", "--dry-run", "optim.lr=1e-3"]) == 2
-    assert "stage2.optim" in capsys.readouterr().err
-    assert main(["stage2", "--dry-run", "stage2.optim.lr=1e-3"]) == 0
+def test_a_run_config_holds_the_sections_its_kind_reads(capsys):
+    """One optimizer per trained role (optim.<role>), and only the sections the kind reads: a typed key that
+    nothing would read is an error, and a saved config has none."""
+    assert main(["stage2", "--dry-run", "optim.critic.lr=1e-4"]) == 0
     saved = yaml.safe_load(capsys.readouterr().out)
-    assert "optim" not in saved and saved["stage2"]["optim"]["lr"] == 1e-3
+    assert saved["optim"]["critic"]["lr"] == 1e-4 and saved["optim"]["student"]["lr"] == 2e-5   # the preset's
+    assert set(saved) == {"kind", "world", "model", "train", "optim", "ema", "sweep", "stage1", "stage2"}
+    assert set(saved["world"]) == {"name", "shapes", "text"}
+    assert main(["stage2", "--dry-run", "optim.lr=1e-3"]) == 2
+    assert "unknown config key 'optim.student.lr'" not in capsys.readouterr().err
 
 
 def test_lora_roles_get_the_delta_time_type_asked_for(tmp_path):
@@ -231,11 +243,12 @@ def test_a_network_other_than_model_init_is_refused_before_training(tmp_path, ca
     """model.layers=2 on a run from a 4-layer teacher used to train the 4-layer network, save layers=2 in its
     config and then fail to reload; and model.init from another world failed with an AttributeError."""
     t = tmp_path / "teacher"
-    assert main(["teacher", "--config", "gmm_teacher", "--no-progress", f"train.out_dir={t}", *GMM_TINY]) == 0
+    assert main(["teacher", "--config", "gmm_teacher", "--no-progress", f"train.out_dir={t}", *GMM_TINY,
+                 *GMM_NET]) == 0
     capsys.readouterr()
     assert main(["stage1", "--config", "gmm_stage1", "--no-progress", f"train.out_dir={tmp_path / 's'}",
-                 f"model.init={t}", *GMM_TINY, "model.depth=2"]) == 2
-    assert "model.depth=2, but model.init" in capsys.readouterr().err
+                 f"model.init={t}", *GMM_TINY, "model.network.depth=2"]) == 2
+    assert "keeps that run's network: drop model.network" in capsys.readouterr().err
     assert main(["stage1", "--config", "shapes_stage1", "--no-progress", f"train.out_dir={tmp_path / 's'}",
                  f"model.init={t}", *SHAPES_TINY]) == 2
     assert "'gmm'-world run" in capsys.readouterr().err

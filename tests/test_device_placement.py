@@ -22,19 +22,20 @@ from torch.overrides import TorchFunctionMode
 
 from anystep.backward_simulation import RolloutPlan, consistency_backward_simulation, flowmap_backward_simulation
 from anystep.causal import causal_backward_simulation, sample_causal
-from anystep.config import CausalConfig, ConsistencyConfig, ModelConfig, Stage2Config, WorldConfig
 from anystep.evaluate.sweep import Sampler, sample_batched
 from anystep.flowmap import guided, sample, sample_consistency
-from anystep.models.far import far_student_from_wan
-from anystep.models.far_student import FARStudent
+from anystep.kinds import Parts, kind
+from anystep.kinds.consistency import ConsistencyConfig
+from anystep.kinds.stage2 import DMDConfig, Stage2Config
+from anystep.models import zoo
+from anystep.models.far import CausalStudent, far_student_from_wan
 from anystep.models.roles import SharedBase
 from anystep.models.wan import tiny_wan
 from anystep.objectives.flowmap import Stage1Config
-from anystep.train.loop import Trainer
-from anystep.train.methods import (CausalStage1, CausalStage2, ConsistencyDistillation, Stage1, Stage2,
-                                   TeacherFineTune)
-from anystep.worlds.binding import make_binding
-from anystep.worlds.shapes import ShapesConfig
+from anystep.train.loop import OptimConfig, Trainer
+from anystep.worlds import OnDevice
+from anystep.worlds.gmm import GMMData
+from anystep.worlds.shapes import ShapesConfig, ShapesData
 
 FACTORIES = {torch.linspace, torch.logspace, torch.arange, torch.zeros, torch.ones, torch.full, torch.empty,
              torch.eye, torch.rand, torch.randn, torch.randint, torch.randperm, torch.tensor, torch.as_tensor}
@@ -66,13 +67,13 @@ def implicit_tensors_on_meta():
 
 
 def _shapes(causal: bool = False):
-    shapes = (ShapesConfig(size=8, frames=5, shape_size=3.0, speed=1.0, chunk_partition=(1, 2, 2)) if causal
+    shapes = (ShapesConfig(size=8, frames=5, shape_size=3.0, speed=1.0) if causal
               else ShapesConfig(size=8, frames=3, shape_size=3.0, speed=1.0))
-    return make_binding(WorldConfig(name="shapes", shapes=shapes))
+    return ShapesData(shapes)
 
 
 def _gmm():
-    return make_binding(WorldConfig(name="gmm"))
+    return GMMData()
 
 
 def _wan_net(seed=0):
@@ -81,19 +82,29 @@ def _wan_net(seed=0):
 
 
 def _velocity(world):
-    return world.velocity_net(ModelConfig(heads=2, head_dim=8, layers=1, ffn_dim=16, hidden=16, depth=1))
+    net = zoo.MLPConfig(hidden=16, depth=1) if world.network == "mlp" else zoo.ToyWanConfig(
+        patch=(1, 2, 2), heads=2, head_dim=8, layers=1, ffn_dim=16)
+    return zoo.velocity_network(world.network, net, world.network_inputs())
 
 
 def _student(world):
-    return world.student_from(_velocity(world), ModelConfig(hidden=16, depth=1))
+    return zoo.student_from(_velocity(world))
 
 
 def _far(partition=(1, 2, 2)):
-    return FARStudent(far_student_from_wan(_wan_net(), chunk_partition=partition), partition)
+    return CausalStudent(far_student_from_wan(_wan_net(), chunk_partition=partition))
+
+
+def _method(name, roles, world, batch, **sections):
+    """The kind's own method, built as the assembly builds it (on the data's device: the CPU)."""
+    spec = kind(name)
+    sections = {key: sections.get(key, make()) for key, make in spec.sections.items()}
+    return spec.make(Parts(roles, OnDevice(world, "cpu"), batch, 0, sections))
 
 
 def _step(method, tmp_path):
-    trainer = Trainer(method, steps=1, out_dir=tmp_path, optim={"lr": 1e-4, "warmup_steps": 0}, progress=False)
+    optim = {role: OptimConfig(lr=1e-4, warmup_steps=0) for role in method.roles}
+    trainer = Trainer(method, steps=1, out_dir=tmp_path, optim=optim, progress=False)
     with implicit_tensors_on_meta():
         stats = trainer.train_step()
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
@@ -107,40 +118,41 @@ STAGE1_VARIANTS = [Stage1Config(), Stage1Config(derivative="jvp"), Stage1Config(
 @pytest.mark.parametrize("cfg", STAGE1_VARIANTS, ids=["official", "jvp", "fd_none", "bf16_times", "plain"])
 def test_stage1_creates_every_tensor_on_the_data_device(cfg, tmp_path):
     world = _shapes()
-    _step(Stage1(_student(world), world, 4, cfg), tmp_path)
+    _step(_method("stage1", {"student": _student(world)}, world, 4, stage1=cfg), tmp_path)
 
 
 def test_teacher_and_consistency_create_every_tensor_on_the_data_device(tmp_path):
     world = _gmm()
-    _step(TeacherFineTune(_velocity(world), world, 8), tmp_path / "t")
-    _step(ConsistencyDistillation(_student(world), world.reference_teacher(), world, 8,
-                                  ConsistencyConfig(intervals=4)), tmp_path / "c")
+    _step(_method("teacher", {"teacher": _velocity(world)}, world, 8), tmp_path / "t")
+    roles = {"student": _student(world), "teacher": world.exact_teacher()}
+    _step(_method("consistency", roles, world, 8, consistency=ConsistencyConfig(intervals=4)), tmp_path / "c")
 
 
-@pytest.mark.parametrize("rollout, grad", [("flowmap", "all"), ("flowmap", "one"), ("consistency", "all")])
-def test_stage2_creates_every_tensor_on_the_data_device(rollout, grad, tmp_path):
+@pytest.mark.parametrize("name, grad", [("stage2", "all"), ("stage2", "one"), ("cbs", None)])
+def test_stage2_creates_every_tensor_on_the_data_device(name, grad, tmp_path):
     world = _shapes()
-    cfg = Stage2Config(rollout=rollout, rollout_grad=grad, rollout_steps=(2, 4), dmd_batch_size=2)
-    teacher = _velocity(world).requires_grad_(False)
-    _step(Stage2(_student(world), _velocity(world), teacher, world, 4, cfg, Stage1Config()), tmp_path)
+    roles = {"student": _student(world), "critic": _velocity(world),
+             "teacher": _velocity(world).requires_grad_(False)}
+    cfg = (Stage2Config(rollout_grad=grad, rollout_steps=(2, 4), dmd_batch_size=2) if grad else
+           DMDConfig(rollout_steps=(2, 4), dmd_batch_size=2))
+    _step(_method(name, roles, world, 4, **{name: cfg}), tmp_path)
 
 
 def test_stage2_with_lora_roles_creates_every_tensor_on_the_data_device(tmp_path):
     world = _shapes()
     shared = SharedBase.from_wan(_wan_net(), rank=4)
     roles = {r: shared.role(r) for r in ("student", "critic", "teacher")}
-    cfg = Stage2Config(rollout_steps=(2,), dmd_batch_size=2)
-    _step(Stage2(roles["student"], roles["critic"], roles["teacher"], world, 2, cfg, Stage1Config()), tmp_path)
+    _step(_method("stage2", roles, world, 2, stage2=Stage2Config(rollout_steps=(2,), dmd_batch_size=2)), tmp_path)
 
 
 def test_causal_stage1_and_stage2_create_every_tensor_on_the_data_device(tmp_path):
     world = _shapes(causal=True)
-    causal = CausalConfig(enabled=True, chunk_partition=(1, 2, 2), bidirectional_prob=1.0)
-    _step(CausalStage1(_far(), world, 2, Stage1Config(), causal), tmp_path / "s1")
+    _step(_method("stage1", {"student": _far()}, world, 2, stage1=Stage1Config(bidirectional_prob=1.0)),
+          tmp_path / "s1")
     shared = SharedBase(far_student_from_wan(_wan_net(), chunk_partition=(1, 2, 2)), rank=4)
-    cfg = Stage2Config(rollout_steps=(2,), dmd_batch_size=2)
-    _step(CausalStage2(shared.role("student"), shared.role("critic"), shared.role("teacher"), world, 2, cfg,
-                       Stage1Config(), causal), tmp_path / "s2")
+    roles = {r: shared.role(r) for r in ("student", "critic", "teacher")}
+    _step(_method("stage2", roles, world, 2, stage2=Stage2Config(rollout_steps=(2,), dmd_batch_size=2)),
+          tmp_path / "s2")
 
 
 def test_samplers_create_every_tensor_on_the_data_device():

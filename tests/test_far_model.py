@@ -11,16 +11,10 @@ import torch
 from diffusers import AnyFlowFARTransformer3DModel, WanTransformer3DModel
 from peft import LoraConfig
 
-from anystep.models.far import (
-    ChunkCache,
-    FARAttnProcessor,
-    bidirectional,
-    dense_mask,
-    far_student_from_wan,
-    set_causal_attention,
-    split_chunks,
-    teacher_forced,
-)
+from anystep.causal import TeacherForcing
+from anystep.models.far import bidirectional, far_student_from_wan, split_chunks, teacher_forced
+from anystep.models.far_attention import FARAttnProcessor, dense_mask, set_causal_attention
+from anystep.models.far_cache import ChunkCache
 from anystep.models.wan import AnyFlowStudent, WanVelocity, student_from_wan
 
 C, TEXT_DIM, H, W = 4, 32, 8, 8
@@ -316,7 +310,7 @@ def test_the_compressed_patch_embedding_keeps_fp32_master_weights_on_a_bf16_base
     before = embed.weight.detach().clone()
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=2e-6, betas=(0.9, 0.95))
     clean, text = _video(sum(PARTITION)), _text()
-    cond = {"text": text, "clean": clean[:, 3:], "context": clean[:, :3]}
+    cond = TeacherForcing(text, clean[:, 3:], clean[:, :3])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         u = student(_video(6, seed=3), T, R, cond)
     u.float().square().mean().backward()

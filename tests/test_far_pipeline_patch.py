@@ -21,8 +21,8 @@ import anystep
 from anystep.causal import sample_causal
 from anystep.cli import _load_hint
 from anystep.export import export_pipeline
-from anystep.models.far import FARAttnProcessor, far_student_from_wan
-from anystep.models.far_student import FARStudent
+from anystep.models.far import CausalStudent, far_student_from_wan
+from anystep.models.far_attention import FARAttnProcessor
 from anystep.models.tiny_folder import build_tiny_wan_folder, tiny_wan_components
 from anystep.models.wan import student_from_wan
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 @pytest.fixture(scope="module")
 def setup():
     parts = tiny_wan_components(seed=1)
-    far = far_student_from_wan(parts["transformer"], chunk_partition=PARTITION).eval()
+    far = far_student_from_wan(parts["transformer"], chunk_partition=PARTITION, attention="dense").eval()
     stock = AnyFlowFARTransformer3DModel.from_config(far.config).eval()   # diffusers' own processors
     stock.load_state_dict(far.state_dict())
     pipe = AnyFlowFARPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
@@ -42,7 +42,7 @@ def setup():
     text, _ = pipe.encode_prompt("a red block moving right", do_classifier_free_guidance=False)
     noise = torch.randn(1, 5, 16, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = sample_causal(FARStudent(far, PARTITION, attention="dense"), noise.clone(), text, steps=2)
+        ours = sample_causal(CausalStudent(far), noise.clone(), text, steps=2)
     return pipe, parts, text, noise, ours
 
 

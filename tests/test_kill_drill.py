@@ -17,8 +17,9 @@ from anystep.train.checkpoint import complete_checkpoints, load_tensors
 pytestmark = pytest.mark.slow
 
 RUN = ["teacher", "--config", "gmm_teacher", "--no-progress"]
-TINY = ["model.hidden=32", "model.depth=1", "train.batch_size=16", "train.steps=12", "train.checkpoint_every=3",
-        "train.log_every=1", "train.threads=1", "optim.warmup_steps=2", "optim.ema_warmup_steps=2"]
+TINY = ["model.network.hidden=32", "model.network.depth=1", "train.batch_size=16", "train.steps=12",
+        "train.checkpoint_every=3", "train.log_every=1", "train.threads=1", "optim.teacher.warmup_steps=2",
+        "ema.warmup_steps=2"]
 
 # (resume flag, fault, newest complete step after the kill, dot-entries the kill leaves in checkpoints/)
 CHAIN = [

@@ -3,7 +3,7 @@ import torch
 
 from anystep.models.toy import ToyFlowMapNet
 from anystep.models.wan import AnyFlowStudent, student_from_wan, tiny_wan
-from anystep.objectives.flow_matching import flow_matching_loss, noisy
+from anystep.objectives.flow_matching import flow_matching_error, noisy
 from anystep.objectives.flowmap import (
     Stage1Config,
     Stage1Objective,
@@ -170,7 +170,7 @@ def test_exact_jvp_runs_through_diffusers_anyflow_transformer_on_cpu():
     assert ((fd - jvp).norm() / jvp.norm()) < 0.02
 
 
-def test_flow_matching_loss_is_zero_for_the_true_straight_path_velocity():
+def test_flow_matching_error_is_zero_for_the_true_straight_path_velocity():
     x0 = torch.randn(4, 1, 1, 2, 2)
     eps = torch.randn_like(x0)
     t = torch.tensor([0.0, 250.0, 500.0, 1000.0])
@@ -179,7 +179,7 @@ def test_flow_matching_loss_is_zero_for_the_true_straight_path_velocity():
     def oracle(x, tt, r, cond):
         return eps - x0
 
-    assert flow_matching_loss(oracle, x0, eps, t, None).abs().max() == 0
+    assert flow_matching_error(oracle, x0, eps, t, None).abs().max() == 0
 
 
 def test_stage1_config_rejects_unknown_choices():

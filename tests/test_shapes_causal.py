@@ -13,8 +13,8 @@ from anystep.worlds.shapes import (
     ShapesJudge,
     ShapesWorld,
     causal_config,
-    chunk_bounds,
 )
+from anystep.causal import chunk_bounds
 
 DIR_VEC = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 KEYS = {"background", "consistency", "smoothness", "color", "shape", "direction", "quality", "semantic", "total",
@@ -76,7 +76,7 @@ def perp(specs: list[ClipSpec]) -> torch.Tensor:
 def test_causal_config_and_partition():
     cfg = causal_config()
     assert (cfg.size, cfg.frames, cfg.shape_size, cfg.speed) == (16, 9, 5.0, 1.0)
-    assert cfg.chunk_partition == CAUSAL_PARTITION == (1, 2, 2, 2, 2)
+    assert CAUSAL_PARTITION == (1, 2, 2, 2, 2)
     assert cfg.shape_size + cfg.speed * (cfg.frames - 1) <= cfg.size
     assert causal_config(colors=("red", "blue")).colors == ("red", "blue")
     assert chunk_bounds(CAUSAL_PARTITION, 9) == [(0, 1), (1, 3), (3, 5), (5, 7), (7, 9)]
@@ -84,9 +84,6 @@ def test_causal_config_and_partition():
     for bad in ([1, 2, 2], [0, 9], [], [1.5, 7.5], [True, 8]):
         with pytest.raises(ValueError, match="partition"):
             chunk_bounds(bad, 9)
-    with pytest.raises(ValueError, match="partition"):
-        ShapesConfig(frames=9, speed=1.0, chunk_partition=(1, 2, 2))
-    assert ShapesConfig().chunk_partition == ()   # the default world is unchanged
 
 
 def test_far_teacher_preset_resolves():
@@ -94,8 +91,7 @@ def test_far_teacher_preset_resolves():
     teacher = resolve("shapes_teacher")
     assert cfg.kind == "teacher" and cfg.model.init == "shipped:shapes_teacher"
     assert cfg.world.shapes == causal_config()
-    for key in ("patch", "heads", "head_dim", "layers", "ffn_dim"):
-        assert getattr(cfg.model, key) == getattr(teacher.model, key), key
+    assert cfg.model.network is None and teacher.model.network is not None   # the network is model.init's
 
 
 def test_judge_references_on_nine_frames(world, judge, batch):
@@ -118,13 +114,13 @@ def test_judge_references_on_nine_frames(world, judge, batch):
 
 def test_judge_chunks_api(judge, batch):
     videos, specs = batch
-    r = judge.judge_chunks(videos, specs)
+    r = judge.judge_chunks(videos, specs, CAUSAL_PARTITION)
     assert set(r) == KEYS
     for k, v in r.items():
         assert v.shape == (64, 5) and v.dtype == torch.float32, k
         assert float(v.min()) >= 0.0 and float(v.max()) <= 1.0, k
     torch.testing.assert_close(r["total"], 0.8 * r["quality"] + 0.2 * r["semantic"])
-    # the config's partition is the default; prompts work as specs; evaluate_chunks gives the per-chunk means
+    # prompts work as specs; evaluate_chunks gives the per-chunk means
     explicit = judge.judge_chunks(videos, [s.prompt() for s in specs], [1, 2, 2, 2, 2])
     assert all(torch.equal(r[k], explicit[k]) for k in KEYS)
     e = judge.evaluate_chunks(videos, specs, [3, 3, 3])
@@ -132,21 +128,19 @@ def test_judge_chunks_api(judge, batch):
     assert judge.judge_chunks(videos, specs, [9])["total"].shape == (64, 1)
     with pytest.raises(ValueError, match="partition"):
         judge.judge_chunks(videos, specs, [2, 2, 2])
-    with pytest.raises(ValueError, match="chunk_partition"):
-        ShapesJudge(ShapesConfig(frames=9, speed=1.0)).judge_chunks(videos, specs)
     with pytest.raises(ValueError, match=r"\(B, 9, 3, 16, 16\)"):
-        judge.judge_chunks(videos[:, :4], specs)
+        judge.judge_chunks(videos[:, :4], specs, CAUSAL_PARTITION)
     with pytest.raises(ValueError, match="specs"):
-        judge.judge_chunks(videos[:3], specs[:2])
+        judge.judge_chunks(videos[:3], specs[:2], CAUSAL_PARTITION)
 
 
 def test_real_clips_score_one_on_every_chunk(world, judge, batch):
     videos, specs = batch
-    r = judge.judge_chunks(videos, specs)
+    r = judge.judge_chunks(videos, specs, CAUSAL_PARTITION)
     for k, v in r.items():
         assert float(v.min()) >= 0.999, k
     v, s = world.sample(16, 99)
-    assert float(judge.judge_chunks(v, s)["total"].min()) >= 0.999
+    assert float(judge.judge_chunks(v, s, CAUSAL_PARTITION)["total"].min()) >= 0.999
 
 
 def test_uniform_damage_favours_no_chunk(judge, batch):
@@ -155,14 +149,14 @@ def test_uniform_damage_favours_no_chunk(judge, batch):
     g = torch.Generator().manual_seed(2)
     for bad in (videos + 0.2 * torch.randn(videos.shape, generator=g), torch.randn(videos.shape, generator=g),
                 videos[:, :1].expand_as(videos)):
-        m = torch.tensor(judge.evaluate_chunks(bad, specs)["total"])
+        m = torch.tensor(judge.evaluate_chunks(bad, specs, CAUSAL_PARTITION)["total"])
         assert float(m.max() - m.min()) < 0.04, m
         assert float(m.max()) < 0.85
 
 
 def _changed(judge, clean, bad, specs):
-    ref = judge.judge_chunks(clean, specs)
-    got = judge.judge_chunks(bad, specs)
+    ref = judge.judge_chunks(clean, specs, CAUSAL_PARTITION)
+    got = judge.judge_chunks(bad, specs, CAUSAL_PARTITION)
     return ref, got
 
 

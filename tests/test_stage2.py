@@ -9,12 +9,13 @@ from anystep.backward_simulation import (
     draw_plan,
     flowmap_backward_simulation,
 )
-from anystep.config import Stage2Config
 from anystep.flowmap import sample_consistency
 from anystep.objectives.consistency import consistency_pairs
 from anystep.objectives.dmd import dmd_loss
 from anystep.objectives.flowmap import Stage1Config
-from anystep.train.methods import Stage2
+from anystep.kinds import Parts, kind
+from anystep.kinds.stage2 import Stage2Config
+from anystep.worlds import OnDevice
 from anystep.worlds.gmm import GMMConfig, GMMWorld
 
 
@@ -166,14 +167,15 @@ def test_dmd_gradient_equals_a_hand_computation():
 
 
 def _gmm_binding():
-    from anystep.config import WorldConfig
-    from anystep.worlds.binding import GMMBinding
-    return GMMBinding(WorldConfig(name="gmm"))
+    from anystep.worlds.gmm import GMMData
+    return OnDevice(GMMData(), "cpu")
 
 
 def _stage2(student, critic, teacher, **cfg):
-    binding = _gmm_binding()
-    return Stage2(student, critic, teacher, binding, 8, Stage2Config(**cfg), Stage1Config(fuse_guidance_scale=1.0))
+    """The Stage-2 kind's method, made as the assembly makes it."""
+    sections = {"stage2": Stage2Config(**cfg), "stage1": Stage1Config(fuse_guidance_scale=1.0)}
+    roles = {"student": student, "critic": critic, "teacher": teacher}
+    return kind("stage2").make(Parts(roles, _gmm_binding(), 8, 0, sections))
 
 
 def test_rollout_grid_shift_follows_rollout_shift_and_defaults_to_dmd_shift():
@@ -181,14 +183,14 @@ def test_rollout_grid_shift_follows_rollout_shift_and_defaults_to_dmd_shift():
     for overrides, k in (({"dmd_shift": 2.0}, 2.0), ({"dmd_shift": 1.0, "rollout_shift": 5.0}, 5.0)):
         student = Spy()
         method = _stage2(student, Recorder(0.0, 0.0), Recorder(0.0, 0.0), rollout_steps=(4,), **overrides)
-        method.rollout(noise, None, torch.Generator().manual_seed(0))
+        method.rollout(noise, None, draw_plan((4,), method.plans), torch.Generator().manual_seed(0))
         times = {round(v, 6) for t, r, _ in student.calls for v in (t, r)}
         assert times <= {round(v, 6) for v in _grid(4, k)} and len(times) >= 3
 
 
 def test_stage2_shifts_must_be_positive():
     for name in ("dmd_shift", "critic_shift", "rollout_shift"):
-        with pytest.raises(ValueError, match=f"stage2.{name} must be > 0"):
+        with pytest.raises(ValueError, match=f"{name} must be > 0"):
             Stage2Config(**{name: 0.0})
 
 

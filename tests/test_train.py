@@ -8,13 +8,16 @@ from anystep.recipes import build_trainer, load_model, train
 from anystep.train.checkpoint import CheckpointError, find_checkpoint, load_tensors
 from anystep.train.loop import NonFiniteLossError
 
-TINY = ["world.name=gmm", "model.hidden=32", "model.depth=1", "train.batch_size=16", "train.log_every=1",
-        "optim.warmup_steps=2", "optim.ema_warmup_steps=2", "optim.lr=1e-3"]
+TINY = ["world.name=gmm", "train.batch_size=16", "train.log_every=1", "ema.warmup_steps=2"]
+NET = ["model.network.hidden=32", "model.network.depth=1"]
 
 
 def _cfg(tmp_path, *extra, kind="stage1"):
-    tiny = [o.replace("optim.", "stage2.optim.") for o in TINY] if kind == "stage2" else TINY
-    return resolve(None, [f"kind={kind}", f"train.out_dir={tmp_path}", *tiny, *extra])
+    """A tiny gmm run; its trained roles at lr 1e-3 with a 2-step warm-up; a fresh network unless it has an init."""
+    roles = {"teacher": ["teacher"], "stage1": ["student"], "stage2": ["student", "critic"]}[kind]
+    optim = [f"optim.{r}.{k}" for r in roles for k in ("warmup_steps=2", "lr=1e-3")]
+    net = [] if any(e.startswith("model.init=") for e in extra) else NET
+    return resolve(None, [f"kind={kind}", f"train.out_dir={tmp_path}", *TINY, *net, *optim, *extra])
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):

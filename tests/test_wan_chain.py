@@ -20,8 +20,7 @@ from anystep.models.tiny_folder import build_tiny_wan_folder
 from anystep.models.wan import student_from_wan, wan_from_student
 from anystep.recipes import build_trainer, load_model, teacher_transformer
 
-LORA = ["model.lora_rank=4", "model.lora_alpha=8", "train.batch_size=2", "train.log_every=1",
-        "optim.warmup_steps=1"]
+LORA = ["model.lora_rank=4", "model.lora_alpha=8", "train.batch_size=2", "train.log_every=1"]
 
 
 def _clips(folder, n=4):
@@ -53,11 +52,11 @@ def chain(tmp_path_factory):
     runs = {k: root / "runs" / k for k in ("teacher", "stage1", "stage2")}
     # large learning rates, so that every trained adapter (and Stage 2's EMA) differs visibly from its start
     _run("teacher", "--config", "wan1.3b_teacher", *world, *LORA, "train.steps=3", "train.mixed_precision=bf16",
-         "optim.lr=1e-2", f"train.out_dir={runs['teacher']}")
-    _run("stage1", "--config", "wan1.3b_stage1", *world, *LORA, "train.steps=3", "optim.lr=1e-2",
-         f"train.out_dir={runs['stage1']}")
-    _run("stage2", "--config", "wan1.3b_stage2", *world, *LORA[:-1], "train.steps=2", "stage2.rollout_steps=[2,4]",
-         "stage2.optim.lr=1e-2", "stage2.optim.ema_warmup_steps=0", f"model.init={runs['stage1']}",
+         "optim.teacher.lr=1e-2", "optim.teacher.warmup_steps=1", f"train.out_dir={runs['teacher']}")
+    _run("stage1", "--config", "wan1.3b_stage1", *world, *LORA, "train.steps=3", "optim.student.lr=1e-2",
+         "optim.student.warmup_steps=1", f"train.out_dir={runs['stage1']}")
+    _run("stage2", "--config", "wan1.3b_stage2", *world, *LORA, "train.steps=2", "stage2.rollout_steps=[2,4]",
+         "optim.student.lr=1e-2", "optim.critic.lr=1e-2", "ema.warmup_steps=0", f"model.init={runs['stage1']}",
          f"stage2.teacher={runs['teacher']}", f"train.out_dir={runs['stage2']}")
     _run("export", runs["stage2"], "--out", root / "export", progress=True)
     return dict(root=root, wan=wan, world=world, export=root / "export", **runs)
@@ -143,7 +142,7 @@ def test_all_roles_share_the_raw_wan_base_and_the_teacher_is_the_teacher_run(cha
 def test_import_a_released_anyflow_folder_and_continue_training(chain):
     out = chain["root"] / "runs" / "imported"
     world = [f"world.wan.model={chain['export']}", f"world.wan.data={chain['root'] / 'cache'}"]
-    cfg = resolve("wan1.3b_stage2", [*world, *LORA[:-1], "model.init=null", "stage2.teacher=null", "train.steps=1",
+    cfg = resolve("wan1.3b_stage2", [*world, *LORA, "model.init=null", "stage2.teacher=null", "train.steps=1",
                                      "model.base_dtype=float32",
                                      "stage2.rollout_steps=[2]", f"train.out_dir={out}"])
     trainer = build_trainer(cfg, progress=False)
@@ -181,23 +180,26 @@ def test_presets_resolve_to_the_official_recipe(preset, capsys):
     assert (cfg.model.lora_rank, cfg.model.lora_alpha) == (256, 256)
     assert cfg.train.mixed_precision == "bf16" and cfg.train.gradient_checkpointing
     big = "14b" in preset
-    c = cfg.causal
-    assert c.enabled == preset.startswith("wanfar")
-    if c.enabled:
+    c = cfg.model.causal
+    assert (c is not None) == (preset.startswith("wanfar") and kind == "stage1")   # Stage 2: model.init's student
+    if c is not None:
         assert (c.chunk_partition, c.full_chunk_limit, c.compressed_patch_size) == ((1, 3, 3, 3, 3, 3, 3, 2), 3, (1, 4, 4))
-        assert (c.long_context_ratio, c.bidirectional_prob) == (0.5, 0.1 if kind == "stage1" else 0.0)
+    if kind != "teacher":
+        assert (cfg.stage1.long_context_ratio, cfg.stage1.bidirectional_prob) == (0.5, 0.1 if kind == "stage1" else 0.0)
     if kind == "stage2":
-        o = cfg.stage2.optim
-        assert (o.lr, o.betas, o.warmup_steps, o.ema_decay, o.ema_warmup_steps) == (2e-6, (0.0, 0.999), 0, 0.99, 200)
+        for o in cfg.optim.values():
+            assert (o.lr, o.betas, o.warmup_steps, o.grad_clip) == (2e-6, (0.0, 0.999), 0, 1.0)
+        assert (cfg.ema.decay, cfg.ema.warmup_steps) == (0.99, 200) and set(cfg.optim) == {"student", "critic"}
         assert cfg.train.steps == 1200 and cfg.stage2.dmd_batch_size == (1 if big else 2)
         assert cfg.stage2.real_guidance == 3.0 and cfg.stage2.rollout_steps == (2, 4, 8, 16, 50)
         assert (cfg.stage2.dmd_shift, cfg.stage2.critic_shift, cfg.stage2.grid_shift) == (5.0, 5.0, 5.0)
     else:
-        o = cfg.optim
-        assert (o.lr, o.betas, o.warmup_steps, o.ema_decay) == (5e-5, (0.9, 0.95), 1000, 0.999)
+        o, = cfg.optim.values()
+        assert (o.lr, o.betas, o.warmup_steps, cfg.ema.decay, cfg.ema.warmup_steps) == (5e-5, (0.9, 0.95), 1000,
+                                                                                        0.999, 1000)
         assert cfg.train.steps == (4000 if big else 6000)
     if kind != "teacher":   # the Stage-1 loss (Stage 2 co-trains it): the official sampler and weighting
-        assert (cfg.stage1.shift, cfg.stage1.rebalance, cfg.stage1.rebalance_power) == (5.0, True, 1.0)
+        assert (cfg.stage1.shift, cfg.stage1.rebalance_power) == (5.0, 1.0)
     assert "lora_rank: 256" in capsys.readouterr().out
 
 

@@ -12,6 +12,6 @@ __all__ = ["patch_far_pipeline"]
 
 def __getattr__(name: str):
     if name == "patch_far_pipeline":
-        from .models.far import patch_far_pipeline
+        from .models.far_attention import patch_far_pipeline
         return patch_far_pipeline
     raise AttributeError(f"module 'anystep' has no attribute {name!r}")

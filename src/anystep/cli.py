@@ -4,8 +4,9 @@
     anystep teacher  [--config P] [key=value ...]     flow-matching teacher (fine-tune)
     anystep stage1   [--config P] [key=value ...]     Stage 1: forward flow-map training
     anystep stage2   [--config P] [key=value ...]     Stage 2: on-policy flow-map distillation (DMD)
-    anystep consistency [--config P] [key=value ...]  the consistency-distillation baseline
-    anystep sample   CHECKPOINT --steps N             sample videos at any N (causal: --given-frames for I2V/V2V)
+    anystep consistency [--config P] [key=value ...]  baseline: consistency distillation
+    anystep cbs      [--config P] [key=value ...]     baseline: consistency backward simulation + DMD
+    anystep sample   RUN --steps N                    sample at any N (causal: --given-frames for I2V/V2V)
     anystep sweep    RUN [RUN ...] --steps 1,2,4,...  metrics vs N: table, plot, video grid
 
   the real Wan2.1 path (local diffusers folders; nothing is downloaded):
@@ -14,25 +15,29 @@
     anystep teacher|stage1|stage2 --config wan1.3b_stage1 world.wan.model=WAN_DIR world.wan.data=CACHE
     anystep export     RUN --out DIR                                 an AnyFlowPipeline folder
     anystep tiny-wan   DIR                                           a tiny random Wan2.1 folder (tests, trying)
+
+The parsers and the handlers live here; what a command does lives in :mod:`anystep.recipes` (callable from
+Python). A :class:`~anystep.errors.UsageError` (and the checkpoint, cache and folder errors) is printed as one line
+with exit status 2; anything else keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from .config import preset_names, resolve, to_yaml
+from .errors import UsageError
+from .kinds import all_kinds
 
 EPILOG = """examples:
   anystep demo
   anystep stage1 --config shapes_stage1 train.steps=200 train.out_dir=runs/s1 --dry-run
   anystep sweep runs/s1 --steps 1,2,4,8,16,32 --teacher shipped:shapes_teacher
-overrides are dotted keys of the config (see --dry-run for all of them): train.steps=500
-optim.lr=1e-4 stage1.derivative=jvp world.name=gmm ...  Presets: """
+overrides are dotted keys of the config, anywhere on the line (see --dry-run for all of them): train.steps=500
+optim.student.lr=1e-4 stage1.derivative=jvp world.name=gmm ...  Presets: """
 
 
 def _parse_steps(text: str) -> tuple[int, ...]:
@@ -45,14 +50,6 @@ def _parse_steps(text: str) -> tuple[int, ...]:
     return steps
 
 
-DEMO_SHORT = (800, 300, 800, 300)   # Stage 1, Stage 2, consistency distillation, consistency + DMD
-DEMO_FULL = (2400, 600, 2400, 600)
-
-
-def _budget_text(budget) -> str:
-    return ", ".join(f"{n} {s}" for n, s in zip(("Stage 1", "Stage 2", "CD", "CBS+DMD"), budget))
-
-
 def _parse_budget(text: str) -> tuple[int, ...]:
     try:
         steps = tuple(int(s) for s in text.split(","))
@@ -63,33 +60,29 @@ def _parse_budget(text: str) -> tuple[int, ...]:
     return steps
 
 
+# ------------------------------------------------------------------------------------------------------ parsers
 def _train_parser(sub, name: str, help_: str, preset: str) -> None:
     p = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG + ", ".join(preset_names()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=preset, help=f"a preset name or a YAML file (default: {preset})")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (anywhere)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue from the run's newest complete checkpoint (an error when there is none)")
     start.add_argument("--resume-if-present", action="store_true",
                        help="continue from the run's newest complete checkpoint when there is one, else start "
-                            "fresh (for restart scripts)")
+                            "(for restart scripts)")
     start.add_argument("--resume-from", metavar="CHECKPOINT", default=None,
                        help="continue from this checkpoint (a run folder or a step_* folder)")
     start.add_argument("--overwrite", action="store_true",
-                       help="start over in a train.out_dir that holds a run: its checkpoints, metrics and logs are "
+                       help="start over in an out_dir that already holds a run: its checkpoints and metrics are "
                             "deleted (without this flag or a resume flag, such a folder is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="anystep", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train any-step video generators with AnyFlow: one set of weights that samples in 1 step "
-                    "for a preview and in 32 for the final render.\nEvery command runs on a CPU-sized toy "
-                    "world by default.", epilog=__doc__.split("\n", 1)[1])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _demo_parser(sub) -> None:
+    from .recipes.demo import FULL, SHORT
 
     d = sub.add_parser("demo", help="Stage 1 -> Stage 2 -> baselines -> sweep on the shapes world (~8 min on 2 cores)",
                        description="The main job, from the shipped shapes teacher: Stage 1 (forward flow-map "
@@ -102,10 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: runs/demo); stage runs already in it are started over")
     d.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides applied to every stage's config (e.g. train.threads=1)")
-    d.add_argument("--full", action="store_true",
-                   help=f"longer budgets: {_budget_text(DEMO_FULL)} (about 2.5x the default run)")
+    d.add_argument("--full", action="store_true", help=f"longer budgets: {FULL} (about 2.5x the default run)")
     d.add_argument("--budget", type=_parse_budget, default=None, metavar="S1,S2,CD,CBS",
-                   help=f"training steps of each stage (default {','.join(map(str, DEMO_SHORT))})")
+                   help=f"training steps of each stage (default {','.join(map(str, SHORT))})")
     d.add_argument("--no-baselines", action="store_true", help="skip the consistency baselines")
     d.add_argument("--sequential", action="store_true",
                    help="train the baselines after AnyFlow in this process (default: the two chains train side "
@@ -113,15 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
     d.add_argument("--no-progress", action="store_true")
 
-    _train_parser(sub, "teacher", "train a velocity teacher by flow matching", "shapes_teacher")
-    _train_parser(sub, "stage1", "Stage 1: forward flow-map training of the student", "shapes_stage1")
-    _train_parser(sub, "stage2", "Stage 2: on-policy flow-map distillation (flow-map backward simulation + "
-                                 "DMD against the teacher, a critic, the co-trained Stage-1 loss); "
-                                 "stage2.rollout=consistency is the consistency backward-simulation baseline",
-                  "shapes_stage2")
-    _train_parser(sub, "consistency", "the consistency-distillation baseline: an endpoint map from the "
-                                      "teacher's ODE, sampled by predict-x0-then-re-noise", "shapes_consistency")
 
+def _sample_parser(sub) -> None:
     s = sub.add_parser("sample", help="sample from a trained model at any number of steps",
                        description="Sample a trained student (flow-map Euler) or teacher (Euler + CFG) at N "
                                    "steps; writes mp4, GIF and a PNG strip (gmm: a scatter plot).")
@@ -139,13 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="causal students: condition on the first K real frames (whole chunks; 1 = I2V, more = "
                         "V2V) and generate the rest")
 
-    _real_path_parsers(sub)
 
+def _sweep_parser(sub) -> None:
     w = sub.add_parser("sweep", help="metrics vs number of steps: table, plot and video grid",
-                       description="Sample the student at every N with the same noises and prompts, score with "
+                       description="Sample the runs at every N with the same noises and prompts, score with "
                                    "the world's exact judge, and compare with the teacher's Euler sampler.")
-    w.add_argument("checkpoint", nargs="+", help="one or more students' run folders or checkpoints (each is "
-                                                "sampled its own way: flow map, or consistency for baselines)")
+    w.add_argument("checkpoint", nargs="+", help="one or more runs (run folders or checkpoints; each is sampled "
+                                                "its kind's way: flow map, or consistency for the baselines)")
     w.add_argument("--steps", type=_parse_steps, default=None, help="comma-separated N (default 1,2,4,8,16,32)")
     w.add_argument("--teacher", default=None, help="teacher checkpoint for the Euler baseline (default: the "
                                                    "first run's teacher; gmm: the exact teacher)")
@@ -156,10 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "metrics' sampling noise")
     w.add_argument("--out", default=None, help="output folder (default: <run>/sweep)")
     w.add_argument("--no-progress", action="store_true")
-    return parser
 
 
-def _real_path_parsers(sub) -> None:
+def _data_parsers(sub) -> None:
     c = sub.add_parser("cache", help="encode videos + captions into a latent cache (VAE + UMT5, once)",
                        description="Encode (video, caption) pairs with the model folder's VAE (posterior mean, "
                                    "normalised with the VAE's latents mean/std) and UMT5 text encoder (zero "
@@ -200,6 +184,7 @@ def _real_path_parsers(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     _cache_args(s)
 
+def _release_parsers(sub) -> None:
     e = sub.add_parser("export", help="write a trained student as a diffusers AnyFlowPipeline folder",
                        description="The student's EMA weights, LoRA merged (or kept as adapters), with the "
                                    "source folder's VAE, text encoder and tokenizer and "
@@ -221,6 +206,7 @@ def _real_path_parsers(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
 
 
+
 def _cache_args(p) -> None:
     p.add_argument("--out", required=True, help="cache folder (created; an existing one is continued)")
     p.add_argument("--frames", type=int, default=81, help="frames per clip, 4k+1 (default 81)")
@@ -235,15 +221,87 @@ def _cache_args(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anystep", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train any-step video generators with AnyFlow: one set of weights that samples in 1 step "
+                    "for a preview and in 32 for the final render.\nEvery command runs on a CPU-sized toy "
+                    "world by default.", epilog=__doc__.split("\n", 1)[1].split("\n\nThe parsers")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _demo_parser(sub)
+    for k in all_kinds().values():
+        _train_parser(sub, k.name, k.summary, k.preset)
+    _sample_parser(sub)
+    _data_parsers(sub)
+    _release_parsers(sub)
+    _sweep_parser(sub)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------ handlers
+def cmd_train(args) -> int:
+    from .recipes import train
+
+    cfg = resolve(args.config, args.overrides)
+    if args.command != cfg.kind:
+        raise UsageError(f"config {args.config!r} is a {cfg.kind!r} config; use `anystep {cfg.kind}`")
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    ckpt = train(cfg, resume=args.resume_from or args.resume, progress=not args.no_progress,
+                 resume_if_present=args.resume_if_present, overwrite=args.overwrite)
+    print(f"done: checkpoint {ckpt}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .recipes.demo import FULL, SHORT, demo, demo_configs
+
+    budget = args.budget or (FULL if args.full else SHORT)
+    if args.dry_run:
+        for title, cfg in demo_configs(args.out, budget, not args.no_baselines, args.overrides):
+            print(f"# {title}\n{to_yaml(cfg)}")
+        return 0
+    start = time.time()
+    result = demo(args.out, budget, not args.no_baselines, args.sequential, args.overrides, not args.no_progress)
+    print(f"\n{result.table}total time {time.time() - start:.0f} s")
+    print(f"table: {result.out / 'sweep.md'}\nplot:  {result.out / 'sweep.png'}\n"
+          f"videos: {result.out / 'grid.mp4'} (rows: sampler and N; also grid.gif, grid.png)")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .recipes import sample_run
+
+    path = sample_run(args.checkpoint, args.steps, prompts=args.prompt, num=args.num, seed=args.seed,
+                      guidance=args.guidance, given_frames=args.given_frames, out=args.out)
+    print(f"wrote {path}" + (" (+ .gif, .png strip)" if path.suffix == ".mp4" else ""))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .recipes import sweep
+
+    settings = {k: v for k, v in (("steps", args.steps), ("num_samples", args.num_samples), ("seed", args.seed))
+                if v is not None}
+    result = sweep(args.checkpoint, teacher=args.teacher, settings=settings, out=args.out,
+                   progress=not args.no_progress)
+    picture = next(result.out.glob("grid.*"))
+    print(result.table + f"table: {result.out / 'sweep.md'}  plot: {result.out / 'sweep.png'}  samples: "
+          f"{result.out / ('grid.mp4' if (result.out / 'grid.mp4').exists() else picture.name)}")
+    return 0
+
+
 def cmd_cache(args) -> int:
+    from .build import resolve_device
     from .data.cache import cache_videos
     from .data.video_io import OFFICIAL_FPS
-    from .recipes import resolve_device
 
     fps = args.fps if args.fps is not None else (None if args.stride is not None else OFFICIAL_FPS)
-    out = cache_videos(args.model, args.videos, args.out, frames=args.frames, height=args.height,
-                       width=args.width, fps=fps, stride=args.stride, resize=args.resize,
-                       max_text_len=args.max_text_len,
+    out = cache_videos(args.model, args.videos, args.out, frames=args.frames, height=args.height, width=args.width,
+                       fps=fps, stride=args.stride, resize=args.resize, max_text_len=args.max_text_len,
                        shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
                        device=resolve_device(args.device), progress=not args.no_progress, limit=args.limit)
     print(f"cache: {out} (train with world.wan.data={out})")
@@ -251,8 +309,9 @@ def cmd_cache(args) -> int:
 
 
 def cmd_synthesize(args) -> int:
+    from .build import resolve_device
     from .data.synthesize import read_prompts, synthesize
-    from .recipes import resolve_device, teacher_transformer
+    from .recipes import teacher_transformer
 
     transformer = teacher_transformer(args.teacher, args.model) if args.teacher else None
     out = synthesize(args.model, read_prompts(args.prompts), args.out, steps=args.steps, guidance=args.guidance,
@@ -269,9 +328,8 @@ def cmd_export(args) -> int:
 
     from .recipes import export_run
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    out = export_run(args.run, args.out, adapters=args.adapters, dtype=dtype, overwrite=args.overwrite,
-                     shift=args.shift)
+    out = export_run(args.run, args.out, adapters=args.adapters, overwrite=args.overwrite, shift=args.shift,
+                     dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(f"exported: {out}\n  {_load_hint(out, args.adapters)}")
     return 0
 
@@ -298,201 +356,40 @@ def cmd_tiny_wan(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------------------
-def cmd_train(args) -> int:
-    from .recipes import train
-
-    cfg = resolve(args.config, args.overrides)
-    if args.command != cfg.kind:
-        raise ValueError(f"config {args.config!r} is a {cfg.kind!r} config; use `anystep {cfg.kind}`")
-    if args.dry_run:
-        print(to_yaml(cfg), end="")
-        return 0
-    ckpt = train(cfg, resume=args.resume_from or args.resume, progress=not args.no_progress,
-                 resume_if_present=args.resume_if_present, overwrite=args.overwrite)
-    print(f"done: checkpoint {ckpt}")
-    return 0
+# ------------------------------------------------------------------------------------------------------ main
+HANDLERS = {"demo": cmd_demo, "sample": cmd_sample, "sweep": cmd_sweep, "cache": cmd_cache,
+            "synthesize": cmd_synthesize, "export": cmd_export, "tiny-wan": cmd_tiny_wan}
 
 
-def cmd_sample(args) -> int:
-    import torch
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean bad input or a failed run, printed as one line (exit status 2)."""
+    from .data.shards import CacheError
+    from .models.folder import ModelFolderError
+    from .train.checkpoint import CheckpointError
+    from .train.loop import NonFiniteLossError
 
-    from .evaluate.sweep import Sampler, sample_batched
-    from .recipes import load_model
-    from .worlds.binding import make_binding
-
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    model, cfg, role = load_model(args.checkpoint)
-    binding = make_binding(cfg.world)
-    ev = binding.eval_set(args.num, args.seed)
-    if args.prompt:
-        if binding.name != "shapes":
-            raise ValueError("--prompt is for the shapes world")
-        g = torch.Generator().manual_seed(args.seed)
-        specs = [binding.world.sample_specs(1, g, prompt=p)[0] for p in (args.prompt * args.num)[:args.num]]
-        ev.cond, ev.meta = binding.embed(specs), specs
-    default_w = 1.0 if role == "student" else cfg.sweep.teacher_guidance
-    name = f"{role} N={args.steps}"
-    if args.given_frames:
-        if cfg.sampler != "causal" or binding.name != "shapes":
-            raise ValueError("--given-frames (I2V / V2V) is for causal students of the shapes world")
-        from .causal import sample_causal
-        given = binding.world.render(ev.meta)[:, :args.given_frames]   # the prompts' real first frames
-        x = sample_causal(model, ev.noise, ev.cond, args.steps, shift=cfg.sweep.shift, given=given)
-        name += f", first {args.given_frames} frame(s) given"
-    else:
-        sampler = Sampler(role, model, default_w if args.guidance is None else args.guidance, cfg.sampler)
-        x = sample_batched(sampler, binding.null_cond, ev.noise, ev.cond, args.steps, cfg.sweep.shift,
-                           seed=args.seed)
-    path = binding.save_picture({name: x}, ev, Path(args.out))
-    print(f"wrote {path}" + (" (+ .gif, .png strip)" if path.suffix == ".mp4" else ""))
-    return 0
+    return UsageError, CheckpointError, CacheError, ModelFolderError, NonFiniteLossError, FileNotFoundError
 
 
-def run_label(cfg, spec: str | None = None) -> str:
-    """A sweep row's name: what the run is, and its folder when given."""
-    what = {"stage1": "AnyFlow Stage 1", "stage2": "AnyFlow Stage 2", "consistency": "consistency distillation",
-            "teacher": "teacher"}[cfg.kind]
-    if cfg.kind == "stage2" and cfg.stage2.rollout == "consistency":
-        what = "consistency + DMD"
-    return f"{what} ({Path(spec).name})" if spec else what
-
-
-def cmd_sweep(args) -> int:
-    from .evaluate.sweep import Sampler, markdown_table, run_sweep
-    from .recipes import ancestor_teacher, load_model, resolve_checkpoint
-    from .worlds.binding import make_binding
-
-    runs = [(spec, *load_model(spec)) for spec in args.checkpoint]
-    cfg = runs[0][2]
-    sweep = cfg.sweep
-    if args.steps:
-        sweep = replace(sweep, steps=args.steps)
-    if args.num_samples:
-        sweep = replace(sweep, num_samples=args.num_samples)
-    if args.seed is not None:
-        sweep = replace(sweep, seed=args.seed)
-    binding = make_binding(cfg.world)
-    w = cfg.stage1.fuse_guidance_scale or 1.0
-    samplers = []
-    for spec, model, run_cfg, role in runs:
-        if run_cfg.world != cfg.world:
-            raise ValueError(f"{spec} was trained in another world than {args.checkpoint[0]}; sweep them apart")
-        guidance = sweep.student_guidance if role == "student" else sweep.teacher_guidance
-        samplers.append(Sampler(run_label(run_cfg, spec) if len(runs) > 1 else role, model, guidance,
-                                run_cfg.sampler))
-    if sweep.teacher and binding.reference_teacher() is not None:
-        samplers.append(Sampler("teacher (exact) Euler", binding.reference_teacher(), sweep.teacher_guidance,
-                                "euler"))
-    elif sweep.teacher and runs[0][3] == "student":
-        teacher, _, _ = load_model(args.teacher or ancestor_teacher(args.checkpoint[0]), role="teacher")
-        samplers.append(Sampler("teacher Euler", teacher, sweep.teacher_guidance, "euler"))
-    run_dir = resolve_checkpoint(args.checkpoint[0])
-    out = Path(args.out) if args.out else (run_dir.parent.parent if run_dir.parent.name == "checkpoints"
-                                           else run_dir) / "sweep"
-    rows = run_sweep(samplers, binding, sweep, out, eval_guidance=w, progress=not args.no_progress)
-    print(markdown_table(rows))
-    grid = "grid.png" if binding.name == "gmm" else "grid.mp4"
-    print(f"table: {out / 'sweep.md'}  plot: {out / 'sweep.png'}  samples: {out / grid}")
-    return 0
-
-
-def _train_chain(stages: list, total: int, threads: int | None, progress: bool) -> None:
-    """Train ``[(index, (title, cfg)), ...]`` in order (each stage starts from the one before it)."""
-    import torch
-
-    from .recipes import train
-
-    torch.set_flush_denormal(True)  # as main() does: a spawned process starts afresh
-    if threads:
-        torch.set_num_threads(threads)  # a stage's own train.threads, if set, wins (train() applies it)
-    for i, (title, cfg) in stages:
-        t0 = time.time()
-        print(f"[{i}/{total}] {title}: {cfg.train.steps} steps", flush=True)
-        ckpt = train(cfg, progress=progress, overwrite=True)   # the demo starts every stage fresh
-        print(f"      [{i}/{total}] done in {time.time() - t0:.0f} s: {ckpt}", flush=True)
-
-
-def cmd_demo(args) -> int:
-    from .evaluate.sweep import Sampler, markdown_table, run_sweep
-    from .recipes import load_model
-    from .worlds.binding import make_binding
-
-    out = Path(args.out)
-    budget = args.budget or (DEMO_FULL if args.full else DEMO_SHORT)
-    s1, s2, cd, cbs = out / "stage1", out / "stage2", out / "consistency", out / "consistency_dmd"
-    stages = [("Stage 1 (forward flow-map training) from the shipped teacher", "shapes_stage1", s1, None, budget[0]),
-              ("Stage 2 (on-policy flow-map distillation) from Stage 1", "shapes_stage2", s2, s1, budget[1])]
-    if not args.no_baselines:
-        stages += [("baseline: consistency distillation from the shipped teacher", "shapes_consistency", cd,
-                    None, budget[2]),
-                   ("baseline: consistency backward simulation + DMD", "shapes_cbs", cbs, cd, budget[3])]
-    configs = []
-    for title, preset, run, init, steps in stages:
-        extra = [f"model.init={init}"] if init else []
-        configs.append((title, resolve(preset, [f"train.out_dir={run}", f"train.steps={steps}", *extra,
-                                                *args.overrides])))
-    if args.dry_run:
-        for title, cfg in configs:
-            print(f"# {title}\n{to_yaml(cfg)}")
-        return 0
-    start = time.time()
-    total = len(configs) + 1
-    chains = [list(enumerate(configs[:2], 1)), list(enumerate(configs[2:], 3))]
-    cores = os.cpu_count() or 1
-    if args.sequential or not chains[1] or cores < 2:
-        _train_chain(chains[0] + chains[1], total, None, progress=not args.no_progress)
-    else:
-        # AnyFlow (Stage 1 -> Stage 2) here, the baselines (CD -> CBS+DMD) in a second process: the two chains
-        # are independent, and two one-thread processes beat one two-thread process on these tiny models.
-        import multiprocessing as mp
-        threads = max(1, cores // 2)
-        print(f"training the AnyFlow chain here and the baselines in a second process ({threads} thread(s) each; "
-              f"--sequential for one process)")
-        child = mp.get_context("spawn").Process(target=_train_chain, args=(chains[1], total, threads, False))
-        child.start()
-        try:
-            _train_chain(chains[0], total, threads, progress=not args.no_progress)
-        except BaseException:
-            child.terminate()  # do not leave the baselines training after AnyFlow's chain failed
-            raise
-        finally:
-            child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"the baselines' process failed (exit code {child.exitcode}); see its message above")
-    cfg = configs[0][1]
-    print(f"[{total}/{total}] sweep N =", ",".join(map(str, cfg.sweep.steps)))
-    samplers = []
-    for _, run_cfg in configs:
-        model, _, _ = load_model(run_cfg.train.out_dir)
-        samplers.append(Sampler(run_label(run_cfg), model, 1.0, run_cfg.sampler))
-    teacher, _, _ = load_model(cfg.model.init, role="teacher")
-    samplers.append(Sampler("teacher Euler", teacher, cfg.sweep.teacher_guidance, "euler"))
-    binding = make_binding(cfg.world)
-    w = cfg.stage1.fuse_guidance_scale or 1.0
-    rows = run_sweep(samplers, binding, cfg.sweep, out / "sweep", eval_guidance=w, progress=not args.no_progress)
-    print()
-    print(markdown_table(rows))
-    print(f"total time {time.time() - start:.0f} s")
-    print(f"table: {out / 'sweep' / 'sweep.md'}\nplot:  {out / 'sweep' / 'sweep.png'}\n"
-          f"videos: {out / 'sweep' / 'grid.mp4'} (rows: sampler and N; also grid.gif, grid.png)")
-    return 0
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` overrides may stand anywhere on a training or demo command line."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    overrides = [e for e in extras if "=" in e and not e.startswith("-")]
+    if len(overrides) != len(extras) or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(e for e in extras if e not in overrides or not hasattr(args, 'overrides'))}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handlers = {"demo": cmd_demo, "teacher": cmd_train, "stage1": cmd_train, "stage2": cmd_train,
-                "consistency": cmd_train, "sample": cmd_sample, "sweep": cmd_sweep, "cache": cmd_cache,
-                "synthesize": cmd_synthesize, "export": cmd_export, "tiny-wan": cmd_tiny_wan}
+    args = parse(argv)
     import torch
     torch.set_flush_denormal(True)  # subnormal floats made CPU steps 10-30x slower
-    from .data.shards import CacheError
-    from .train.checkpoint import CheckpointError
-    from .train.loop import NonFiniteLossError
     try:
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteLossError, CacheError) as err:
+        return HANDLERS.get(args.command, cmd_train)(args)
+    except user_errors() as err:
         print(f"anystep {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:

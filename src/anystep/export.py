@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .models.folder import ModelFolderError, load_transformer, require_local_folder, transformer_kind
 
 COPIED_PARTS = ("vae", "text_encoder", "tokenizer")
@@ -138,7 +139,7 @@ def export_pipeline(transformer, source: str | Path, out_dir: str | Path, *, shi
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     if out.resolve() == src.resolve():
-        raise ValueError(f"out_dir {out} is the source folder; export to a new folder")
+        raise UsageError(f"out_dir {out} is the source folder; export to a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:

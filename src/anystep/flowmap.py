@@ -12,7 +12,7 @@ is an ordinary (instantaneous) velocity model, so a teacher is a flow-map model 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -52,28 +52,34 @@ def endpoint(model: FlowMap, x: torch.Tensor, t: torch.Tensor, cond: Any) -> tor
     return euler_step(x, model(x, t.float(), zero.float(), cond), t, zero)
 
 
+@runtime_checkable
+class BatchCondition(Protocol):
+    """A condition that is more than one batch-first tensor (a causal student's
+    :class:`~anystep.causal.TeacherForcing`): it selects, concatenates and drops its own rows."""
+
+    def take_rows(self, idx: torch.Tensor | slice) -> BatchCondition: ...
+
+    def cat(self, other: BatchCondition) -> BatchCondition: ...
+
+    def select(self, keep: torch.Tensor, null: BatchCondition) -> BatchCondition: ...
+
+
 def cat_cond(a: Any, b: Any) -> Any:
-    """Concatenate two conditions along the batch (tensors; dicts of tensors; None for unconditional)."""
+    """Concatenate two conditions along the batch (tensors, :class:`BatchCondition`; None stays None)."""
     if a is None and b is None:
         return None
-    if isinstance(a, dict):
-        return {k: cat_cond(a[k], b[k]) for k in a}
-    return torch.cat([a, b], dim=0)
+    return a.cat(b) if isinstance(a, BatchCondition) else torch.cat([a, b], dim=0)
 
 
 def take_rows(cond: Any, idx: torch.Tensor | slice) -> Any:
-    """Rows ``idx`` of a batch-first condition (tensors; dicts of tensors; None stays None)."""
+    """Rows ``idx`` of a batch-first condition (tensors, :class:`BatchCondition`; None stays None)."""
     if cond is None:
         return None
-    if isinstance(cond, dict):
-        return {k: take_rows(c, idx) for k, c in cond.items()}
-    return cond[idx]
+    return cond.take_rows(idx) if isinstance(cond, BatchCondition) else cond[idx]
 
 
-def expand_cond(cond: Any, batch: int) -> Any:
+def expand_cond(cond: torch.Tensor, batch: int) -> torch.Tensor:
     """Repeat a single-row condition (e.g. the null prompt) to a batch."""
-    if isinstance(cond, dict):
-        return {k: expand_cond(v, batch) for k, v in cond.items()}
     return cond.expand(batch, *cond.shape[1:]) if cond.shape[0] == 1 else cond
 
 

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
+
 FORMAT = "anystep-latents/1"
 INDEX = "index.json"
 NULL = "null.safetensors"
@@ -46,14 +48,14 @@ REQUIRED_FIELDS = ("model", "source", "frames", "height", "width", "latent_shape
                    "dtype")
 
 
-class CacheError(RuntimeError):
+class CacheError(UsageError, RuntimeError):
     """A cache directory or file that cannot be read or does not fit the run."""
 
 
 def torch_dtype(name: str) -> torch.dtype:
     """``"bfloat16"`` -> ``torch.bfloat16`` (float32, bfloat16, float16)."""
     if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} not supported; use one of {sorted(DTYPES)}")
+        raise UsageError(f"dtype {name!r} not supported; use one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 
@@ -122,7 +124,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | Path, shard_size: int, header: dict):
         if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+            raise UsageError(f"shard_size must be >= 1, got {shard_size}")
         missing = [k for k in REQUIRED_FIELDS if k not in header]
         if missing:
             raise ValueError(f"cache header lacks {missing}")
@@ -289,10 +291,8 @@ class LatentCache:
     def item(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One item: float32 latents ``(C, F, H, W)`` and the trimmed embedding ``(L, D)``."""
         k, row = self.locate(int(index))
-        handle, lengths, _ = self._shard(k)
-        latents = handle.get_slice("latents")[row:row + 1][0]
-        embeds = handle.get_slice("prompt_embeds")[row:row + 1][0, :int(lengths[row])]
-        return latents.float(), embeds.float()
+        handle, _, _ = self._shard(k)
+        return handle.get_slice("latents")[row:row + 1][0].float(), self.embedding(index)
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents ``(n, C, F, H, W)`` and prompt embeddings ``(n, max_text_len, D)`` (zero-padded), float32."""
@@ -305,7 +305,25 @@ class LatentCache:
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``batch`` of ``n`` indices drawn uniformly (with replacement) from ``generator``."""
-        return self.batch(torch.randint(0, self._len, (n,), generator=generator))
+        return self.batch(self._draw(n, generator))
+
+    def sample_embeddings(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The prompt embeddings of :meth:`sample` (the same draws), without reading the latents."""
+        from .text import pad_embeddings
+
+        embeds = [self.embedding(i) for i in self._draw(n, generator).tolist()]
+        if not embeds:
+            return torch.zeros(0, self.max_text_len, self.text_dim)
+        return pad_embeddings(embeds, self.max_text_len)
+
+    def embedding(self, index: int) -> torch.Tensor:
+        """One item's trimmed prompt embedding ``(L, D)``, float32."""
+        k, row = self.locate(int(index))
+        handle, lengths, _ = self._shard(k)
+        return handle.get_slice("prompt_embeds")[row:row + 1][0, :int(lengths[row])].float()
+
+    def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self._len, (n,), generator=generator, device="cpu")
 
     def null_embedding(self) -> torch.Tensor:
         """The null (negative) prompt embedding, float32 ``(1, max_text_len, D)``, zero beyond its length."""
@@ -322,10 +340,3 @@ class LatentCache:
         except (SafetensorError, OSError) as err:
             raise CacheError(f"cannot read {path} (corrupt or truncated?): {err}") from err
         return pad_embeddings([embedding.float()], self.max_text_len)
-
-    def null_text(self) -> str:
-        """The text of the null prompt."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.dir / NULL), framework="pt") as f:
-            return f.metadata().get("text", "")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from ..models.folder import require_local_folder
 from .cache import free_memory, latent_shape
 from .shards import INDEX, LatentCache, ShardWriter, torch_dtype, write_null_embedding
@@ -35,15 +36,15 @@ def read_prompts(path: str | Path) -> list[str]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{p} is not valid JSON: {err}") from err
+            raise UsageError(f"{p} is not valid JSON: {err}") from err
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise ValueError(f"{p}: expected a JSON list of prompt strings")
+            raise UsageError(f"{p}: expected a JSON list of prompt strings")
         prompts = [x.strip() for x in data]
     else:
         prompts = [line.strip() for line in text.splitlines()]
     prompts = [x for x in prompts if x]
     if not prompts:
-        raise ValueError(f"{p} holds no prompts")
+        raise UsageError(f"{p} holds no prompts")
     return prompts
 
 
@@ -91,7 +92,7 @@ def check_prompts_unchanged(out_dir: Path, prompts: list[str]) -> None:
         i = int(cached_id)
         if i >= len(prompts) or prompts[i].strip() != caption:
             now = prompts[i] if i < len(prompts) else "<none>"
-            raise ValueError(f"{out_dir}: item {cached_id} was generated for {caption!r} but prompt {i} is now "
+            raise UsageError(f"{out_dir}: item {cached_id} was generated for {caption!r} but prompt {i} is now "
                              f"{now!r}; use another output folder or the original prompt list")
 
 
@@ -118,7 +119,7 @@ def synthesize(model: str | Path, prompts: list[str], out_dir: str | Path, *, st
 
     check_video_shape(frames, height, width)
     if not prompts:
-        raise ValueError("synthesize needs at least one prompt")
+        raise UsageError("synthesize needs at least one prompt")
     folder, out_dir = require_local_folder(model), Path(out_dir)
     pipe = load_pipeline(folder, dtype, device, transformer)
     header = synthesis_header(folder, pipe, steps=steps, guidance=guidance, frames=frames, height=height,

@@ -41,12 +41,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
+
 CAPTION_TABLES = ("captions.json", "captions.tsv", "captions.txt")
 OFFICIAL_FPS = 16.0
 RESIZE_MODES = ("stretch", "crop")
 
 
-class VideoSourceError(ValueError):
+class VideoSourceError(UsageError):
     """A source that cannot be listed: no videos, a missing caption, a malformed caption file."""
 
 
@@ -202,9 +204,9 @@ def member_caption(tar: tarfile.TarFile, member: tarfile.TarInfo, tar_path: Path
 def check_video_shape(frames: int, height: int, width: int, temporal: int = 4, spatial: int = 16) -> None:
     """Wan needs ``frames = 4k + 1`` (causal 4x temporal VAE) and sides divisible by 16 (VAE 8x, patch 2)."""
     if frames < 1 or (frames - 1) % temporal:
-        raise ValueError(f"frames={frames}: Wan's VAE needs F = {temporal}k + 1 frames (1, 5, 9, ..., 81)")
+        raise UsageError(f"frames={frames}: Wan's VAE needs F = {temporal}k + 1 frames (1, 5, 9, ..., 81)")
     if height % spatial or width % spatial or height <= 0 or width <= 0:
-        raise ValueError(f"height={height}, width={width}: both must be positive multiples of {spatial}")
+        raise UsageError(f"height={height}, width={width}: both must be positive multiples of {spatial}")
 
 
 @dataclass(frozen=True)
@@ -226,15 +228,15 @@ class VideoPrep:
     def __post_init__(self):
         fps = None if not self.fps else float(self.fps)
         if fps is not None and not (math.isfinite(fps) and fps > 0):
-            raise ValueError(f"fps must be a positive frame rate (or 0/None for a stride), got {self.fps!r}")
+            raise UsageError(f"fps must be a positive frame rate (or 0/None for a stride), got {self.fps!r}")
         if fps is not None and self.stride is not None:
-            raise ValueError(f"give a target fps ({fps:g}, time-based) or a frame stride ({self.stride}), not "
+            raise UsageError(f"give a target fps ({fps:g}, time-based) or a frame stride ({self.stride}), not "
                              f"both; pass fps=0 (CLI: --fps 0) to pick frames by stride")
         stride = None if fps is not None else (1 if self.stride is None else self.stride)
         if stride is not None and (not isinstance(stride, int) or stride < 1):
-            raise ValueError(f"stride must be an integer >= 1, got {self.stride!r}")
+            raise UsageError(f"stride must be an integer >= 1, got {self.stride!r}")
         if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+            raise UsageError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         object.__setattr__(self, "fps", fps)
         object.__setattr__(self, "stride", stride)
 

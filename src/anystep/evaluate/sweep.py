@@ -1,13 +1,15 @@
-"""The step-scaling sweep: one set of noises and conditions, every N, the world's exact metrics.
+"""The step-scaling sweep: one set of noises and conditions, every N, the world's exact judge.
 
-Rows are samplers: each student at N steps (flow-map Euler, r = next t, its fused guidance, so scale 1), the
-teacher's Euler sampler (r = t, with CFG) and the consistency baselines (predict x0, re-noise). Outputs: ``sweep.md`` and ``sweep.csv`` (a row per sampler
-and N), ``sweep.png`` (each metric against N, log-x) and a grid of samples with one row per N.
+Rows are samplers: each student at N steps (flow-map Euler, r = next t, its fused guidance, so scale 1; a causal
+student chunk by chunk), the teacher's Euler sampler (r = t, with CFG) and the consistency baselines (predict x0,
+re-noise). Outputs: ``sweep.md`` and ``sweep.csv`` (a row per sampler and N), ``sweep.png`` (each metric against
+N, log-x) and a picture of samples with one row per sampler and N.
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,24 +17,54 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..causal import sample_causal
-from ..config import SweepConfig
-from ..flowmap import FlowMap, guided, sample, sample_consistency
+from ..causal import is_causal, sample_causal
+from ..flowmap import FlowMap, guided, sample, sample_consistency, take_rows
+from ..worlds.base import Judge, World
+from .pictures import save_picture
+
+
+@dataclass
+class SweepConfig:
+    """The step-scaling sweep: the step counts, how many fixed noises and conditions, and the samplers' guidance."""
+
+    steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    num_samples: int = 256
+    seed: int = 1234
+    teacher_guidance: float = 3.0      # the teacher's Euler sampler uses CFG (the student has it fused)
+    student_guidance: float = 1.0
+    shift: float = 5.0                 # the sampling grids' shift (official 5)
+    grid_samples: int = 4              # samples per row of the picture
+    teacher: bool = True               # also sweep the teacher's Euler sampler
+
+    def __post_init__(self):
+        if not self.steps or min(self.steps) < 1 or self.num_samples < 1 or not self.shift > 0:
+            raise ValueError(f"sweep needs steps >= 1, num_samples >= 1 and shift > 0, got {self}")
+
+
+# How a run's product samples (its kind's ``sampler``): each a function of (model with guidance applied,
+# noise, cond, N, shift, generator for re-noising). A causal student samples chunk by chunk whatever its kind.
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "flowmap": lambda u, x, c, n, shift, g: sample(u, x, c, n, shift=shift),
+    "euler": lambda u, x, c, n, shift, g: sample(u, x, c, n, shift=shift, mean_velocity=False),
+    "consistency": lambda u, x, c, n, shift, g: sample_consistency(u, x, c, n, shift=shift, generator=g),
+}
 
 
 @dataclass
 class Sampler:
+    """A row of a sweep: a model, the CFG scale it samples with (1: a student's fused guidance) and how it
+    samples (a key of :data:`SAMPLERS`)."""
+
     name: str
     model: FlowMap
     guidance: float
-    mode: str = "flowmap"   # 'flowmap' (r = next t), 'euler' (a velocity model, r = t), 'consistency',
-                            # 'causal' (a FAR student, chunk by chunk with a KV cache)
+    mode: str = "flowmap"
 
     def __post_init__(self):
-        if self.mode not in ("flowmap", "euler", "consistency", "causal"):
-            raise ValueError(f"sampler mode must be 'flowmap', 'euler', 'consistency' or 'causal', got {self.mode!r}")
-        if self.mode == "causal" and self.guidance != 1.0:
-            raise ValueError("the causal sampler runs the student with its fused guidance (guidance 1)")
+        if self.mode not in SAMPLERS:
+            raise ValueError(f"sampler mode must be one of {list(SAMPLERS)}, got {self.mode!r}")
+        if is_causal(self.model) and (self.mode != "flowmap" or self.guidance != 1.0):
+            raise ValueError("a causal student samples chunk by chunk with its flow map and fused guidance (1)")
 
 
 def sample_batched(s: Sampler, null_cond: Any, noise: torch.Tensor, cond: Any, steps: int, shift: float,
@@ -44,38 +76,37 @@ def sample_batched(s: Sampler, null_cond: Any, noise: torch.Tensor, cond: Any, s
     generator = torch.Generator().manual_seed(seed)
     outs = []
     for i in range(0, noise.shape[0], chunk):
-        x, c = noise[i:i + chunk].to(device), cond[i:i + chunk]
+        x, c = noise[i:i + chunk].to(device), take_rows(cond, slice(i, i + chunk))
         c = c.to(device) if torch.is_tensor(c) else c
-        if s.mode == "consistency":
-            outs.append(sample_consistency(model, x, c, steps, shift=shift, generator=generator))
-        elif s.mode == "causal":
+        if is_causal(s.model):
             outs.append(sample_causal(s.model, x, c, steps, shift=shift))
         else:
-            outs.append(sample(model, x, c, steps, shift=shift, mean_velocity=s.mode == "flowmap"))
+            outs.append(SAMPLERS[s.mode](model, x, c, steps, shift, generator))
     return torch.cat(outs).cpu()
 
 
-def run_sweep(samplers: list[Sampler], binding: Any, cfg: SweepConfig, out_dir: str | Path,
-              eval_guidance: float = 1.0, progress: bool = True) -> list[dict[str, Any]]:
-    """Sweep every sampler over ``cfg.steps``; write table, plot and grid into ``out_dir``. ``eval_guidance``
-    is the guidance of the exact reference ODE (gmm endpoint error)."""
+def run_sweep(samplers: list[Sampler], world: World, judge: Judge, cfg: SweepConfig, out_dir: str | Path,
+              guidance: float = 1.0, chunk_partition: tuple[int, ...] | None = None,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Sweep every sampler over ``cfg.steps`` on one evaluation set of ``world``, scored by its ``judge``; write
+    the table (``sweep.md``, ``sweep.csv``), the plot (``sweep.png``) and a picture of samples (``grid.*``) into
+    ``out_dir``. ``guidance``: the CFG scale of an exact reference (the gmm endpoint error);
+    ``chunk_partition``: the causal students' chunks, for per-chunk scores."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ev = binding.eval_set(cfg.num_samples, cfg.seed)
+    ev = world.eval_set(cfg.num_samples, cfg.seed)
     rows: list[dict[str, Any]] = []
     grid: dict[str, torch.Tensor] = {}
     jobs = [(s, n) for s in samplers for n in cfg.steps]
     bar = tqdm(jobs, desc="sweep", disable=not progress, dynamic_ncols=True)
     for s, n in bar:
         bar.set_postfix_str(f"{s.name} N={n}")
-        x = sample_batched(s, binding.null_cond, ev.noise, ev.cond, n, cfg.shift, seed=cfg.seed + n)
-        metrics = binding.evaluate(x, ev, eval_guidance)
-        rows.append({"sampler": s.name, "N": n, **metrics})
+        x = sample_batched(s, world.null_cond, ev.noise, ev.cond, n, cfg.shift, seed=cfg.seed + n)
+        rows.append({"sampler": s.name, "N": n, **judge.score(x, ev, guidance, chunk_partition)})
         grid[f"{s.name} N={n}"] = x[:cfg.grid_samples]
     write_table(rows, out / "sweep")
-    plot_sweep(rows, out / "sweep.png", binding.primary_metric)
-    grid_ev = type(ev)(ev.noise[:cfg.grid_samples], ev.cond[:cfg.grid_samples], ev.meta[:cfg.grid_samples])
-    binding.save_picture(grid, grid_ev, out / "grid")
+    plot_sweep(rows, out / "sweep.png", judge.primary_metric)
+    save_picture(judge, grid, ev.head(cfg.grid_samples), out / "grid")
     return rows
 
 

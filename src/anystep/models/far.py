@@ -1,12 +1,13 @@
-"""The causal (FAR) AnyFlow student: diffusers' ``AnyFlowFARTransformer3DModel`` built from Wan weights, an
-attention path that trains on CPU, and three forward modes that hide diffusers' internals.
+"""The causal (FAR) AnyFlow student: diffusers' ``AnyFlowFARTransformer3DModel`` built from Wan weights, its
+three forward modes behind :class:`CausalStudent` (the one implementation of
+:class:`~anystep.causal.CausalFlowMap`), and the settings that build it (:class:`CausalModelConfig`).
 
 The FAR model (official sec. 5) splits the latent video into chunks (``chunk_partition``, latent frames per
-chunk). The newest ``full_chunk_limit`` (3) chunks are patchified at full resolution (patch 1x2x2), all older
-chunks as *compressed context* (patch 1x4x4 through ``far_patch_embedding``, 4x fewer tokens, RoPE frequencies
-average-pooled to the patch centres). Its causal self-attention runs on diffusers' flex-attention
-``BlockMask``; flex has no backward on CPU, so :class:`FARAttnProcessor` computes the same attention with SDPA
-and a dense mask (materialised from the same ``BlockMask``) where flex cannot run.
+chunk, stored in the model's own config). The newest ``full_chunk_limit`` (3) chunks are patchified at full
+resolution (patch 1x2x2), all older chunks as *compressed context* (patch 1x4x4 through
+``far_patch_embedding``, 4x fewer tokens, RoPE frequencies average-pooled to the patch centres). Its causal
+self-attention is :mod:`anystep.models.far_attention` (flex on CUDA, a dense mask on CPU); its KV cache is
+:mod:`anystep.models.far_cache`.
 
 Forward modes (all take the AnyFlow layout: ``(B, F, C, H, W)`` latents, timesteps in [0, 1000],
 text ``(B, L, text_dim)``):
@@ -15,7 +16,8 @@ text ``(B, L, text_dim)``):
   ``[compressed clean context | noisy full chunks | clean copies of those chunks]``;
 * :func:`bidirectional`: all frames as one chunk, full attention (the bidirectional teacher/critic and the
   optional bidirectional loss on the same weights);
-* :class:`ChunkCache`: the KV-cache rollout, prefill the generated prefix then denoise the next chunk.
+* :class:`~anystep.models.far_cache.ChunkCache`: the KV-cache rollout, prefill the generated prefix then
+  denoise the next chunk.
 
 Equivalences (tested): ``bidirectional`` at r = t equals the Wan transformer and for r != t the bidirectional
 ``AnyFlowTransformer3DModel`` of :func:`~anystep.models.wan.student_from_wan`; the cached call for chunk c
@@ -24,19 +26,22 @@ equals the last noisy chunk of ``teacher_forced`` with the (ground-truth) prefix
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import contextlib
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, WanTransformer3DModel
-from diffusers.models.transformers.transformer_anyflow_far import AnyFlowCausalAttnProcessor, apply_rotary_emb
-from torch.nn.attention.flex_attention import BlockMask
+from torch import nn
+
+from ..causal import TeacherForcing, chunks_covering
+from .architectures import CausalModelConfig
+from .far_attention import set_causal_attention
+from .far_cache import ChunkCache, per_frame
 
 _SHARED_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
                 "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps", "image_dim",
                 "rope_max_seq_len")
-BACKENDS = ("auto", "dense", "flex", "diffusers")
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -86,6 +91,30 @@ def far_student_from_wan(wan: WanTransformer3DModel | AnyFlowTransformer3DModel,
     return far.train(wan.training)
 
 
+def causal_student_network(source: WanTransformer3DModel | AnyFlowTransformer3DModel | AnyFlowFARTransformer3DModel,
+                           cfg: CausalModelConfig, gate_value: float = 0.25,
+                           deltatime_type: str = "r") -> AnyFlowFARTransformer3DModel:
+    """The FAR transformer of a causal student: built from a bidirectional ``source`` with
+    :func:`far_student_from_wan`, or ``source`` itself when it is already a FAR model (a released causal AnyFlow
+    model imported to train on), whose own layout must then be the one asked for."""
+    if not isinstance(source, AnyFlowFARTransformer3DModel):
+        return far_student_from_wan(source, chunk_partition=cfg.chunk_partition, full_chunk_limit=cfg.full_chunk_limit,
+                                    compressed_patch_size=cfg.compressed_patch_size, gate_value=gate_value,
+                                    deltatime_type=deltatime_type, attention=cfg.attention)
+    own = source.config
+    wanted = {"chunk_partition": tuple(cfg.chunk_partition), "full_chunk_limit": cfg.full_chunk_limit,
+              "gate_value": gate_value, "deltatime_type": deltatime_type}
+    if cfg.compressed_patch_size is not None:
+        wanted["compressed_patch_size"] = tuple(cfg.compressed_patch_size)
+    for key, value in wanted.items():
+        theirs = tuple(own[key]) if isinstance(own[key], (list, tuple)) else own[key]
+        if theirs != value:
+            raise ValueError(f"the causal base has {key}={theirs!r}, but {value!r} was asked for: set it to the "
+                             "base's")
+    set_causal_attention(source, cfg.attention)
+    return source
+
+
 def _far_patch_embedding(weight: torch.Tensor, bias: torch.Tensor,
                          compressed: tuple[int, int, int]) -> dict[str, torch.Tensor]:
     """The compressed patch kernel: the full kernel trilinearly interpolated to ``compressed``, same bias."""
@@ -94,148 +123,6 @@ def _far_patch_embedding(weight: torch.Tensor, bias: torch.Tensor,
                            align_corners=False)
     return {"far_patch_embedding.weight": kernel.reshape(out_ch, in_ch, *compressed).to(weight.dtype),
             "far_patch_embedding.bias": bias.clone()}
-
-
-# ---------------------------------------------------------------------------------------------- attention
-def dense_mask(block_mask: BlockMask, length: int) -> torch.Tensor:
-    """The boolean (length, length) mask of a FAR ``BlockMask`` (True = may attend), evaluated token by token
-    from its ``mask_mod`` over the first ``length`` (unpadded) positions: exactly what flex applies there."""
-    device = block_mask.kv_num_blocks.device
-    idx = torch.arange(length, device=device)
-    zero = torch.zeros((), dtype=torch.long, device=device)
-    return block_mask.mask_mod(zero, zero, idx[:, None], idx[None, :]).expand(length, length).bool()
-
-
-class FARAttnProcessor:
-    """Drop-in for diffusers' ``AnyFlowCausalAttnProcessor`` (same call signature and KV-cache protocol).
-
-    * Masked calls (the train path and the KV-cache prefill, which pass a ``BlockMask``): ``backend="flex"``
-      hands the call to diffusers' flex processor; ``"dense"`` runs SDPA on the unpadded sequence with
-      :func:`dense_mask`; ``"auto"`` picks flex on CUDA and dense elsewhere (flex has no CPU backward).
-    * Mask-less calls (the KV-cache read while denoising a chunk): plain SDPA over [cache | chunk], whatever
-      the backend. This is the official semantics; diffusers' flex processor pads query *and* key to a
-      multiple of 128 there without a mask, so its zero key padding takes part in the softmax (measured on a
-      tiny model, chunks of 16-32 tokens: max abs error 0.1-0.3 on outputs of magnitude ~2).
-
-    One instance is shared by all blocks (the dense mask is built once per forward and cached).
-    """
-
-    def __init__(self, backend: str = "auto"):
-        if backend not in ("auto", "dense", "flex"):
-            raise ValueError(f"backend must be 'auto', 'dense' or 'flex', got {backend!r}")
-        self.backend = backend
-        self._flex = AnyFlowCausalAttnProcessor()
-        self._mask_source: BlockMask | None = None
-        self.mask: torch.Tensor | None = None   # the dense mask of the last dense masked call
-
-    def uses_flex(self, device: torch.device) -> bool:
-        return self.backend == "flex" or (self.backend == "auto" and device.type == "cuda")
-
-    def __call__(self, attn: Any, hidden_states: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: BlockMask | None = None,
-                 rotary_emb: dict[str, torch.Tensor] | None = None,
-                 kv_cache: dict[str, torch.Tensor] | None = None,
-                 kv_cache_flag: dict[str, Any] | None = None) -> torch.Tensor:
-        if attention_mask is not None and self.uses_flex(hidden_states.device):
-            return self._flex(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
-                              kv_cache, kv_cache_flag)
-        query, key, value = _project(attn, hidden_states, encoder_hidden_states, rotary_emb, kv_cache,
-                                     kv_cache_flag)
-        mask = None if attention_mask is None else self._dense(attention_mask, query.shape[2])
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
-
-    def _dense(self, block_mask: BlockMask, length: int) -> torch.Tensor:
-        if block_mask is not self._mask_source or self.mask is None or self.mask.shape[0] != length:
-            self.mask, self._mask_source = dense_mask(block_mask, length), block_mask
-        return self.mask
-
-
-def _project(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
-             rotary_emb: dict[str, torch.Tensor] | None, kv_cache: dict[str, torch.Tensor] | None,
-             kv_cache_flag: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v as (B, heads, L, head_dim) with the KV cache written (prefill) or prepended (read) and RoPE
-    applied: the steps of diffusers' ``AnyFlowCausalAttnProcessor`` before its attention call. The cache
-    holds keys before RoPE; RoPE is applied to the concatenated keys."""
-    source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    dtype = hidden_states.dtype
-    query, key, value = attn.to_q(hidden_states), attn.to_k(source), attn.to_v(source)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    query, key, value = (x.to(dtype).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-                         for x in (query, key, value))
-    if kv_cache is not None:
-        full, compressed = kv_cache["full_cache"], kv_cache["compressed_cache"]
-        if kv_cache_flag["is_cache_step"]:
-            n_comp, n_full = kv_cache_flag["num_compressed_tokens"], kv_cache_flag["num_full_tokens"]
-            for i, x in enumerate((key, value)):
-                compressed[i, :, :, :n_comp] = x[:, :, :n_comp]
-                full[i, :, :, :n_full] = x[:, :, n_comp:]
-        else:
-            n_comp = kv_cache_flag["num_cached_compressed_tokens"]
-            n_full = kv_cache_flag["num_cached_full_tokens"]
-            key, value = (torch.cat([compressed[i, :, :, :n_comp].to(x.dtype),
-                                     full[i, :, :, :n_full].to(x.dtype), x], dim=2)
-                          for i, x in enumerate((key, value)))
-    if rotary_emb is not None:
-        query = apply_rotary_emb(query, rotary_emb["query"])
-        key = apply_rotary_emb(key, rotary_emb["key"])
-    return query, key, value
-
-
-def set_causal_attention(model: AnyFlowFARTransformer3DModel,
-                         backend: str = "auto") -> FARAttnProcessor | None:
-    """Install the causal self-attention on every block of ``model``: one shared :class:`FARAttnProcessor`
-    (``"auto"``: dense on CPU, flex on CUDA, decided per call from the device; ``"dense"``; ``"flex"``) or,
-    with ``"diffusers"``, diffusers' own ``AnyFlowCausalAttnProcessor`` (flex only, also on the cache read).
-    Returns the installed :class:`FARAttnProcessor` (None for ``"diffusers"``).
-
-    Processors are not saved with the weights: call this again after ``from_pretrained``. The dense path
-    materialises an (L, L) boolean mask (L = tokens of the whole sequence): meant for CPU and small models."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    shared = FARAttnProcessor(backend) if backend != "diffusers" else None
-    for block in model.blocks:
-        if not block.is_causal:
-            raise ValueError("set_causal_attention expects the causal blocks of an "
-                             "AnyFlowFARTransformer3DModel")
-        block.attn1.set_processor(shared if shared is not None else AnyFlowCausalAttnProcessor())
-    return shared
-
-
-def patch_far_pipeline(pipe, backend: str = "auto"):
-    """Make a diffusers ``AnyFlowFARPipeline`` sample like the official code (and like
-    :func:`anystep.causal.sample_causal`): install :class:`FARAttnProcessor` on its transformer's causal blocks.
-
-    diffusers 0.42.1's ``AnyFlowCausalAttnProcessor`` pads queries and keys to a multiple of 128 tokens with
-    zeros *without a mask* when it denoises a chunk against the KV cache, so the zero keys take part in the
-    softmax unless the chunk happens to be a multiple of 128 tokens (never at 480x832: 1560 tokens per latent
-    frame). The installed processor reads the cache with unpadded attention there, and keeps the masked calls
-    (the cache prefill) on flex with ``backend="auto"`` on CUDA (dense SDPA on CPU). Idempotent; returns
-    ``pipe``. Raises ``TypeError`` for anything but an ``AnyFlowFARPipeline`` with an
-    ``AnyFlowFARTransformer3DModel``.
-
-        pipe = anystep.patch_far_pipeline(AnyFlowFARPipeline.from_pretrained(folder))
-    """
-    from diffusers import AnyFlowFARPipeline
-
-    if backend not in ("auto", "dense", "flex"):
-        raise ValueError(f"backend must be 'auto', 'dense' or 'flex', got {backend!r}")
-    if not isinstance(pipe, AnyFlowFARPipeline):
-        raise TypeError(f"patch_far_pipeline expects a diffusers AnyFlowFARPipeline, got {type(pipe).__name__} "
-                        "(the bidirectional AnyFlowPipeline needs no patch)")
-    transformer = getattr(pipe, "transformer", None)
-    if not isinstance(transformer, AnyFlowFARTransformer3DModel):
-        raise TypeError(f"patch_far_pipeline: the pipeline's transformer is a {type(transformer).__name__}, not "
-                        "an AnyFlowFARTransformer3DModel")
-    processors = {id(block.attn1.processor): block.attn1.processor for block in transformer.blocks}
-    installed = next(iter(processors.values())) if len(processors) == 1 else None
-    if not (isinstance(installed, FARAttnProcessor) and installed.backend == backend):
-        set_causal_attention(transformer, backend)
-    return pipe
 
 
 # ---------------------------------------------------------------------------------------------- forward modes
@@ -296,8 +183,8 @@ def teacher_forced(model: AnyFlowFARTransformer3DModel, noisy: torch.Tensor, t: 
     else:
         noisy_in = noisy
     zeros = torch.zeros(batch, fc, device=noisy.device)
-    t_frames = torch.cat([zeros, _per_frame(t, batch, frames, noisy.device)], 1)
-    r_frames = torch.cat([zeros, _per_frame(r, batch, frames, noisy.device)], 1)
+    t_frames = torch.cat([zeros, per_frame(t, batch, frames, noisy.device)], 1)
+    r_frames = torch.cat([zeros, per_frame(r, batch, frames, noisy.device)], 1)
     return model(hidden_states=noisy_in, timestep=t_frames, r_timestep=r_frames, encoder_hidden_states=text,
                  chunk_partition=list(chunk_partition), clean_hidden_states=clean.to(noisy.dtype),
                  clean_timestep=torch.zeros(batch, frames, device=noisy.device), return_dict=False)[0]
@@ -308,99 +195,55 @@ def bidirectional(model: AnyFlowFARTransformer3DModel, x: torch.Tensor, t: torch
     """All F frames of ``x`` (B, F, C, H, W) as one chunk: full attention over the clip, no context, no clean
     copies (the official ``is_causal=False`` mode). t, r: (B,) or scalars; returns u (B, F, C, H, W)."""
     batch, frames = x.shape[:2]
-    return model(hidden_states=x, timestep=_per_frame(t, batch, frames, x.device),
-                 r_timestep=_per_frame(r, batch, frames, x.device), encoder_hidden_states=text,
+    return model(hidden_states=x, timestep=per_frame(t, batch, frames, x.device),
+                 r_timestep=per_frame(r, batch, frames, x.device), encoder_hidden_states=text,
                  chunk_partition=[frames], return_dict=False)[0]
 
 
-class ChunkCache:
-    """The KV-cache rollout of one FAR model (official ``training_rollout``/``encode_kv_cache``).
+class CausalStudent(nn.Module):
+    """A FAR transformer as a causal flow map (:class:`~anystep.causal.CausalFlowMap`): called with a
+    :class:`~anystep.causal.TeacherForcing` condition it runs :func:`teacher_forced`; :meth:`bidirectional` runs
+    all frames as one chunk; :meth:`cache` gives a rollout's KV cache. Its chunk partition is the model's own
+    (``config.chunk_partition``).
 
-    ``prefill(prefix, text, chunk_partition)`` re-encodes the whole generated prefix at t = r = 0 without
-    gradient (the official code does it after every chunk) and replaces the cache: the newest
-    ``full_chunk_limit - 1`` prefix chunks at full resolution, older ones compressed, chunk-causal attention.
-    Keys are cached before RoPE. ``cache(x_chunk, t, r, text)`` then gives u for the next chunk, which
-    attends to the cache and to itself; it runs under autograd (the cache is a constant). Call it any number
-    of times (one per denoising step) between prefills. Without a prefill the cache is empty (chunk 0).
+    ``active`` is a zero-argument callable returning a context manager that wraps every call: a LoRA role
+    (:class:`~anystep.models.roles.CausalRoleView`) passes its shared base's adapter switch, so full fine-tunes and
+    adapters share this one implementation."""
 
-    The batch of every call must equal the prefill's, and ``text`` should be the prefill's (the cached keys
-    went through the text cross-attention): for CFG, prefill with the [uncond; cond] batch. Use one
-    ``ChunkCache`` per rollout (or :meth:`reset`). The cache tensors are allocated per prefill at exactly the
-    prefix's size, (2, B, heads, tokens, head_dim) per layer for the full and the compressed part.
-    """
-
-    def __init__(self, model: AnyFlowFARTransformer3DModel):
-        self.model = model
-        self.chunk_partition: list[int] = []
-        self._cache: list[dict[str, torch.Tensor]] | None = None
-
-    def reset(self) -> None:
-        self.chunk_partition, self._cache = [], None
-
-    @torch.no_grad()
-    def prefill(self, prefix: torch.Tensor, text: torch.Tensor, chunk_partition: Sequence[int]) -> None:
-        """Encode ``prefix`` (B, Fp, C, H, W), the clean generated chunks ``chunk_partition`` (sum = Fp)."""
-        if sum(chunk_partition) != prefix.shape[1] or not chunk_partition:
-            raise ValueError(f"chunk_partition {list(chunk_partition)} must split the prefix's "
-                             f"{prefix.shape[1]} frames")
-        batch, frames, _, height, width = prefix.shape
-        cfg = self.model.config
-        keep = min(len(chunk_partition), cfg.full_chunk_limit - 1)
-        split = len(chunk_partition) - keep
-        n_comp = sum(chunk_partition[:split]) * _tokens(height, width, cfg.compressed_patch_size)
-        n_full = sum(chunk_partition[split:]) * _tokens(height, width, cfg.patch_size)
-        self._cache = self._allocate(batch, n_comp, n_full, prefix.device)
-        zeros = torch.zeros(batch, frames, device=prefix.device)
-        flag = {"num_cached_chunks": len(chunk_partition), "is_cache_step": True}
-        self.model(hidden_states=prefix.to(self._dtype), timestep=zeros, r_timestep=zeros,
-                   encoder_hidden_states=text, chunk_partition=list(chunk_partition), kv_cache=self._cache,
-                   kv_cache_flag=flag, return_dict=False)
-        self.chunk_partition = list(chunk_partition)
-
-    def __call__(self, x_chunk: torch.Tensor, t: torch.Tensor | float, r: torch.Tensor | float,
-                 text: torch.Tensor) -> torch.Tensor:
-        """u for the next chunk ``x_chunk`` (B, Fk, C, H, W) at (t, r) ((B,) or scalars): (B, Fk, C, H, W)."""
-        batch, frames = x_chunk.shape[:2]
-        if self._cache is None:
-            self._cache = self._allocate(batch, 0, 0, x_chunk.device)
-        cached_batch = self._cache[0]["full_cache"].shape[1]
-        if cached_batch != batch:
-            raise ValueError(f"the cache was filled with batch {cached_batch}, got a chunk of batch {batch}")
-        flag = {"num_cached_chunks": len(self.chunk_partition), "is_cache_step": False}
-        return self.model(hidden_states=x_chunk, timestep=_per_frame(t, batch, frames, x_chunk.device),
-                          r_timestep=_per_frame(r, batch, frames, x_chunk.device), encoder_hidden_states=text,
-                          chunk_partition=[*self.chunk_partition, frames], kv_cache=self._cache,
-                          kv_cache_flag=flag, return_dict=False)[0]
+    def __init__(self, transformer: AnyFlowFARTransformer3DModel,
+                 active: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        super().__init__()
+        if not isinstance(transformer, AnyFlowFARTransformer3DModel):
+            raise TypeError(f"a causal student is an AnyFlowFARTransformer3DModel, got {type(transformer).__name__}")
+        self.transformer = transformer
+        self._active = active
 
     @property
-    def _dtype(self) -> torch.dtype:
-        return self.model.patch_embedding.weight.dtype
+    def chunk_partition(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.transformer.config.chunk_partition)
 
-    def _allocate(self, batch: int, n_comp: int, n_full: int,
-                  device: torch.device) -> list[dict[str, torch.Tensor]]:
-        cfg = self.model.config
-        shape = (2, batch, cfg.num_attention_heads)
+    @property
+    def full_chunk_limit(self) -> int:
+        return self.transformer.config.full_chunk_limit
 
-        def empty(tokens: int) -> torch.Tensor:
-            return torch.zeros(*shape, tokens, cfg.attention_head_dim, device=device, dtype=self._dtype)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: TeacherForcing) -> torch.Tensor:
+        """Teacher forcing: u for the noisy chunks ``x`` (B, Fn, C, H, W) given the clip's context and copies."""
+        if not isinstance(cond, TeacherForcing):
+            raise TypeError(f"a causal student is called with a TeacherForcing condition (got "
+                            f"{type(cond).__name__}); use .bidirectional(x, t, r, text) for full attention")
+        partition = chunks_covering(self.chunk_partition, cond.frames)
+        with self._active():
+            return teacher_forced(self.transformer, x, t.to(x.device), r.to(x.device), cond.text,
+                                  clean=cond.clean, context=cond.context, chunk_partition=partition)
 
-        return [{"compressed_cache": empty(n_comp), "full_cache": empty(n_full)}
-                for _ in range(cfg.num_layers)]
+    def bidirectional(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """All frames as one chunk (full attention): the same weights as a bidirectional flow map."""
+        with self._active():
+            return bidirectional(self.transformer, x, t.to(x.device), r.to(x.device), text)
 
-
-# ---------------------------------------------------------------------------------------------- helpers
-def _tokens(height: int, width: int, patch: Sequence[int]) -> int:
-    return (height // patch[1]) * (width // patch[2])
-
-
-def _per_frame(v: torch.Tensor | float, batch: int, frames: int, device: torch.device) -> torch.Tensor:
-    """(B,) or scalar times -> (B, frames) float32."""
-    v = torch.as_tensor(v, dtype=torch.float32, device=device)
-    if v.ndim == 0:
-        v = v.expand(batch)
-    if v.shape != (batch,):
-        raise ValueError(f"expected timesteps of shape ({batch},) or a scalar, got {tuple(v.shape)}")
-    return v[:, None].expand(batch, frames)
+    def cache(self) -> ChunkCache:
+        """A fresh KV cache for a chunk-by-chunk rollout (its calls run under ``active`` too)."""
+        return ChunkCache(self.transformer, active=self._active)
 
 
 def _repeat_batch(x: torch.Tensor, batch: int) -> torch.Tensor:

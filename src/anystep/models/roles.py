@@ -247,9 +247,6 @@ class SharedBase(nn.Module):
         """Checkpoint every block; the recomputation re-activates the adapter its forward ran with."""
         self.base.enable_gradient_checkpointing(self._checkpoint)
 
-    def disable_gradient_checkpointing(self) -> None:
-        self.base.disable_gradient_checkpointing()
-
     def _checkpoint(self, block: nn.Module, *args):
         adapter = self._active
 
@@ -265,7 +262,8 @@ class SharedBase(nn.Module):
         if name not in self.roles:
             raise KeyError(f"unknown role {name!r}; roles: {sorted(self.roles)}")
         if name not in self._views:
-            self._views[name] = RoleView(self, name)
+            causal = self.causal and self.roles[name].flowmap
+            self._views[name] = (CausalRoleView if causal else RoleView)(self, name)
         return self._views[name]
 
     def merged(self, role: str = "student",
@@ -303,7 +301,6 @@ class RoleView(nn.Module):
         object.__setattr__(self, "_shared", shared)  # a plain attribute: not in parameters()/state_dict()
         spec = shared.roles[role]
         self.role, self.adapter, self.flowmap = role, spec.adapter, spec.flowmap
-        self.chunk_partition: tuple[int, ...] = tuple(shared.base.config.get("chunk_partition", ()) or ())
         self._register_adapter_params()
 
     def _register_adapter_params(self) -> None:
@@ -327,35 +324,16 @@ class RoleView(nn.Module):
         return self._shared
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        shared = self._shared
-        base = shared.base
-        _check_video(x, base.config.in_channels)
-        if base.gradient_checkpointing and base._gradient_checkpointing_func != shared._checkpoint:
-            raise RuntimeError("gradient checkpointing was enabled on the base directly; use "
-                               "SharedBase.enable_gradient_checkpointing() so that backward recomputes with "
-                               "the right adapter")
+        self._check_input(x)
         if not self.flowmap:
             r = t
-        frames, t, r = x.shape[1], t.to(x.device), r.to(x.device)
-        if shared.causal:     # FAR base: teacher forcing for the student, full attention for velocity roles
-            if isinstance(text, dict):
-                return self._teacher_forced(x, t, r, text)
+        if self._shared.causal:   # a velocity role of a FAR base (critic, teacher): full attention
             return self.bidirectional(x, t, r, text)
-        with shared.using(self.adapter):
-            return base(hidden_states=x, timestep=t[:, None].expand(-1, frames),
-                        r_timestep=r[:, None].expand(-1, frames), encoder_hidden_states=text,
-                        return_dict=False)[0]
-
-    # ------------------------------------------------------------------ a FAR base (causal student)
-    @property
-    def full_chunk_limit(self) -> int:
-        return self._shared.base.config.full_chunk_limit
-
-    def _teacher_forced(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: dict) -> torch.Tensor:
-        from .far_student import teacher_forced_cond
-
+        frames, t, r = x.shape[1], t.to(x.device), r.to(x.device)
         with self._shared.using(self.adapter):
-            return teacher_forced_cond(self._shared.base, self.chunk_partition, x, t, r, cond)
+            return self._shared.base(hidden_states=x, timestep=t[:, None].expand(-1, frames),
+                                     r_timestep=r[:, None].expand(-1, frames), encoder_hidden_states=text,
+                                     return_dict=False)[0]
 
     def bidirectional(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """All frames as one chunk (FAR base), with this role's adapter (a velocity role uses r = t)."""
@@ -364,22 +342,13 @@ class RoleView(nn.Module):
         with self._shared.using(self.adapter):
             return bidirectional(self._shared.base, x, t.to(x.device), (r if self.flowmap else t).to(x.device), text)
 
-    def cache(self):
-        """A KV cache for a chunk-by-chunk rollout whose prefills and calls run with this role's adapter."""
-        from .far import ChunkCache
-
-        shared, adapter = self._shared, self.adapter
-
-        class AdapterCache(ChunkCache):
-            def prefill(self, *args, **kwargs):
-                with shared.using(adapter):
-                    return super().prefill(*args, **kwargs)
-
-            def __call__(self, *args, **kwargs):
-                with shared.using(adapter):
-                    return super().__call__(*args, **kwargs)
-
-        return AdapterCache(shared.base)
+    def _check_input(self, x: torch.Tensor) -> None:
+        shared = self._shared
+        _check_video(x, shared.base.config.in_channels)
+        if shared.base.gradient_checkpointing and shared.base._gradient_checkpointing_func != shared._checkpoint:
+            raise RuntimeError("gradient checkpointing was enabled on the base directly; use "
+                               "SharedBase.enable_gradient_checkpointing() so that backward recomputes with "
+                               "the right adapter")
 
     def _apply(self, fn, recurse: bool = True):
         # moving/casting a view moves the shared base (and so this view's tensors, which live in it)
@@ -390,3 +359,33 @@ class RoleView(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return (f"RoleView(role={self.role!r}, adapter={self.adapter!r}, flowmap={self.flowmap}, "
                 f"adapter_params={n})")
+
+
+class CausalRoleView(RoleView):
+    """The causal student's role of a FAR :class:`SharedBase`: a :class:`~anystep.causal.CausalFlowMap`
+    (:class:`~anystep.models.far.CausalStudent` on the shared base, every call under this role's adapter)."""
+
+    def __init__(self, shared: SharedBase, role: str):
+        from .far import CausalStudent
+
+        super().__init__(shared, role)
+        object.__setattr__(self, "_causal", CausalStudent(shared.base, active=lambda: shared.using(self.adapter)))
+
+    @property
+    def chunk_partition(self) -> tuple[int, ...]:
+        return self._causal.chunk_partition
+
+    @property
+    def full_chunk_limit(self) -> int:
+        return self._causal.full_chunk_limit
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond) -> torch.Tensor:
+        self._check_input(x)
+        return self._causal(x, t, r, cond)
+
+    def bidirectional(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self._causal.bidirectional(x, t, r, text)
+
+    def cache(self):
+        return self._causal.cache()

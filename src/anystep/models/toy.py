@@ -54,6 +54,8 @@ class ToyFlowMapNet(nn.Module):
     def __init__(self, shape: tuple[int, ...], num_classes: int, hidden: int = 256, depth: int = 4,
                  freq_dim: int = 64, max_freq: float = 50.0, gate: float = 0.25, flowmap: bool = False):
         super().__init__()
+        self.config = {"shape": list(shape), "num_classes": num_classes, "hidden": hidden, "depth": depth,
+                       "freq_dim": freq_dim, "max_freq": max_freq}   # what rebuilds it (models.zoo.describe)
         self.shape, self.dim = tuple(shape), math.prod(shape)
         self.num_classes, self.gate, self.flowmap = num_classes, gate, flowmap
         self.time_embedder = TimeEmbedder(freq_dim, hidden, max_freq)

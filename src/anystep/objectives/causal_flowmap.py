@@ -7,7 +7,7 @@ bidirectional Stage-1 objective (:class:`~anystep.objectives.flowmap.Stage1Objec
 difference, fused guidance, beta08, rebalance) on the noisy frames only; its null branch and its
 difference points see the same context and copies. With probability ``bidirectional_prob`` a plain flow-matching
 loss with fused guidance (r = t, logit-normal t) on all frames in bidirectional mode is added, which keeps the
-weights usable as a bidirectional model.
+weights usable as a bidirectional model (official Stage 1: 0.1; Stage 2's co-trained loss: 0).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from .. import rng
-from ..causal import draw_num_chunks, teacher_forcing_cond, teacher_forcing_split
-from ..config import CausalConfig
+from ..causal import CausalFlowMap, TeacherForcing, draw_num_chunks, teacher_forcing_split
 from ..flowmap import expand_cond, noisy
 from ..time import logit_normal
 from .conditioning import drop_condition
@@ -26,10 +25,11 @@ from .flowmap import Stage1Config, Stage1Objective, fuse_guidance
 
 
 class CausalStage1Objective:
-    """Called like :class:`Stage1Objective`, on a :class:`~anystep.models.far_student.FARStudent`."""
+    """Called like :class:`Stage1Objective`, on a :class:`~anystep.causal.CausalFlowMap` student; its
+    ``long_context_ratio`` and ``bidirectional_prob`` come from the Stage-1 config."""
 
-    def __init__(self, stage1: Stage1Config, causal: CausalConfig, null_cond: Any):
-        self.stage1, self.causal, self.null_cond = stage1, causal, null_cond
+    def __init__(self, stage1: Stage1Config, null_cond: Any):
+        self.stage1, self.null_cond = stage1, null_cond
         self.flowmap = Stage1Objective(stage1, null_cond)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -38,18 +38,18 @@ class CausalStage1Objective:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.flowmap.load_state_dict(state)
 
-    def __call__(self, student, x0: torch.Tensor, text: torch.Tensor,
+    def __call__(self, student: CausalFlowMap, x0: torch.Tensor, text: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        c, b = self.causal, x0.shape[0]
+        cfg, b = self.stage1, x0.shape[0]
         partition = student.chunk_partition
-        k = draw_num_chunks(len(partition), student.full_chunk_limit, c.long_context_ratio, generator)
+        k = draw_num_chunks(len(partition), student.full_chunk_limit, cfg.long_context_ratio, generator)
         context, targets = teacher_forcing_split(x0, partition, k, student.full_chunk_limit)
-        cond = teacher_forcing_cond(text, targets, context)
-        null = teacher_forcing_cond(expand_cond(self.null_cond, b), targets, context)
+        cond = TeacherForcing(text, targets, context)
+        null = TeacherForcing(expand_cond(self.null_cond, b), targets, context)
         loss, stats = self.flowmap(student, targets, cond, generator, null=null)
         stats["causal/chunks"] = float(k)
-        if c.bidirectional_prob > 0 and float(rng.uniform((), generator)) < c.bidirectional_prob:
-            extra = bidirectional_flow_matching(student, x0, text, self.null_cond, self.stage1, generator)
+        if cfg.bidirectional_prob > 0 and float(rng.uniform((), generator)) < cfg.bidirectional_prob:
+            extra = bidirectional_flow_matching(student, x0, text, self.null_cond, cfg, generator)
             loss = loss + extra
             stats["loss/bidirectional"] = extra.item()
         return loss, stats

@@ -7,12 +7,14 @@ from typing import Any
 import torch
 
 from .. import rng
+from ..flowmap import BatchCondition
 
 
 def select_cond(keep: torch.Tensor, cond: Any, null_cond: Any) -> Any:
-    """Row-wise ``cond if keep else null_cond``; ``null_cond`` may have batch 1. Works on tensors and dicts."""
-    if isinstance(cond, dict):
-        return {k: select_cond(keep, cond[k], null_cond[k]) for k in cond}
+    """Row-wise ``cond if keep else null_cond``; ``null_cond`` may have batch 1. Works on tensors and
+    :class:`~anystep.flowmap.BatchCondition` (which select their own rows)."""
+    if isinstance(cond, BatchCondition):
+        return cond.select(keep, null_cond)
     null_cond = null_cond.to(cond.device).expand_as(cond) if null_cond.shape[0] == 1 else null_cond
     mask = keep.to(cond.device).view(-1, *([1] * (cond.ndim - 1)))
     return torch.where(mask, cond, null_cond)

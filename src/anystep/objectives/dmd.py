@@ -55,13 +55,13 @@ def dmd_mse(x_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def dmd_loss(x_hat: torch.Tensor, critic: FlowMap, teacher: FlowMap, cond: Any, null_cond: Any, *,
-             guidance: float = 3.0, shift_k: float = 5.0, time_range: tuple[float, float] = (0.0, T_MAX),
+             guidance: float = 3.0, shift: float = 5.0, time_range: tuple[float, float] = (0.0, T_MAX),
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The DMD generator loss for rollout samples ``x_hat`` (B, F, C, H, W) with gradient. The critic and
     the teacher are velocity models (called with r = t) and run without gradient."""
     b = x_hat.shape[0]
     with torch.no_grad():
-        tau = dmd_times(b, shift_k, generator, *time_range)
+        tau = dmd_times(b, shift, generator, *time_range)
         n = rng.noise_like(x_hat, generator)
         z = noisy(x_hat.detach(), n, tau)
         t = tau.float()

@@ -16,21 +16,21 @@ from ..time import logit_normal
 from .conditioning import drop_condition
 
 
-def flow_matching_loss(model: FlowMap, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-                       cond: Any) -> torch.Tensor:
+def flow_matching_error(model: FlowMap, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                        cond: Any) -> torch.Tensor:
     """Per-sample ``mean((u(x_t, t, t) - (eps - x0))^2)``, shape (B,)."""
     u = model(noisy(x0, eps, t), t, t, cond)
     return (u.float() - (eps - x0).float()).pow(2).flatten(1).mean(1)
 
 
-def flow_matching_step(model: FlowMap, x0: torch.Tensor, cond: Any, null_cond: Any | None = None, *,
+def flow_matching_loss(model: FlowMap, x0: torch.Tensor, cond: Any, null_cond: Any | None = None, *,
                        shift: float = 5.0, cond_dropout: float = 0.1,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """One flow-matching loss on a batch: logit-normal shifted t, condition dropout to the null condition."""
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """The flow-matching loss of a batch: logit-normal shifted t, fresh noise, each prompt dropped to the null
+    condition with probability ``cond_dropout``."""
     b = x0.shape[0]
     if null_cond is not None and cond_dropout > 0:
         cond, _ = drop_condition(cond, null_cond, cond_dropout, b, generator)
     t = logit_normal(b, shift, generator=generator).to(x0.device)
     eps = rng.noise_like(x0, generator)
-    loss = flow_matching_loss(model, x0, eps, t, cond).mean()
-    return loss, {"loss/flow_matching": loss.item()}
+    return flow_matching_error(model, x0, eps, t, cond).mean()

@@ -42,10 +42,12 @@ class Stage1Config:
     epsilon: float = 5.0                     # central-difference step, timestep units
     fd_boundary: str = "one_sided"           # departure: 'none' steps outside [r, 1000] like the official code
     weight_type: str = "beta08"              # or 'uniform'
-    rebalance: bool = True
     rebalance_eps: float = 1e-5
-    rebalance_power: float = 1.0             # p; departure when < 1: 0 = plain MSE (as rebalance=false)
+    rebalance_power: float = 1.0             # p of the adaptive rebalance; 0 = none (plain MSE); departure when < 1
     time_dtype: str = "float32"              # departure: 'bfloat16' emulates the official bf16 times
+    # causal (FAR) students only (official sec. 5.4):
+    long_context_ratio: float = 0.5          # P(K ~ U{limit..chunks}), else K = limit chunks
+    bidirectional_prob: float = 0.1          # P(an extra bidirectional flow-matching loss); Stage 2: 0
 
     def __post_init__(self):
         choices = {"derivative": ("central_difference", "jvp"), "fd_boundary": ("one_sided", "none"),
@@ -59,6 +61,9 @@ class Stage1Config:
         check_bucket_ratios(self.diffusion_ratio, self.consistency_ratio)
         if not 0.0 <= self.cond_dropout <= 1.0:
             raise ValueError(f"stage1.cond_dropout must lie in [0, 1], got {self.cond_dropout}")
+        for name in ("long_context_ratio", "bidirectional_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"stage1.{name} must lie in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.rebalance_power <= 1.0:
             raise ValueError(f"stage1.rebalance_power must be in [0, 1], got {self.rebalance_power}")
 
@@ -216,7 +221,7 @@ class Stage1Objective:
         raw = losses.detach()
         if cfg.weight_type == "beta08":
             losses = losses * beta08_weight(t, cfg.shift).to(losses)
-        if cfg.rebalance:
+        if cfg.rebalance_power > 0:
             losses = rebalance(losses, pairs.is_diffusion.to(losses.device),
                                self._diffusion_mean(losses.detach(), pairs.is_diffusion), cfg.rebalance_eps,
                                cfg.rebalance_power)

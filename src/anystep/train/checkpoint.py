@@ -43,16 +43,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..errors import UsageError
+
 CHECKPOINTS = "checkpoints"      # a run folder's checkpoints
 MARKER = "COMPLETE"              # written last into a checkpoint
 _STEP_NAME = re.compile(r"step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt, unsafe to load, or does not fit the run."""
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UsageError):
     """A run folder that cannot be trained into: not writable, in use by another run, or holding checkpoints
     that a fresh run would mix with."""
 
@@ -133,8 +135,9 @@ def _discard(path: Path, step: int | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------------- saving
 def save_checkpoint(root: Path, step: int, weights: dict[str, dict[str, torch.Tensor]],
-                    trainer_state: dict[str, Any], config_yaml: str, keep: int = 2) -> Path:
-    """Write ``root/step_{step:06d}`` (replacing one of that step), point ``root/latest`` at it, and prune all
+                    trainer_state: dict[str, Any], files: dict[str, str], keep: int = 2) -> Path:
+    """Write ``root/step_{step:06d}`` (each role's ``weights`` as safetensors, the trainer state, and the text
+    ``files`` such as ``config.yaml``; replacing one of that step), point ``root/latest`` at it, and prune all
     but the ``keep`` newest checkpoints (0 keeps all). A kill at any point leaves every complete checkpoint
     readable: the new one is complete or absent, an old one is never half deleted."""
     root = Path(root)
@@ -142,7 +145,7 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, dict[str, torch.Te
     final = root / f"step_{step:06d}"
     tmp = _new_dir(root, f".tmp_{final.name}_")
     try:
-        _write_checkpoint_files(tmp, step, weights, trainer_state, config_yaml, _next_sequence(root))
+        _write_checkpoint_files(tmp, step, weights, trainer_state, files, _next_sequence(root))
         _put_in_place(tmp, final, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,14 +157,15 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, dict[str, torch.Te
 
 
 def _write_checkpoint_files(folder: Path, step: int, weights: dict[str, dict[str, torch.Tensor]],
-                            trainer_state: dict[str, Any], config_yaml: str, sequence: int) -> None:
+                            trainer_state: dict[str, Any], files: dict[str, str], sequence: int) -> None:
     """Every file of a checkpoint into ``folder``, each fsynced, with the folder's permissions less execute;
     the ``COMPLETE`` marker last."""
     for name, tensors in weights.items():
         save_tensors(tensors, folder / f"{name}.safetensors")
     fault_point("checkpoint_write", step)
     torch.save(trainer_state, folder / "trainer.pt")
-    (folder / "config.yaml").write_text(config_yaml)
+    for name, text in files.items():
+        (folder / name).write_text(text)
     mode = folder.stat().st_mode & 0o666      # what open() gives under this umask (safetensors writes 0600)
     for f in folder.iterdir():
         os.chmod(f, mode)

@@ -1,6 +1,6 @@
 """The generic training loop: optimizers, warm-up, clipping, EMA, NaN guard, checkpoints, progress, logs.
 
-It knows nothing of the algorithm. A :class:`~anystep.train.methods.Method` says, for each iteration, which
+It knows nothing of the algorithm. A :class:`~anystep.train.method.Method` says, for each iteration, which
 *phases* run: a phase names the role whose optimizer steps and returns its loss terms. The loop sums the
 terms, back-propagates, clips, checks that the loss terms and the gradient norm are finite (one host sync),
 steps, and updates that role's EMA; trained weights are checked before every log and checkpoint.
@@ -13,6 +13,7 @@ import csv
 import io
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (CheckpointError, fault_point, find_checkpoint, fitting_tensors, load_module,
                          load_trainer_state, save_checkpoint, write_text_atomic)
-from .methods import Method
+from .method import Method
 
 
 class NonFiniteLossError(RuntimeError):
@@ -110,36 +111,90 @@ def _lr_lambda(warmup: int):
     return lambda step: step / warmup if step < warmup else 1.0
 
 
-class Trainer:
-    """Runs a :class:`Method` for ``steps`` iterations with checkpoints under ``out_dir/checkpoints``."""
+@dataclass
+class OptimConfig:
+    """AdamW with a linear warm-up then a constant learning rate, and gradient clipping; the defaults are the
+    official teacher / Stage-1 values (Stage 2's: :data:`STAGE2_OPTIM`)."""
 
-    def __init__(self, method: Method, *, steps: int, out_dir: str | Path, seed: int = 0,
-                 optim: dict[str, Any] | None = None, log_every: int = 10, checkpoint_every: int = 500,
-                 keep_checkpoints: int = 2, config_yaml: str = "", progress: bool = True,
-                 mixed_precision: str = "fp32"):
-        self.method, self.steps, self.out_dir = method, steps, Path(out_dir)
-        o = optim or {}
-        self.grad_clip = o.get("grad_clip", 1.0)
-        self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep_checkpoints
-        self.config_yaml, self.progress = config_yaml, progress
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    grad_clip: float = 1.0           # max gradient norm; 0 = no clipping
+
+    def __post_init__(self):
+        if not self.lr > 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(f"optim needs lr > 0, warmup_steps >= 0, grad_clip >= 0 and weight_decay >= 0, got "
+                             f"{self}")
+
+
+@dataclass
+class EMAConfig:
+    """The EMA of the trained weights (float32): decay 0 before ``warmup_steps`` (it follows the weights), then
+    ``decay`` (official ShardEMA: 0.999 after 1000 steps; Stage 2: 0.99 after 200)."""
+
+    decay: float = 0.999
+    warmup_steps: int = 1000
+
+    def __post_init__(self):
+        if not 0.0 <= self.decay < 1.0 or self.warmup_steps < 0:
+            raise ValueError(f"ema needs 0 <= decay < 1 and warmup_steps >= 0, got {self}")
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains: its length and batch, logging and checkpoint cadence, where it writes, the device and the
+    memory levers (official: bf16 mixed precision and gradient checkpointing on)."""
+
+    steps: int = 6000                  # optimizer updates (the official loop makes steps + 1)
+    batch_size: int = 32
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2          # 0 keeps all
+    out_dir: str = "runs/run"
+    threads: int | None = None         # torch.set_num_threads; None leaves torch's default
+    device: str = "auto"               # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
+    mixed_precision: str = "fp32"      # 'fp32' (none) or 'bf16' (autocast; weights, EMA, optimizer stay fp32)
+    gradient_checkpointing: bool = False   # recompute transformer blocks in backward
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.mixed_precision must be 'fp32' or 'bf16', got {self.mixed_precision!r}")
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"train.keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
+
+
+STAGE2_OPTIM = OptimConfig(lr=2e-6, betas=(0.0, 0.999), warmup_steps=0)
+STAGE2_EMA = EMAConfig(decay=0.99, warmup_steps=200)
+
+
+class Trainer:
+    """Runs a :class:`Method` for ``steps`` iterations with checkpoints under ``out_dir/checkpoints``.
+
+    ``optim``: an :class:`OptimConfig` for every role of the method; ``ema``: the roles whose EMA is kept;
+    ``files``: text files written into every checkpoint (the run's config, the networks' descriptions)."""
+
+    def __init__(self, method: Method, *, steps: int, out_dir: str | Path, optim: dict[str, OptimConfig],
+                 ema: dict[str, EMAConfig] | None = None, seed: int = 0, log_every: int = 10,
+                 checkpoint_every: int = 500, keep_checkpoints: int = 2, files: dict[str, str] | None = None,
+                 progress: bool = True, mixed_precision: str = "fp32"):
+        if set(optim) != set(method.roles):
+            raise ValueError(f"optimizer settings for roles {sorted(optim)}, but the method trains {sorted(method.roles)}")
         if mixed_precision not in ("fp32", "bf16"):
             raise ValueError(f"mixed_precision must be 'fp32' or 'bf16', got {mixed_precision!r}")
-        self.mixed_precision = mixed_precision
+        self.method, self.steps, self.out_dir, self.optim = method, steps, Path(out_dir), optim
+        self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep_checkpoints
+        self.files, self.progress, self.mixed_precision = dict(files or {}), progress, mixed_precision
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        self.optimizers, self.schedulers, self.emas, self.hyper = {}, {}, {}, {}
+        self.optimizers, self.schedulers = {}, {}
         for role, module in method.roles.items():
-            params = [p for p in module.parameters() if p.requires_grad]
-            if not params:
-                raise ValueError(f"role {role!r} has no trainable parameters")
-            ro = {**o, **method.optim_overrides.get(role, {})}
-            self.hyper[role] = dict(lr=ro.get("lr", 5e-5), betas=tuple(ro.get("betas", (0.9, 0.95))),
-                                    weight_decay=ro.get("weight_decay", 0.0))
-            opt = torch.optim.AdamW(params, **self.hyper[role])
-            self.optimizers[role] = opt
-            self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(ro.get("warmup_steps", 0)))
-            if role in method.ema_roles:
-                self.emas[role] = EMA(module, ro.get("ema_decay", 0.999), ro.get("ema_warmup_steps", 0))
+            self.optimizers[role], self.schedulers[role] = _adamw(role, module, optim[role])
+        self.emas = {role: EMA(method.roles[role], e.decay, e.warmup_steps) for role, e in (ema or {}).items()}
         self.step = 0
         self.last_checkpoint: Path | None = None   # the newest checkpoint saved or resumed from
 
@@ -160,7 +215,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "method": self.method.state_dict(),
         }
-        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.config_yaml,
+        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.files,
                                                self.keep)
         return self.last_checkpoint
 
@@ -194,11 +249,11 @@ class Trainer:
         """This run's lr, betas and weight decay in every optimizer, the schedule continuing from its restored
         step (exactly the lr an uninterrupted run would have)."""
         for role, opt in self.optimizers.items():
-            h, sched = self.hyper[role], self.schedulers[role]
-            sched.base_lrs = [h["lr"]] * len(opt.param_groups)
+            o, sched = self.optim[role], self.schedulers[role]
+            sched.base_lrs = [o.lr] * len(opt.param_groups)
             for group, fn in zip(opt.param_groups, sched.lr_lambdas):
-                group.update(betas=h["betas"], weight_decay=h["weight_decay"], initial_lr=h["lr"],
-                             lr=h["lr"] * fn(sched.last_epoch))
+                group.update(betas=tuple(o.betas), weight_decay=o.weight_decay, initial_lr=o.lr,
+                             lr=o.lr * fn(sched.last_epoch))
             sched._last_lr = [group["lr"] for group in opt.param_groups]
 
     # ------------------------------------------------------------------ the loop
@@ -211,7 +266,8 @@ class Trainer:
                 terms, phase_stats = phase.run()
             sum(terms.values()).backward()
             params = [p for p in module.parameters() if p.requires_grad]
-            gnorm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf)
+            clip = self.optim[phase.role].grad_clip
+            gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
             gnorm = self._checked_grad_norm(phase.role, terms, gnorm)
             opt.step()
             fault_point("mid_step", self.step + 1)
@@ -279,3 +335,12 @@ class Trainer:
                 last = self.save()
         bar.close()
         return last
+
+
+def _adamw(role: str, module: torch.nn.Module, o: OptimConfig):
+    """AdamW over the module's trainable parameters and its warm-up schedule."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"role {role!r} has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(o.warmup_steps))

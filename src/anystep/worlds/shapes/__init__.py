@@ -7,17 +7,20 @@ prompt is templated: ``"a red disk moving left"``. The package holds
 * :mod:`.scene`: the world's vocabulary, :class:`ShapesConfig`, :class:`ClipSpec` and
   :class:`ShapesWorld`, the renderer and data source (clip specs, clips, per-prompt mean videos; the
   video conventions are in its docstring), plus :func:`causal_config`, the longer clips of the
-  chunk-causal (FAR) path, and :func:`chunk_bounds`;
+  chunk-causal (FAR) path;
 * :mod:`.judge`: :class:`ShapesJudge`, an exact, VBench-in-spirit judge built from a world. Quality
   (clean background, temporal consistency, smooth motion) and Semantic (colour, shape, direction
   right) sub-scores per clip in [0, 1], ``total = 0.8 quality + 0.2 semantic``
   (:meth:`ShapesJudge.judge`), and the same scores per chunk of a chunk partition
   (:meth:`ShapesJudge.judge_chunks`: does quality fall in late chunks?);
-* :mod:`.text`: :class:`TextEmbedder`, a tiny deterministic word-vector "text encoder" (no downloads).
+* :mod:`.text`: :class:`TextEmbedder`, a tiny deterministic word-vector "text encoder" (no downloads);
+* :mod:`.data`: :class:`ShapesData`, the world as the trainer and the sweep see it (batches, conditions, a
+  fixed evaluation set, its judge).
 
 Everything is deterministic given a ``torch.Generator`` (or an int seed) and runs on the CPU.
 """
 
+from .data import ShapesData
 from .judge import JudgeConfig, ShapesJudge
 from .scene import (
     BACKGROUNDS,
@@ -30,9 +33,8 @@ from .scene import (
     ShapesConfig,
     ShapesWorld,
     causal_config,
-    chunk_bounds,
 )
-from .text import TextEmbedder
+from .text import TextConfig, TextEmbedder
 
 __all__ = [
     "BACKGROUNDS",
@@ -44,9 +46,10 @@ __all__ = [
     "ClipSpec",
     "JudgeConfig",
     "ShapesConfig",
+    "ShapesData",
     "ShapesJudge",
     "ShapesWorld",
+    "TextConfig",
     "TextEmbedder",
     "causal_config",
-    "chunk_bounds",
 ]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...causal import chunk_bounds
 from .scene import (
     BACKGROUNDS,
     COLORS,
@@ -39,7 +40,6 @@ from .scene import (
     ShapesConfig,
     ShapesWorld,
     check_name,
-    chunk_bounds,
 )
 
 __all__ = ["JudgeConfig", "ShapesJudge"]
@@ -279,6 +279,26 @@ class ShapesJudge:
             "direction": self._score_direction(st, dirs),
         })
 
+    # ------------------------------------------------------------------ as a sweep's judge
+    primary_metric, higher_is_better, picture = "total", True, "video"
+
+    def score(self, samples: Tensor, ev, guidance: float = 1.0,
+              chunk_partition: Sequence[int] | None = None) -> dict[str, float]:
+        """The clip scores of ``samples`` (clamped to the data range) for the evaluation set's clip specs; with
+        a causal student's ``chunk_partition`` of 4 or more chunks also the Quality of the first two and of the
+        last two chunks and their gap (exposure bias shows as late chunks scoring below early ones)."""
+        samples = samples.clamp(-1, 1)
+        out = self.evaluate(samples, ev.meta)
+        if chunk_partition and len(chunk_partition) >= 4:
+            quality = self.judge_chunks(samples, ev.meta, chunk_partition)["quality"].mean(0)   # (K,)
+            out["early_quality"] = float(quality[:2].mean())
+            out["late_quality"] = float(quality[-2:].mean())
+            out["late_gap"] = out["early_quality"] - out["late_quality"]
+        return out
+
+    def labels(self, ev) -> list[str]:
+        return [spec.prompt() for spec in ev.meta]
+
     def evaluate(self, videos: Tensor, specs: Sequence[ClipSpec | str]) -> dict[str, float]:
         """Batch means of :meth:`judge` as Python floats."""
         return {k: float(v.mean()) for k, v in self.judge(videos, specs).items()}
@@ -328,10 +348,9 @@ class ShapesJudge:
 
     # ------------------------------------------------------------------ the chunk judge
     def judge_chunks(self, videos: Tensor, specs: Sequence[ClipSpec | str],
-                     chunk_partition: Sequence[int] | None = None) -> dict[str, Tensor]:
+                     chunk_partition: Sequence[int]) -> dict[str, Tensor]:
         """Per-chunk scores in [0, 1]: float32 tensors ``(B, K)`` for the ``K`` chunks of
-        ``chunk_partition`` (frames per chunk, summing to ``frames``; default the world config's
-        ``chunk_partition``). Keys: those of :meth:`judge` plus ``drift``. Made to compare late
+        ``chunk_partition`` (frames per chunk, summing to ``frames``: the causal student's). Keys: those of :meth:`judge` plus ``drift``. Made to compare late
         chunks with early ones (exposure bias of a chunk-causal generator): a chunk is scored on its
         own frames and the motion into them, so a real clip scores 1 on every chunk and a defect
         lowers the chunks it is in, plus the chunk after it when the defect ends at a chunk's last
@@ -357,9 +376,7 @@ class ShapesJudge:
         * ``drift`` (not in ``quality``): appearance against the clip's first chunk, see :meth:`_drift`.
         """
         videos = self._check_videos(videos)
-        parts = self.world.cfg.chunk_partition if chunk_partition is None else tuple(chunk_partition)
-        if not parts:
-            raise ValueError("judge_chunks needs a chunk_partition (or ShapesConfig.chunk_partition)")
+        parts = tuple(chunk_partition)
         bounds = chunk_bounds(parts, self.world.cfg.frames)
         col_t, shp_t, dirs = self._targets(videos, specs)
         st = self._analyse(videos)
@@ -385,7 +402,7 @@ class ShapesJudge:
         return _with_totals(res)
 
     def evaluate_chunks(self, videos: Tensor, specs: Sequence[ClipSpec | str],
-                        chunk_partition: Sequence[int] | None = None) -> dict[str, list[float]]:
+                        chunk_partition: Sequence[int]) -> dict[str, list[float]]:
         """Batch means of :meth:`judge_chunks`: one Python float per chunk for every key."""
         scores = self.judge_chunks(videos, specs, chunk_partition)
         return {k: [float(x) for x in v.mean(0)] for k, v in scores.items()}

@@ -38,7 +38,6 @@ __all__ = [
     "ShapesConfig",
     "ShapesWorld",
     "causal_config",
-    "chunk_bounds",
 ]
 
 # Colours in [0, 1] RGB (the judge works in this space; rendering maps to [-1, 1]).
@@ -69,29 +68,14 @@ def check_name(kind: str, name: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"unknown {kind} {name!r}; expected one of {tuple(allowed)}")
 
 
-def chunk_bounds(chunk_partition: Sequence[int], frames: int) -> list[tuple[int, int]]:
-    """``[(start, end), ...]`` frame ranges of a chunk partition (frames per chunk, in order), e.g.
-    ``(1, 2, 2, 2, 2)`` of 9 frames -> ``[(0, 1), (1, 3), (3, 5), (5, 7), (7, 9)]``. Raises unless
-    every chunk has >= 1 frame and they sum to ``frames``."""
-    parts = tuple(chunk_partition)
-    if not parts or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in parts):
-        raise ValueError(f"a chunk partition is a non-empty list of integers >= 1, got {list(parts)}")
-    if sum(parts) != frames:
-        raise ValueError(f"chunk partition {list(parts)} covers {sum(parts)} frames, not the clip's {frames}")
-    bounds, start = [], 0
-    for k in parts:
-        bounds.append((start, start + k))
-        start += k
-    return bounds
-
-
 # The official FAR-style partition of the causal world: a 1-frame first chunk, then equal chunks.
 CAUSAL_PARTITION: tuple[int, ...] = (1, 2, 2, 2, 2)
 
 
 def causal_config(**overrides) -> ShapesConfig:
     """The shapes world for the chunk-causal (FAR) path: 9-frame 16x16 clips at speed 1 px/frame
-    (5 + 1 * 8 = 13 <= 16 px of travel room) with the chunk partition ``[1, 2, 2, 2, 2]``.
+    (5 + 1 * 8 = 13 <= 16 px of travel room), made for the chunk partition :data:`CAUSAL_PARTITION`
+    ``[1, 2, 2, 2, 2]`` (the causal student's; the per-chunk judge takes it from there).
 
     Judge references on 256 clips, :meth:`ShapesJudge.judge` ``total`` (the 4-frame default world in
     brackets) / :meth:`ShapesJudge.judge_chunks` ``total`` of every chunk: real 1.000 (1.000) / 1.000;
@@ -101,7 +85,7 @@ def causal_config(**overrides) -> ShapesConfig:
     travel takes half the frame), so the per-prompt mean is less smeared; the per-chunk judge, which
     holds each frame's area and colour to the prompt's, puts blur and pure noise much lower.
     ``overrides`` are :class:`ShapesConfig` fields (e.g. ``colors=("red", "blue")``)."""
-    kw = {"size": 16, "frames": 9, "shape_size": 5.0, "speed": 1.0, "chunk_partition": CAUSAL_PARTITION}
+    kw = {"size": 16, "frames": 9, "shape_size": 5.0, "speed": 1.0}
     kw.update(overrides)
     return ShapesConfig(**kw)
 
@@ -118,9 +102,7 @@ class ShapesConfig:
     ``shape_size`` is the disk diameter / square side / triangle base and height, in pixels.
     ``margin`` keeps the shape's bounding box that many pixels inside the frame. The shape must
     fit with its whole travel: ``shape_size + speed * (frames - 1) + 2 * margin <= size``.
-    ``chunk_partition`` (optional, frames per chunk, summing to ``frames``) is the partition
-    :meth:`ShapesJudge.judge_chunks` uses when it is given none; ``()`` = not set. It does not
-    change the clips. See :func:`causal_config` for the chunk-causal (FAR) world.
+    See :func:`causal_config` for the chunk-causal (FAR) world.
     """
 
     size: int = 16
@@ -134,14 +116,10 @@ class ShapesConfig:
     antialias: bool = True
     supersample: int = 16
     margin: float = 0.0
-    chunk_partition: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.colors, self.shapes, self.directions = (
             tuple(self.colors), tuple(self.shapes), tuple(self.directions))
-        self.chunk_partition = tuple(self.chunk_partition)
-        if self.chunk_partition:
-            chunk_bounds(self.chunk_partition, self.frames)  # validates
         check_name("background", self.background, tuple(BACKGROUNDS))
         for kind, names, allowed in (("color", self.colors, tuple(COLORS)),
                                      ("shape", self.shapes, SHAPES),

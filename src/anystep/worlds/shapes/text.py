@@ -6,11 +6,20 @@ import math
 import re
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["TextEmbedder"]
+__all__ = ["TextConfig", "TextEmbedder"]
+
+
+@dataclass
+class TextConfig:
+    """The shapes world's deterministic text embedder."""
+
+    dim: int = 32
+    max_tokens: int = 8
 
 
 class TextEmbedder:

@@ -1,0 +1,283 @@
+"""The assembly: a run's roles, method and trainer from its config and lineage, and trained models back from disk.
+
+Roles come from one of two layouts behind one interface (:func:`role_layout`): :class:`FullRoles`, every role
+its own network (the toy presets' full fine-tunes), or :class:`LoraRoles`, every role a peft adapter on one frozen
+base (the official layout on Wan). A kind (:mod:`anystep.kinds`) lists its roles and where each one's weights
+start; the layout makes them. Every trained network is described in the checkpoint's ``architecture.json``
+(:mod:`anystep.models.zoo`), so :func:`load_model` rebuilds it without reading the architecture from any config.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from .causal import is_causal
+from .config import RunConfig, to_yaml
+from .errors import UsageError
+from .kinds import FRESH_OR_INIT, INIT_STUDENT, STUDENT_OF_TEACHER, TEACHER, Parts, RoleSpec, no_grad_frozen
+from .lineage import ARCHITECTURE, Lineage, Run, open_run, resolve_lineage
+from .models import zoo
+from .models.architectures import CausalModelConfig
+from .models.far import causal_student_network
+from .models.roles import RoleView, SharedBase
+from .train.checkpoint import load_module
+from .train.loop import Trainer
+from .worlds import OnDevice, make_world
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+    return device
+
+
+def build_world(cfg: RunConfig):
+    return make_world(cfg.world.name, cfg.world.sections)
+
+
+# --------------------------------------------------------------------------------------------------
+# full copies
+# --------------------------------------------------------------------------------------------------
+class FullRoles:
+    """Every role its own network: a velocity network trained from scratch or loaded from a run, a flow-map
+    student made from the teacher's, a student loaded from ``model.init``."""
+
+    def __init__(self, cfg: RunConfig, lineage: Lineage, world: Any):
+        self.cfg, self.lineage, self.world = cfg, lineage, world
+
+    def make(self, spec: RoleSpec) -> nn.Module | Any:
+        if spec.start == FRESH_OR_INIT:
+            return self._velocity(self.lineage.init)
+        if spec.start == STUDENT_OF_TEACHER:
+            return self._student(self._velocity(self._teacher_run_or_none()))
+        if spec.start == INIT_STUDENT:
+            return _load(self.lineage.init, "student")
+        if not spec.trained and self.lineage.exact:
+            return self.world.exact_teacher()
+        return self._velocity(self.lineage.teacher)
+
+    def _teacher_run_or_none(self) -> Run | None:
+        init = self.lineage.init
+        if init is not None and init.kind != "teacher":
+            raise UsageError(f"a full fine-tune's student is made from a teacher run; model.init={init.spec} is a "
+                             f"{init.kind!r} run (continuing a student needs model.lora_rank > 0)")
+        return init
+
+    def _velocity(self, run: Run | None) -> nn.Module:
+        """``run``'s teacher network (EMA weights), or a fresh one (the wan world: the model folder's)."""
+        if run is not None:
+            return _load(run, "teacher")
+        network = self.cfg.model.network or _default_network(self.cfg)
+        return zoo.velocity_network(self.world.network, network, self.world.network_inputs())
+
+    def _student(self, velocity: nn.Module) -> nn.Module:
+        m = self.cfg.model
+        if m.causal is not None:
+            return zoo.causal_student_from(velocity, m.causal, m.gate_value, m.deltatime_type)
+        return zoo.student_from(velocity, m.gate_value, m.deltatime_type)
+
+
+def _default_network(cfg: RunConfig) -> Any:
+    """The world family's default network config (None for the wan world: its folder)."""
+    from .worlds import WORLDS
+    family = zoo.FAMILIES[WORLDS[cfg.world.name].network]
+    return family() if family is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# adapters on one frozen base
+# --------------------------------------------------------------------------------------------------
+class LoraRoles:
+    """Every role a LoRA adapter on one frozen base (official on Wan: every role is LoRA on the raw model):
+    student and critic adapters, the teacher the bare base or a ``teacher`` adapter (a LoRA teacher run)."""
+
+    def __init__(self, cfg: RunConfig, lineage: Lineage, names: tuple[str, ...], dtype: torch.dtype,
+                 causal: CausalModelConfig | None):
+        self.cfg, self.lineage = cfg, lineage
+        teacher_lora = cfg.kind == "teacher" or (lineage.teacher is not None and lineage.teacher.lora)
+        m = cfg.model
+        base = _base_transformer(lineage.base, dtype)
+        if causal is not None:
+            base = causal_student_network(base, causal, m.gate_value, m.deltatime_type)
+            self.shared = SharedBase(base, rank=m.lora_rank, alpha=m.lora_alpha, roles=names,
+                                     teacher_adapter=teacher_lora, teacher_trainable=cfg.kind == "teacher")
+        else:
+            self.shared = SharedBase.from_wan(base, gate_value=m.gate_value, deltatime_type=m.deltatime_type,
+                                              rank=m.lora_rank, alpha=m.lora_alpha, roles=names,
+                                              teacher_adapter=teacher_lora, teacher_trainable=cfg.kind == "teacher")
+        if teacher_lora and cfg.kind != "teacher":
+            _load_adapter(self.shared.role("teacher"), lineage.teacher, "teacher")
+            if "critic" in names:
+                self.shared.copy_adapter("teacher", "critic")   # the critic starts as the teacher (official)
+
+    def make(self, spec: RoleSpec) -> RoleView:
+        init, view = self.lineage.init, self.shared.role(spec.name)
+        if spec.start == FRESH_OR_INIT and init is not None:
+            _load_adapter(view, init, "teacher")
+        elif spec.start in (STUDENT_OF_TEACHER, INIT_STUDENT) and init is not None and init.kind != "teacher":
+            _load_adapter(view, init, "student")   # a student to continue (Stage 2, or Stage 1 on new data)
+        if not spec.trained and self.lineage.exact:
+            raise UsageError("the exact teacher is the gmm world's, which has no LoRA")
+        return view
+
+
+def _base_transformer(base: Run | str, dtype: torch.dtype):
+    """The frozen base: the wan world's model folder (in ``dtype``), or a toy teacher run's network."""
+    if isinstance(base, str):
+        from .models.folder import load_transformer
+        return load_transformer(base, dtype=dtype)
+    return _load(base, "teacher").transformer
+
+
+def _load_adapter(view: nn.Module, run: Run, role: str) -> None:
+    """``role``'s adapter weights (EMA when saved) of LoRA run ``run`` into ``view``."""
+    if not run.lora:
+        raise UsageError(f"{run.spec} is a full fine-tune; a LoRA run continues from a LoRA run of the same base")
+    load_module(view, run.weights(role))
+
+
+def _lora_causal(cfg: RunConfig, lineage: Lineage) -> CausalModelConfig | None:
+    """The FAR layout of a LoRA run's base: asked for (Stage 1), the init student's, or an imported causal
+    folder's."""
+    if cfg.model.causal is not None:
+        return cfg.model.causal
+    source = lineage.init if lineage.init is not None and lineage.init.kind != "teacher" else None
+    if source is not None:
+        described = source.architecture("student")
+        return _far_layout(described.get("base_config")) if described.get("causal") else None
+    if isinstance(lineage.base, str):
+        from .models.folder import load_transformer, transformer_kind
+        if transformer_kind(lineage.base) == "anyflow_far":
+            return _far_layout(load_transformer(lineage.base).config)
+    return None
+
+
+def _far_layout(config: Any) -> CausalModelConfig:
+    return CausalModelConfig(chunk_partition=tuple(config["chunk_partition"]),
+                             full_chunk_limit=config["full_chunk_limit"],
+                             compressed_patch_size=tuple(config["compressed_patch_size"]))
+
+
+def role_layout(cfg: RunConfig, lineage: Lineage, training: bool = True) -> FullRoles | LoraRoles:
+    """The roles' layout: LoRA adapters on one base when ``model.lora_rank > 0``, else full copies. A trained
+    run's LoRA base is reloaded in float32 (``model.base_dtype`` applies to training)."""
+    if cfg.model.lora_rank == 0:
+        return FullRoles(cfg, lineage, build_world(cfg))
+    names = tuple(r.name for r in cfg.spec.roles if r.name in ("student", "critic"))
+    dtype = getattr(torch, cfg.model.base_dtype) if training else torch.float32
+    return LoraRoles(cfg, lineage, names, dtype, _lora_causal(cfg, lineage))
+
+
+# --------------------------------------------------------------------------------------------------
+# a run to train
+# --------------------------------------------------------------------------------------------------
+def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
+    """The method of ``cfg``'s kind with its roles, inside a :class:`~anystep.train.loop.Trainer`."""
+    spec, lineage = cfg.spec, resolve_lineage(cfg)
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    layout = role_layout(cfg, lineage)
+    roles = {r.name: layout.make(r) for r in spec.roles}
+    for r in spec.roles:
+        _place(roles[r.name], device, cfg.train.gradient_checkpointing)
+        if not r.trained:
+            roles[r.name] = no_grad_frozen(roles[r.name])
+    world = OnDevice(build_world(cfg), device)
+    _check_chunks(roles.get("student"), world)
+    method = spec.make(Parts(roles, world, cfg.train.batch_size, cfg.train.seed, cfg.sections))
+    files = {"config.yaml": to_yaml(cfg), ARCHITECTURE: _architecture(method.roles, cfg)}
+    return Trainer(method, steps=cfg.train.steps, out_dir=cfg.train.out_dir, optim=dict(cfg.optim),
+                   ema={spec.product: cfg.ema}, seed=cfg.train.seed, log_every=cfg.train.log_every,
+                   checkpoint_every=cfg.train.checkpoint_every, keep_checkpoints=cfg.train.keep_checkpoints,
+                   files=files, progress=progress, mixed_precision=cfg.train.mixed_precision)
+
+
+def _check_chunks(student: Any, world: Any) -> None:
+    """A causal student's chunk partition covers the world's clips (a UsageError naming both otherwise)."""
+    if student is not None and is_causal(student) and sum(student.chunk_partition) != world.shape[0]:
+        raise UsageError(f"the causal student's chunk partition {list(student.chunk_partition)} covers "
+                         f"{sum(student.chunk_partition)} frames, the world's clips have {world.shape[0]} "
+                         "(model.causal.chunk_partition)")
+
+
+def _place(module: Any, device: torch.device, checkpointing: bool) -> None:
+    """Move a role to the training device; gradient checkpointing of its transformer blocks (through the shared
+    base for LoRA views, so the recomputation runs with the forward's adapter)."""
+    if not isinstance(module, nn.Module):
+        return
+    module.to(device)
+    if checkpointing:
+        if isinstance(module, RoleView):
+            module.shared.enable_gradient_checkpointing()
+        elif hasattr(module, "transformer"):
+            module.transformer.enable_gradient_checkpointing()
+
+
+def _architecture(roles: dict[str, nn.Module], cfg: RunConfig) -> str:
+    """``architecture.json``: every trained role's network (LoRA: the adapter's layout and its base's class)."""
+    described = {}
+    for name, module in roles.items():
+        if isinstance(module, RoleView):
+            base = module.shared.base
+            described[name] = {"network": "lora", "rank": cfg.model.lora_rank, "alpha": cfg.model.lora_alpha,
+                               "causal": module.shared.causal, "base_class": type(base).__name__,
+                               "base_config": {k: v for k, v in base.config.items() if not k.startswith("_")}}
+        else:
+            described[name] = zoo.describe(module)
+    return json.dumps(described, indent=1, default=list) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# a trained run back
+# --------------------------------------------------------------------------------------------------
+def load_model(spec: str, role: str | None = None, ema: bool = True) -> tuple[nn.Module, RunConfig, str]:
+    """A trained run's network (default: its product, the teacher of a teacher run, else the student; 'critic'
+    for a Stage-2 critic), its EMA weights when saved, in eval mode. Returns (model, config, role)."""
+    run = open_run(spec)
+    return _load(run, role, ema).eval(), run.config, role or run.config.spec.product
+
+
+def _load(run: Run, role: str | None = None, ema: bool = True) -> nn.Module:
+    from .train.checkpoint import CheckpointError
+
+    role = role or run.config.spec.product
+    if not run.has(role):
+        raise CheckpointError(f"{run.path} has no {role!r} weights (a {run.kind!r} run)")
+    if run.lora:
+        model = _lora_view(run, role)
+    else:
+        model = zoo.build(run.architecture(role))
+    load_module(model, run.weights(role, ema))
+    return model
+
+
+def _lora_view(run: Run, role: str) -> RoleView:
+    """``role``'s adapter of a LoRA run on its base, rebuilt in float32."""
+    m = run.config.model
+    described = run.architecture(role)
+    causal = _far_layout(described["base_config"]) if described.get("causal") else None
+    base = _base_transformer(_saved_base(run), torch.float32)
+    if causal is not None:
+        base = causal_student_network(base, causal, m.gate_value, m.deltatime_type)
+    names = (role,) if role in ("student", "critic") else ()
+    shared = (SharedBase(base, rank=m.lora_rank, alpha=m.lora_alpha, roles=names, teacher_adapter=role == "teacher")
+              if causal is not None else
+              SharedBase.from_wan(base, gate_value=m.gate_value, deltatime_type=m.deltatime_type, rank=m.lora_rank,
+                                  alpha=m.lora_alpha, roles=names, teacher_adapter=role == "teacher"))
+    return shared.role(role)
+
+
+def _saved_base(run: Run) -> Run | str:
+    """The frozen base a LoRA run adapted: its model folder (wan world) or its toy teacher run."""
+    from .lineage import chain
+    if run.world == "wan":
+        return run.config.world.wan.model
+    return next(r for r in chain(run) if r.kind == "teacher" and not r.lora)
