@@ -228,6 +228,7 @@ def _run(*argv, progress=False):
     assert main([*map(str, argv), *([] if progress else ["--no-progress"])]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [0, 4])
 def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path, lora, capsys):
     from diffusers import AnyFlowFARPipeline
@@ -281,6 +282,7 @@ def test_causal_world_sweep_reports_the_late_chunk_gap():
     assert bad["early_quality"] > 0.99 and bad["late_gap"] > 0.2
 
 
+@pytest.mark.slow
 def test_causal_shapes_stage1_then_sample_i2v_and_sweep(tmp_path, capsys):
     world = ["world.shapes.frames=9", "world.shapes.speed=1.0", "model.causal.chunk_partition=[1,2,2,2,2]"]
     _run("stage1", "--config", "shapes_stage1", *world, "train.steps=2", "train.batch_size=4",

@@ -74,6 +74,7 @@ def test_bad_step_lists_are_refused(capsys):
     assert ">= 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gmm_teacher_stage1_sample_sweep_end_to_end(tmp_path, capsys):
     t, s = tmp_path / "teacher", tmp_path / "student"
     assert main(["teacher", "--config", "gmm_teacher", "--no-progress", f"train.out_dir={t}", *GMM_TINY,
@@ -102,6 +103,7 @@ def test_gmm_teacher_stage1_sample_sweep_end_to_end(tmp_path, capsys):
     assert fd["same"] == [r["fd"] for r in rows] and fd["other"] != fd["same"]
 
 
+@pytest.mark.slow
 def test_shapes_teacher_stage1_sample_sweep_end_to_end(tmp_path):
     t, s = tmp_path / "teacher", tmp_path / "student"
     assert main(["teacher", "--no-progress", f"train.out_dir={t}", *SHAPES_TINY, *SHAPES_NET]) == 0
@@ -118,6 +120,7 @@ def test_shapes_teacher_stage1_sample_sweep_end_to_end(tmp_path):
     assert main(["sample", str(s), "--prompt", "a purple blob moving sideways"]) == 2
 
 
+@pytest.mark.slow
 def test_gmm_stage2_and_baselines_end_to_end(tmp_path, capsys):
     """teacher -> Stage 1 -> Stage 2 (exact teacher), teacher -> consistency -> consistency + DMD; one sweep."""
     t, s1, s2, cd, cbs = (tmp_path / n for n in ("teacher", "s1", "s2", "cd", "cbs"))
@@ -149,6 +152,7 @@ def test_gmm_stage2_and_baselines_end_to_end(tmp_path, capsys):
     assert main(["stage2", "--config", "gmm_stage2", "--dry-run", "stage2.rollout_grad=backwards"]) == 2
 
 
+@pytest.mark.slow
 def test_shapes_stage2_end_to_end(tmp_path):
     t, s1, s2 = tmp_path / "teacher", tmp_path / "s1", tmp_path / "s2"
     assert main(["teacher", "--no-progress", f"train.out_dir={t}", *SHAPES_TINY, *SHAPES_NET]) == 0
@@ -168,6 +172,7 @@ def test_demo_dry_run_resolves_every_stage(capsys):
     assert docs[1]["optim"]["student"]["betas"] == [0.0, 0.999] and "stage2" not in docs[3]
 
 
+@pytest.mark.slow
 def test_shapes_lora_roles_on_one_frozen_base_end_to_end(tmp_path):
     """model.lora_rank > 0: Stage 1 trains a student adapter, Stage 2 adds a critic adapter on the same frozen
     base (the teacher), checkpoints hold adapter tensors only, and sampling rebuilds base + adapter."""
@@ -199,6 +204,7 @@ def test_shapes_lora_roles_on_one_frozen_base_end_to_end(tmp_path):
                  "model.lora_rank=8"]) == 2
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_sweeps_them_together(tmp_path):
     """The default demo trains the baselines in a second process; --sequential trains all four stages here.
     With one thread everywhere both give the same table. The second demo runs in the first one's folder: a
@@ -239,6 +245,7 @@ def test_lora_roles_get_the_delta_time_type_asked_for(tmp_path):
     assert student.shared.base.config.deltatime_type == "t-r"
 
 
+@pytest.mark.slow
 def test_a_network_other_than_model_init_is_refused_before_training(tmp_path, capsys):
     """model.layers=2 on a run from a 4-layer teacher used to train the 4-layer network, save layers=2 in its
     config and then fail to reload; and model.init from another world failed with an AttributeError."""

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from anystep.data.cache import cache_videos
-from anystep.data.shards import CacheError, LatentCache, ShardWriter
+from anystep.data.encode import cache_videos
+from anystep.data.latent_cache import CacheError, LatentCache, ShardWriter
 from anystep.data.synthesize import read_prompts, synthesize
 from anystep.data.text import WAN_NEGATIVE_PROMPT, encode_prompts, pad_embeddings
 from anystep.data.video_io import VideoDecodeError, VideoPrep, VideoSourceError, list_items, read_video

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import FlowMapEulerDiscreteScheduler
 
-from anystep.flowmap import check_times, euler_step, guided, sample
+from anystep.flowmap import euler_step, guided, sample
 from anystep.worlds.gmm import GMMConfig, GMMWorld
 
 
@@ -72,10 +72,10 @@ def test_guidance_is_the_usual_cfg_formula():
     assert guided(model, 1.0, null) is model
 
 
-def test_bad_times_raise():
-    with pytest.raises(ValueError, match="r <= t"):
-        check_times(torch.tensor([100.0]), torch.tensor([200.0]))
+def test_bad_grids_raise():
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sample(lambda x, t, r, c: x, torch.zeros(1, 1, 1, 1, 1), None, [1000.0, 1000.0, 0.0])
     with pytest.raises(ValueError, match=r"\[0, 1000\]"):
-        check_times(torch.tensor([1100.0]), torch.tensor([0.0]))
+        sample(lambda x, t, r, c: x, torch.zeros(1, 1, 1, 1, 1), None, [1100.0, 0.0])
     with pytest.raises(ValueError, match="steps"):
         sample(lambda x, t, r, c: x, torch.zeros(1, 1, 1, 1, 1), None, 0)

@@ -194,7 +194,7 @@ def test_old_layout_folder_is_a_released_model_to_continue_training(folders, mod
     import numpy as np
 
     from anystep.config import resolve
-    from anystep.data.cache import cache_videos
+    from anystep.data.encode import cache_videos
     from anystep.recipes import build_trainer
 
     clips = tmp_path / "clips"

@@ -274,6 +274,7 @@ def _plan_on_rank(rank, world, init_file, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_plans_are_identical_on_every_rank(tmp_path):
     import torch.multiprocessing as mp
     manager = mp.Manager()

@@ -40,8 +40,8 @@ def test_custom_grid():
 @settings(max_examples=200, deadline=None)
 def test_shift_is_monotone_and_fixes_endpoints(a, b):
     lo, hi = min(a, b), max(a, b)
-    assert float(T.shift(lo)) <= float(T.shift(hi)) + 1e-15
-    assert float(T.shift(0.0)) == 0.0 and float(T.shift(1.0)) == 1.0
+    assert float(T.time_shift(lo)) <= float(T.time_shift(hi)) + 1e-15
+    assert float(T.time_shift(0.0)) == 0.0 and float(T.time_shift(1.0)) == 1.0
 
 
 def test_buckets_exact_at_batch_64():

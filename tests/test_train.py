@@ -93,6 +93,7 @@ def test_checkpoints_are_pruned_and_latest_points_to_the_newest(tmp_path):
     assert lines[0].startswith("step,") and len(lines) == 6
 
 
+@pytest.mark.slow
 def test_stage2_resume_equals_an_uninterrupted_run(tmp_path):
     """Stage 2 carries more state (critic, its optimizer, the (N, k) plan stream, the rebalance mean)."""
     t = train(_cfg(tmp_path / "t", "train.steps=2", kind="teacher"), progress=False)

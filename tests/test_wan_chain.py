@@ -20,6 +20,8 @@ from anystep.models.tiny_folder import build_tiny_wan_folder
 from anystep.models.wan import student_from_wan, wan_from_student
 from anystep.recipes import build_trainer, load_model, teacher_transformer
 
+pytestmark = pytest.mark.slow     # a chain of real-path runs (cache, teacher, Stage 1, Stage 2, export)
+
 LORA = ["model.lora_rank=4", "model.lora_alpha=8", "train.batch_size=2", "train.log_every=1"]
 
 
@@ -192,7 +194,7 @@ def test_presets_resolve_to_the_official_recipe(preset, capsys):
         assert (cfg.ema.decay, cfg.ema.warmup_steps) == (0.99, 200) and set(cfg.optim) == {"student", "critic"}
         assert cfg.train.steps == 1200 and cfg.stage2.dmd_batch_size == (1 if big else 2)
         assert cfg.stage2.real_guidance == 3.0 and cfg.stage2.rollout_steps == (2, 4, 8, 16, 50)
-        assert (cfg.stage2.dmd_shift, cfg.stage2.critic_shift, cfg.stage2.grid_shift) == (5.0, 5.0, 5.0)
+        assert (cfg.stage2.dmd_shift, cfg.stage2.critic_shift, cfg.stage2.effective_rollout_shift) == (5.0, 5.0, 5.0)
     else:
         o, = cfg.optim.values()
         assert (o.lr, o.betas, o.warmup_steps, cfg.ema.decay, cfg.ema.warmup_steps) == (5e-5, (0.9, 0.95), 1000,

@@ -18,7 +18,7 @@ from torch import nn
 from .causal import is_causal
 from .config import RunConfig, to_yaml
 from .errors import UsageError
-from .kinds import FRESH_OR_INIT, INIT_STUDENT, STUDENT_OF_TEACHER, TEACHER, Parts, RoleSpec, no_grad_frozen
+from .kinds import FRESH_OR_INIT, INIT_STUDENT, STUDENT_OF_TEACHER, Parts, RoleSpec, no_grad_frozen
 from .lineage import ARCHITECTURE, Lineage, Run, open_run, resolve_lineage
 from .models import zoo
 from .models.architectures import CausalModelConfig

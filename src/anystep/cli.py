@@ -296,7 +296,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_cache(args) -> int:
     from .build import resolve_device
-    from .data.cache import cache_videos
+    from .data.encode import cache_videos
     from .data.video_io import OFFICIAL_FPS
 
     fps = args.fps if args.fps is not None else (None if args.stride is not None else OFFICIAL_FPS)
@@ -363,7 +363,7 @@ HANDLERS = {"demo": cmd_demo, "sample": cmd_sample, "sweep": cmd_sweep, "cache":
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors that mean bad input or a failed run, printed as one line (exit status 2)."""
-    from .data.shards import CacheError
+    from .data.latent_cache import CacheError
     from .models.folder import ModelFolderError
     from .train.checkpoint import CheckpointError
     from .train.loop import NonFiniteLossError

@@ -243,7 +243,7 @@ def _check_scalar(tp: Any, value: Any, path: str) -> Any:
     wrong = {int: isinstance(value, bool) or not isinstance(value, int), bool: not isinstance(value, bool),
              str: not isinstance(value, str), float: True}
     what = {int: "an integer", bool: "true/false", str: "a string", float: "a number"}
-    if tp in wrong and wrong[tp]:
+    if wrong.get(tp):
         raise ConfigError(f"config key {path!r} needs {what[tp]}, got {value!r}")
     return value
 

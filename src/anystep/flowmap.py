@@ -24,16 +24,6 @@ class FlowMap(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, cond: Any) -> torch.Tensor: ...
 
 
-def check_times(t: torch.Tensor, r: torch.Tensor) -> None:
-    """Raise a clear error for times outside [0, 1000] or r > t."""
-    if (r > t).any():
-        bad = torch.nonzero(r > t)[0].item()
-        raise ValueError(f"flow-map times need r <= t; got r = {r[bad].item():g} > t = {t[bad].item():g}")
-    if (t > T_MAX).any() or (r < 0).any():
-        raise ValueError(f"times must lie in [0, {T_MAX:g}]; got t in [{t.min().item():g}, {t.max().item():g}],"
-                         f" r in [{r.min().item():g}, {r.max().item():g}]")
-
-
 def euler_step(x: torch.Tensor, u: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """``x_r = x_t - (t - r)/1000 * u`` with per-sample t, r of shape (B,) (computed in float64)."""
     dt = ((t.double() - r.double()) / T_MAX).to(x.device, x.dtype)

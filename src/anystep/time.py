@@ -6,7 +6,8 @@ Conventions (used by every module of anystep):
 * Times are in *timestep units* ``[0, 1000]`` at every model boundary, ``t >= r``, and are kept in
   float32/float64 in the math (the official code's bf16 times are a known flaw; ``time_dtype`` in the
   Stage-1 config can emulate them).
-* shift(s) = k s / (1 + (k - 1) s), k = 5 by default (Wan / SD3 time shift).
+* time_shift(s) = k s / (1 + (k - 1) s) with the shift factor k (``shift`` in every config and signature;
+  5 by default, Wan / SD3's).
 * Grids, time pairs and tables are made on the CPU (float64 math, from CPU generators; see :mod:`anystep.rng`);
   the caller moves them to the data's device. :func:`beta08_weight` answers on the device of its ``t``.
 """
@@ -24,22 +25,23 @@ T_MAX = 1000.0
 CPU = torch.device("cpu")
 
 
-def shift(s: torch.Tensor | float, k: float = 5.0) -> torch.Tensor:
-    """Time shift ``k s / (1 + (k - 1) s)``; monotone on [0, 1] with shift(0) = 0, shift(1) = 1."""
+def time_shift(s: torch.Tensor | float, shift: float = 5.0) -> torch.Tensor:
+    """The time shift ``k s / (1 + (k - 1) s)``, k = ``shift``; monotone on [0, 1], 0 -> 0 and 1 -> 1."""
+    k = shift
     s = torch.as_tensor(s, dtype=torch.float64, device=CPU) if not torch.is_tensor(s) else s
     return k * s / (1 + (k - 1) * s)
 
 
-def grid(num_steps: int, k: float = 5.0) -> torch.Tensor:
-    """The N-step inference grid ``tau_i = 1000 shift(1 - i/N)``, i = 0..N, terminal 0 included.
+def grid(num_steps: int, shift: float = 5.0) -> torch.Tensor:
+    """The N-step inference grid ``tau_i = 1000 time_shift(1 - i/N)``, i = 0..N, terminal 0 included.
 
-    Equal to diffusers' ``FlowMapEulerDiscreteScheduler(shift=k).set_timesteps(N)``: its ``timesteps``
+    Equal to diffusers' ``FlowMapEulerDiscreteScheduler(shift=shift).set_timesteps(N)``: its ``timesteps``
     are ``tau_0..tau_{N-1}`` and its ``sigmas * 1000`` are all N + 1 values. Float64.
     """
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"number of sampling steps must be an integer >= 1, got {num_steps!r}")
     s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64, device=CPU)
-    taus = T_MAX * shift(s, k)
+    taus = T_MAX * time_shift(s, shift)
     taus[-1] = 0.0
     return taus
 
@@ -59,11 +61,11 @@ def custom_grid(timesteps: Sequence[float]) -> torch.Tensor:
     return taus
 
 
-def logit_normal(n: int, k: float = 5.0, mean: float = 0.0, std: float = 1.0,
+def logit_normal(n: int, shift: float = 5.0, mean: float = 0.0, std: float = 1.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flow-matching training times: ``1000 shift(sigmoid(N(mean, std)))`` (teacher and critic), float32."""
+    """Flow-matching training times: ``1000 time_shift(sigmoid(N(mean, std)))`` (teacher and critic), float32."""
     z = rng.normal(n, generator, dtype=torch.float64) * std + mean
-    return (T_MAX * shift(torch.sigmoid(z), k)).float()
+    return (T_MAX * time_shift(torch.sigmoid(z), shift)).float()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -125,7 +127,7 @@ def assign_buckets(batch: int, diffusion: float = 0.5, consistency: float = 0.25
     raise ValueError(f"unknown bucket split {split!r}; expected 'stratified' or 'official'")
 
 
-def sample_time_pairs(batch: int, k: float = 5.0, diffusion: float = 0.5, consistency: float = 0.25, *,
+def sample_time_pairs(batch: int, shift: float = 5.0, diffusion: float = 0.5, consistency: float = 0.25, *,
                       split: str = "stratified", rank: int = 0, world_size: int = 1,
                       generator: torch.Generator | None = None,
                       time_dtype: torch.dtype = torch.float32) -> TimePairs:
@@ -138,26 +140,26 @@ def sample_time_pairs(batch: int, k: float = 5.0, diffusion: float = 0.5, consis
     t, r = u.max(dim=1).values, u.min(dim=1).values
     r = torch.where(bucket == DIFFUSION, t, r)
     r = torch.where(bucket == CONSISTENCY, torch.zeros_like(r), r)
-    t = (T_MAX * shift(t, k)).to(time_dtype)
-    r = (T_MAX * shift(r, k)).to(time_dtype)
+    t = (T_MAX * time_shift(t, shift)).to(time_dtype)
+    r = (T_MAX * time_shift(r, shift)).to(time_dtype)
     return TimePairs(t=t.float(), r=r.float(), bucket=bucket)
 
 
 # --------------------------------------------------------------------------------------------------
 # Loss weight
 # --------------------------------------------------------------------------------------------------
-def beta08_table(k: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official ``beta08`` loss-weight table: on the 1001 shifted grid points ``g_j = shift(j/1000)``,
+def beta08_table(shift: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official ``beta08`` loss-weight table: on the 1001 shifted grid points ``g_j = time_shift(j/1000)``,
     ``y = g (1 - g)^0.5`` (an unnormalised Beta(2, 1.5) density in shifted sigma), scaled so that the
     weights sum to 1000. Returns (grid in timestep units, weights), float64."""
-    g = shift(torch.linspace(0.0, 1.0, 1001, dtype=torch.float64, device=CPU), k)
+    g = time_shift(torch.linspace(0.0, 1.0, 1001, dtype=torch.float64, device=CPU), shift)
     y = g * (1 - g).clamp_min(0).sqrt()
     return T_MAX * g, y * (1000.0 / y.sum())
 
 
-def beta08_weight(t: torch.Tensor, k: float = 5.0) -> torch.Tensor:
+def beta08_weight(t: torch.Tensor, shift: float = 5.0) -> torch.Tensor:
     """Nearest-grid lookup of the beta08 weight at timesteps ``t`` (r plays no part), float32, on ``t``'s
     device."""
-    g, w = (v.to(t.device) for v in beta08_table(k))
+    g, w = (v.to(t.device) for v in beta08_table(shift))
     idx = (t.double()[:, None] - g[None, :]).abs().argmin(dim=1)
     return w[idx].float()

@@ -20,8 +20,8 @@ import torch
 
 from ..errors import UsageError
 from ..models.folder import require_local_folder
-from .cache import free_memory, latent_shape
-from .shards import INDEX, LatentCache, ShardWriter, torch_dtype, write_null_embedding
+from .encode import free_memory, latent_shape
+from .latent_cache import INDEX, LatentCache, ShardWriter, torch_dtype, write_null_embedding
 from .text import WAN_NEGATIVE_PROMPT, encode_prompts, pad_embeddings
 from .video_io import check_video_shape
 

@@ -107,5 +107,16 @@ def no_grad_frozen(module: Any) -> Any:
     return module
 
 
-__all__ = ["FRESH_OR_INIT", "INIT_STUDENT", "KINDS", "Kind", "Parts", "RoleSpec", "STUDENT_OF_TEACHER", "TEACHER",
-           "all_kinds", "kind", "no_grad_frozen"]
+__all__ = [
+    "FRESH_OR_INIT",
+    "INIT_STUDENT",
+    "KINDS",
+    "STUDENT_OF_TEACHER",
+    "TEACHER",
+    "Kind",
+    "Parts",
+    "RoleSpec",
+    "all_kinds",
+    "kind",
+    "no_grad_frozen",
+]

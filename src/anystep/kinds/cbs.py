@@ -8,14 +8,14 @@ from __future__ import annotations
 from ..backward_simulation import consistency_backward_simulation
 from ..train.loop import STAGE2_EMA, STAGE2_OPTIM
 from . import INIT_STUDENT, TEACHER, Kind, Parts, RoleSpec
-from .stage2 import DMDConfig, DistributionMatching
+from .stage2 import DistributionMatching, DMDConfig
 
 
 def make_cbs(p: Parts) -> DistributionMatching:
     cfg, student = p.sections["cbs"], p.roles["student"].train()
 
     def rollout(noise, cond, plan, generator):
-        return consistency_backward_simulation(student, noise, cond, plan, shift=cfg.grid_shift, generator=generator)
+        return consistency_backward_simulation(student, noise, cond, plan, shift=cfg.effective_rollout_shift, generator=generator)
 
     return DistributionMatching(student, p.roles["critic"].train(), p.roles["teacher"], p.world, p.batch_size, cfg,
                                 rollout, seed=p.seed)

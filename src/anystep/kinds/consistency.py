@@ -14,7 +14,7 @@ from ..objectives.conditioning import drop_condition
 from ..objectives.consistency import consistency_distillation_loss
 from ..train.loop import EMAConfig, OptimConfig
 from ..train.method import Method, Phase
-from . import STUDENT_OF_TEACHER, TEACHER, Kind, Parts, RoleSpec
+from . import STUDENT_OF_TEACHER, TEACHER, Kind, RoleSpec
 
 
 @dataclass

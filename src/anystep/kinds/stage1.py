@@ -13,7 +13,7 @@ from ..objectives.causal_flowmap import CausalStage1Objective
 from ..objectives.flowmap import Stage1Config, Stage1Objective
 from ..train.loop import EMAConfig, OptimConfig
 from ..train.method import Method, Phase
-from . import STUDENT_OF_TEACHER, Kind, Parts, RoleSpec
+from . import STUDENT_OF_TEACHER, Kind, RoleSpec
 
 
 def stage1_objective(student: Any, cfg: Stage1Config, null_cond: Any) -> Stage1Objective | CausalStage1Objective:

@@ -68,7 +68,7 @@ class DMDConfig:
                 raise ValueError(f"{name} must be > 0, got {value}")
 
     @property
-    def grid_shift(self) -> float:
+    def effective_rollout_shift(self) -> float:
         """The shift of the rollout's N-step grid."""
         return self.dmd_shift if self.rollout_shift is None else self.rollout_shift
 
@@ -156,7 +156,7 @@ class DistributionMatching(Method):
 def flowmap_rollout(student: Any, cfg: Stage2Config) -> Rollout:
     """Flow-map backward simulation of the student (chunk by chunk against its own KV cache when causal)."""
     simulate = causal_backward_simulation if is_causal(student) else flowmap_backward_simulation
-    return lambda noise, cond, plan, generator: simulate(student, noise, cond, plan, shift=cfg.grid_shift,
+    return lambda noise, cond, plan, generator: simulate(student, noise, cond, plan, shift=cfg.effective_rollout_shift,
                                                          grad=cfg.rollout_grad)
 
 

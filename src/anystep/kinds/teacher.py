@@ -11,7 +11,7 @@ from torch import nn
 from ..objectives.flow_matching import flow_matching_loss
 from ..train.loop import EMAConfig, OptimConfig
 from ..train.method import Method, Phase
-from . import FRESH_OR_INIT, Kind, Parts, RoleSpec
+from . import FRESH_OR_INIT, Kind, RoleSpec
 
 
 @dataclass

@@ -21,10 +21,10 @@ from ..flowmap import FlowMap, endpoint, euler_step, noisy
 from ..time import grid
 
 
-def consistency_pairs(batch: int, intervals: int, k: float = 5.0,
+def consistency_pairs(batch: int, intervals: int, shift: float = 5.0,
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Adjacent grid times (t, s), t > s, one pair per sample, float64."""
-    taus = grid(intervals, k)
+    taus = grid(intervals, shift)
     i = rng.integers(0, intervals, batch, generator).cpu()
     return taus[i], taus[i + 1]
 

@@ -2,7 +2,7 @@
 
 As the official ``_compute_kl_grad`` computes it, for a rollout sample x^ (with gradient)::
 
-    tau      = 1000 shift(sigma),  sigma ~ U(0, 1)          one per sample
+    tau      = 1000 time_shift(sigma),  sigma ~ U(0, 1)          one per sample
     z        = (1 - tau/1000) sg(x^) + (tau/1000) n          re-noised rollout
     x0_fake  = z - (tau/1000) f_critic(z, tau)               the critic's clean estimate
     x0_c/u   = z - (tau/1000) f_teacher(z, tau | prompt / null)
@@ -22,13 +22,13 @@ import torch
 
 from .. import rng
 from ..flowmap import FlowMap, cat_cond, euler_step, expand_cond, noisy
-from ..time import T_MAX, shift
+from ..time import T_MAX, time_shift
 
 
-def dmd_times(batch: int, k: float = 5.0, generator: torch.Generator | None = None, min_t: float = 0.0,
+def dmd_times(batch: int, shift: float = 5.0, generator: torch.Generator | None = None, min_t: float = 0.0,
               max_t: float = T_MAX) -> torch.Tensor:
-    """One DMD time per sample: ``clamp(1000 shift(U(0, 1)), min_t, max_t)`` (official: min 0, max 1000)."""
-    return (T_MAX * shift(rng.uniform(batch, generator, dtype=torch.float64), k)).clamp(min_t, max_t)
+    """One DMD time per sample: ``clamp(1000 time_shift(U(0, 1)), min_t, max_t)`` (official: min 0, max 1000)."""
+    return (T_MAX * time_shift(rng.uniform(batch, generator, dtype=torch.float64), shift)).clamp(min_t, max_t)
 
 
 def x0_from_velocity(z: torch.Tensor, tau: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:

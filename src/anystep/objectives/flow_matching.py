@@ -1,7 +1,7 @@
 """Plain flow matching: the teacher fine-tune and the Stage-2 critic.
 
 ``x_t = (1 - s) x0 + s eps``, target ``v = eps - x0``, model queried with r = t (it is a velocity model),
-t logit-normal and shifted: ``t = 1000 shift(sigmoid(N(0, 1)))``.
+t logit-normal and shifted: ``t = 1000 time_shift(sigmoid(N(0, 1)))``.
 """
 
 from __future__ import annotations

@@ -196,42 +196,45 @@ class Stage1Objective:
         # 1. condition dropout, (t, r) with buckets, the noisy point on the straight path
         if null is not None and cfg.cond_dropout > 0:
             cond, _ = drop_condition(cond, null, cfg.cond_dropout, b, generator)
-        time_dtype = torch.bfloat16 if cfg.time_dtype == "bfloat16" else torch.float32
         pairs = sample_time_pairs(b, cfg.shift, cfg.diffusion_ratio, cfg.consistency_ratio,
-                                  split=cfg.bucket_split, rank=rank, world_size=world_size,
-                                  generator=generator, time_dtype=time_dtype)
+                                  split=cfg.bucket_split, rank=rank, world_size=world_size, generator=generator,
+                                  time_dtype=torch.bfloat16 if cfg.time_dtype == "bfloat16" else torch.float32)
         t, r = pairs.t.to(x0.device), pairs.r.to(x0.device)
         eps = rng.noise_like(x0, generator)
-        v = eps - x0
-        x_t = noisy(x0, eps, t)
-        # 2. the student with grad; the null branch and the derivative in one no-grad batch
+        v, x_t = eps - x0, noisy(x0, eps, t)
+        # 2. the student with grad; the derivative and the null branch without
         u_cond = model(x_t, t, r, cond)
-        need = (t > r) if cfg.derivative == "central_difference" else torch.zeros_like(t, dtype=torch.bool)
-        dudt, u_null = central_difference_and_null(model, x_t, v, t, r, cond, null if fuse else None,
-                                                   cfg.epsilon, cfg.fd_boundary == "one_sided", need)
-        if cfg.derivative == "jvp":
-            dudt = exact_derivative(model, x_t, v, t, r, cond)
+        dudt, u_null = self._derivative_and_null(model, x_t, v, t, r, cond, null if fuse else None)
         # 3. fusion and the MeanFlow target
         pred = fuse_guidance(u_cond, u_null, w) if fuse else u_cond
-        if fuse:
-            dudt = dudt / w
-        target = meanflow_target(v.float(), t, r, dudt.float()).detach()
+        target = meanflow_target(v.float(), t, r, (dudt / w if fuse else dudt).float()).detach()
         # 4. per-sample loss, beta08 weight, rebalance to the (global) diffusion mean
         losses = (pred.float() - target).pow(2).flatten(1).mean(1)
-        raw = losses.detach()
+        loss = self._weighted(losses, t, pairs).mean()
+        return loss, {"loss/stage1": loss.item(), **_bucket_stats(losses.detach(), pairs)}
+
+    def _derivative_and_null(self, model: FlowMap, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
+                             r: torch.Tensor, cond: Any, null: Any | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """dF_c/dt (central difference of samples with t > r, batched with the null branch in one no-grad call;
+        or the exact JVP) and the null branch's output (None without fusion)."""
+        cfg = self.cfg
+        if cfg.derivative == "jvp":
+            with torch.no_grad():
+                u_null = None if null is None else model(x_t, t, r, null)
+            return exact_derivative(model, x_t, v, t, r, cond), u_null
+        return central_difference_and_null(model, x_t, v, t, r, cond, null, cfg.epsilon,
+                                           cfg.fd_boundary == "one_sided", t > r)
+
+    def _weighted(self, losses: torch.Tensor, t: torch.Tensor, pairs) -> torch.Tensor:
+        """The per-sample losses with the beta08 weight and the adaptive rebalance (power > 0)."""
+        cfg = self.cfg
         if cfg.weight_type == "beta08":
             losses = losses * beta08_weight(t, cfg.shift).to(losses)
         if cfg.rebalance_power > 0:
             losses = rebalance(losses, pairs.is_diffusion.to(losses.device),
                                self._diffusion_mean(losses.detach(), pairs.is_diffusion), cfg.rebalance_eps,
                                cfg.rebalance_power)
-        loss = losses.mean()
-        stats = {"loss/stage1": loss.item()}
-        for name, k in (("diffusion", 0), ("consistency", 1), ("free", 2)):
-            sel = pairs.bucket == k
-            if sel.any():
-                stats[f"loss/{name}_mse"] = raw[sel.to(raw.device)].mean().item()
-        return loss, stats
+        return losses
 
     def _diffusion_mean(self, losses: torch.Tensor, is_diffusion: torch.Tensor) -> torch.Tensor:
         """Mean weighted loss of the diffusion bucket over all ranks; the running mean when there is none."""
@@ -247,3 +250,13 @@ class Stage1Objective:
         if torch.isnan(self.diffusion_mean_ema):
             return losses  # no diffusion sample seen yet: leave the losses as they are (scale 1)
         return self.diffusion_mean_ema.to(losses)
+
+
+def _bucket_stats(raw: torch.Tensor, pairs) -> dict[str, float]:
+    """The unweighted mean squared error of each bucket present in the batch."""
+    stats = {}
+    for name, k in (("diffusion", 0), ("consistency", 1), ("free", 2)):
+        sel = pairs.bucket == k
+        if sel.any():
+            stats[f"loss/{name}_mse"] = raw[sel.to(raw.device)].mean().item()
+    return stats

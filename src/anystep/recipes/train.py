@@ -9,8 +9,13 @@ import torch
 from ..build import build_trainer
 from ..config import RunConfig, to_yaml
 from ..lineage import resolve_lineage
-from ..train.checkpoint import (checkpoint_to_resume, clean_run_folder, clear_run_folder, lock_run_folder,
-                                write_text_atomic)
+from ..train.checkpoint import (
+    checkpoint_to_resume,
+    clean_run_folder,
+    clear_run_folder,
+    lock_run_folder,
+    write_text_atomic,
+)
 
 
 def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True, *, resume_if_present: bool = False,

@@ -20,8 +20,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (CheckpointError, fault_point, find_checkpoint, fitting_tensors, load_module,
-                         load_trainer_state, save_checkpoint, write_text_atomic)
+from .checkpoint import (
+    CheckpointError,
+    fault_point,
+    find_checkpoint,
+    fitting_tensors,
+    load_module,
+    load_trainer_state,
+    save_checkpoint,
+    write_text_atomic,
+)
 from .method import Method
 
 

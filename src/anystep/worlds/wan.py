@@ -34,7 +34,7 @@ class WanData:
     def cache(self):
         """The latent cache, opened on first use (exporting a run needs no data)."""
         if self._cache is None:
-            from ..data.shards import LatentCache
+            from ..data.latent_cache import LatentCache
 
             if not self.cfg.data:
                 raise UsageError("world.wan.data is not set: give the latent cache made by `anystep cache` or "

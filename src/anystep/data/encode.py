@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..models.folder import require_local_folder
-from .shards import ShardWriter, torch_dtype, write_null_embedding
+from .latent_cache import ShardWriter, torch_dtype, write_null_embedding
 from .text import WAN_NEGATIVE_PROMPT, encode_prompts
 from .video_io import (
     OFFICIAL_FPS,
@@ -46,12 +46,6 @@ def normalize_latents(z: torch.Tensor, vae_config) -> torch.Tensor:
     """Raw VAE latents -> the denoiser's space: ``(z - mean) / std`` per channel."""
     mean, std = latent_stats(vae_config)
     return (z.float() - mean.to(z.device)) / std.to(z.device)
-
-
-def denormalize_latents(x: torch.Tensor, vae_config) -> torch.Tensor:
-    """The denoiser's space -> raw VAE latents: ``x * std + mean`` (what WanPipeline does before decoding)."""
-    mean, std = latent_stats(vae_config)
-    return x.float() * std.to(x.device) + mean.to(x.device)
 
 
 def latent_shape(vae_config, frames: int, height: int, width: int) -> list[int]:
