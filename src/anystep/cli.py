@@ -40,6 +40,45 @@ overrides are dotted keys of the config, anywhere on the line (see --dry-run for
 optim.student.lr=1e-4 stage1.derivative=jvp world.name=gmm ...  Presets: """
 
 
+# What each command does, shown by its --help (argparse re-wraps the text).
+DESCRIPTIONS = {
+    "demo": """
+        The main job, from the shipped shapes teacher: Stage 1, Stage 2, the two consistency
+        baselines (CD; CBS+DMD), then the sweep N = 1..32 of all of them and the teacher's Euler
+        sampler: table, plot, videos. Every run starts fresh (again in --out: replaced).
+    """,
+    "sample": """
+        Sample a trained student (flow-map Euler) or teacher (Euler + CFG) at N steps; writes mp4,
+        GIF and a PNG strip (gmm: a scatter plot).
+    """,
+    "sweep": """
+        Sample the runs at every N with the same noises and prompts, score with the world's exact
+        judge, and compare with the teacher's Euler sampler.
+    """,
+    "cache": """
+        Encode (video, caption) pairs with the model folder's VAE (posterior mean, normalised) and
+        UMT5 text encoder, plus the negative-prompt embedding (the null prompt), as sharded
+        safetensors; resumable. Frames as the official code prepares them: 16 fps from each video's
+        own rate, stretched to HEIGHT x WIDTH (see --fps, --stride, --resize); the choices are
+        recorded in the cache.
+    """,
+    "synthesize": """
+        Sample the teacher (the folder's Wan transformer, or a teacher run's) with CFG for every
+        prompt and store the latents and embeddings in the cache format (the paper trains on 256K
+        such prompt-video pairs). Resumable.
+    """,
+    "export": """
+        The student's EMA weights, LoRA merged (or kept as adapters), with the source folder's VAE,
+        text encoder and tokenizer and FlowMapEulerDiscreteScheduler(shift=5): load it with
+        AnyFlowPipeline.from_pretrained(DIR) and sample at any number of steps.
+    """,
+    "tiny-wan": """
+        A Wan2.1 T2V diffusers folder with every part tiny and random: the whole real path (cache,
+        synthesize, train, export) runs on it in seconds.
+    """,
+}
+
+
 def _parse_steps(text: str) -> tuple[int, ...]:
     try:
         steps = tuple(int(s) for s in text.split(",") if s.strip())
@@ -84,13 +123,7 @@ def _train_parser(sub, name: str, help_: str, preset: str) -> None:
 def _demo_parser(sub) -> None:
     from .recipes.demo import FULL, SHORT
 
-    d = sub.add_parser("demo", help="Stage 1 -> Stage 2 -> baselines -> sweep on the shapes world (~8 min on 2 cores)",
-                       description="The main job, from the shipped shapes teacher: Stage 1 (forward flow-map "
-                                   "training), Stage 2 (on-policy distillation), the two consistency baselines "
-                                   "(consistency distillation; consistency backward simulation + DMD), then the "
-                                   "sweep N = 1..32 of every student and the teacher's Euler sampler: table, "
-                                   "plot and videos. --full runs the longer budgets. Every run starts fresh: "
-                                   "running it again replaces the stages' runs (and the sweep) in --out.")
+    d = sub.add_parser("demo", help="Stage 1 -> Stage 2 -> baselines -> sweep on the shapes world (~8 min on 2 cores)", description=DESCRIPTIONS["demo"])
     d.add_argument("--out", default="runs/demo",
                    help="output folder (default: runs/demo); stage runs already in it are started over")
     d.add_argument("overrides", nargs="*", metavar="key=value",
@@ -107,9 +140,7 @@ def _demo_parser(sub) -> None:
 
 
 def _sample_parser(sub) -> None:
-    s = sub.add_parser("sample", help="sample from a trained model at any number of steps",
-                       description="Sample a trained student (flow-map Euler) or teacher (Euler + CFG) at N "
-                                   "steps; writes mp4, GIF and a PNG strip (gmm: a scatter plot).")
+    s = sub.add_parser("sample", help="sample from a trained model at any number of steps", description=DESCRIPTIONS["sample"])
     s.add_argument("checkpoint", help="run folder, checkpoint folder, or shipped:<name>")
     s.add_argument("--steps", type=int, default=4, help="number of sampling steps N >= 1 (default 4)")
     s.add_argument("--prompt", action="append", help="shapes world prompt, e.g. 'a red disk moving left' "
@@ -126,9 +157,7 @@ def _sample_parser(sub) -> None:
 
 
 def _sweep_parser(sub) -> None:
-    w = sub.add_parser("sweep", help="metrics vs number of steps: table, plot and video grid",
-                       description="Sample the runs at every N with the same noises and prompts, score with "
-                                   "the world's exact judge, and compare with the teacher's Euler sampler.")
+    w = sub.add_parser("sweep", help="metrics vs number of steps: table, plot and video grid", description=DESCRIPTIONS["sweep"])
     w.add_argument("checkpoint", nargs="+", help="one or more runs (run folders or checkpoints; each is sampled "
                                                 "its kind's way: flow map, or consistency for the baselines)")
     w.add_argument("--steps", type=_parse_steps, default=None, help="comma-separated N (default 1,2,4,8,16,32)")
@@ -144,19 +173,7 @@ def _sweep_parser(sub) -> None:
 
 
 def _data_parsers(sub) -> None:
-    c = sub.add_parser("cache", help="encode videos + captions into a latent cache (VAE + UMT5, once)",
-                       description="Encode (video, caption) pairs with the model folder's VAE (posterior mean, "
-                                   "normalised with the VAE's latents mean/std) and UMT5 text encoder (zero "
-                                   "padding), plus the negative-prompt embedding used as the null prompt; "
-                                   "sharded safetensors, resumable (run it again to continue). Frames are "
-                                   "prepared as the official code does: resampled in time to 16 fps from each "
-                                   "video's frame rate (81 frames = ~5 s of motion, whatever the source rate; "
-                                   "a source at or below 16 fps gives every frame) and stretched to "
-                                   "HEIGHT x WIDTH without crop. --stride N (or --fps 0) takes every N-th frame "
-                                   "instead, --resize crop centre-crops. Videos too short for --frames, or "
-                                   "without a frame rate in their metadata, are skipped and listed in the "
-                                   "cache's index.json. The choices are recorded in the cache: resuming with "
-                                   "other ones is refused.")
+    c = sub.add_parser("cache", help="encode videos + captions into a latent cache (VAE + UMT5, once)", description=DESCRIPTIONS["cache"])
     c.add_argument("--model", required=True, help="local Wan2.1 diffusers folder (vae/, text_encoder/, tokenizer/)")
     c.add_argument("--videos", required=True, help="a folder of .mp4 with captions.json / captions.txt / "
                                                    "same-name .txt files, or webdataset .tar shard(s)")
@@ -172,10 +189,7 @@ def _data_parsers(sub) -> None:
                         "official); crop: resize the short side and centre-crop")
     c.add_argument("--limit", type=int, default=None, help="cache only the first LIMIT videos")
 
-    s = sub.add_parser("synthesize", help="teacher-generated training data: prompts -> teacher samples",
-                       description="Sample the teacher (the folder's Wan transformer, or a teacher run's) with "
-                                   "CFG for every prompt and store the latents and embeddings in the cache "
-                                   "format (the paper trains on 256K such prompt-video pairs). Resumable.")
+    s = sub.add_parser("synthesize", help="teacher-generated training data: prompts -> teacher samples", description=DESCRIPTIONS["synthesize"])
     s.add_argument("--model", required=True, help="local Wan2.1 diffusers folder")
     s.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or .json (a list)")
     s.add_argument("--teacher", default=None, help="a teacher run to sample instead of the folder's transformer")
@@ -185,11 +199,7 @@ def _data_parsers(sub) -> None:
     _cache_args(s)
 
 def _release_parsers(sub) -> None:
-    e = sub.add_parser("export", help="write a trained student as a diffusers AnyFlowPipeline folder",
-                       description="The student's EMA weights, LoRA merged (or kept as adapters), with the "
-                                   "source folder's VAE, text encoder and tokenizer and "
-                                   "FlowMapEulerDiscreteScheduler(shift=5): load it with "
-                                   "AnyFlowPipeline.from_pretrained(DIR) and sample at any number of steps.")
+    e = sub.add_parser("export", help="write a trained student as a diffusers AnyFlowPipeline folder", description=DESCRIPTIONS["export"])
     e.add_argument("run", help="a Stage-1 or Stage-2 run (world.name=wan) or one of its checkpoints")
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--adapters", action="store_true",
@@ -199,9 +209,7 @@ def _release_parsers(sub) -> None:
     e.add_argument("--shift", type=float, default=5.0, help="the scheduler's time shift (official 5)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
-    t = sub.add_parser("tiny-wan", help="write a tiny random-weight Wan2.1 T2V folder (offline tests, trying)",
-                       description="A Wan2.1 T2V diffusers folder with every part tiny and random: the whole "
-                                   "real path (cache, synthesize, train, export) runs on it in seconds.")
+    t = sub.add_parser("tiny-wan", help="write a tiny random-weight Wan2.1 T2V folder (offline tests, trying)", description=DESCRIPTIONS["tiny-wan"])
     t.add_argument("out", help="output folder")
     t.add_argument("--seed", type=int, default=0)
 

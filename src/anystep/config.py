@@ -62,22 +62,27 @@ class ModelConfig:
             raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
 
 
-@dataclass
-class WorldConfig:
-    """``world.name`` and that world's config sections (:data:`anystep.worlds.WORLDS`), e.g. ``world.shapes``."""
-
-    name: str = "shapes"
-    sections: dict[str, Any] = field(default_factory=dict)
+class _Sections:
+    """Attribute access to a config's ``sections`` (``cfg.stage1``, ``cfg.world.shapes``)."""
 
     def __getattr__(self, section: str) -> Any:
         sections = self.__dict__.get("sections", {})
         if section in sections:
             return sections[section]
-        raise AttributeError(f"world {self.__dict__.get('name')!r} has no config section {section!r}")
+        raise AttributeError(f"{type(self).__name__} has no config section {section!r} (its sections: "
+                             f"{list(sections)})")
 
 
 @dataclass
-class RunConfig:
+class WorldConfig(_Sections):
+    """``world.name`` and that world's config sections (:data:`anystep.worlds.WORLDS`), e.g. ``world.shapes``."""
+
+    name: str = "shapes"
+    sections: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig(_Sections):
     """A run's config: the common sections and its kind's own (``cfg.stage1``, ``cfg.stage2``, ...)."""
 
     kind: str
@@ -88,12 +93,6 @@ class RunConfig:
     ema: EMAConfig
     sweep: SweepConfig
     sections: dict[str, Any] = field(default_factory=dict)
-
-    def __getattr__(self, section: str) -> Any:
-        sections = self.__dict__.get("sections", {})
-        if section in sections:
-            return sections[section]
-        raise AttributeError(f"a {self.__dict__.get('kind')!r} run has no config section {section!r}")
 
     @property
     def spec(self) -> Kind:

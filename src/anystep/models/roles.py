@@ -38,7 +38,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .wan import _check_video, student_from_wan
+from .wan import _check_video, anyflow_call, student_from_wan
 
 # Substrings of the nn.Linear names that get LoRA (the official ``filter_learnable_module``).
 VELOCITY_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2")
@@ -329,11 +329,8 @@ class RoleView(nn.Module):
             r = t
         if self._shared.causal:   # a velocity role of a FAR base (critic, teacher): full attention
             return self.bidirectional(x, t, r, text)
-        frames, t, r = x.shape[1], t.to(x.device), r.to(x.device)
         with self._shared.using(self.adapter):
-            return self._shared.base(hidden_states=x, timestep=t[:, None].expand(-1, frames),
-                                     r_timestep=r[:, None].expand(-1, frames), encoder_hidden_states=text,
-                                     return_dict=False)[0]
+            return anyflow_call(self._shared.base, x, t, r, text)
 
     def bidirectional(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """All frames as one chunk (FAR base), with this role's adapter (a velocity role uses r = t)."""

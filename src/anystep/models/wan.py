@@ -61,33 +61,40 @@ def wan_from_student(student: AnyFlowTransformer3DModel) -> WanTransformer3DMode
     return wan.train(student.training)
 
 
-class WanVelocity(nn.Module):
-    """A Wan transformer as a flow-map model that ignores r (a velocity model: teacher, critic)."""
+class _TransformerFlowMap(nn.Module):
+    """A diffusers video transformer behind anystep's flow-map contract ``u = model(x, t, r, text)``,
+    ``x`` (B, F, C, H, W), ``t``, ``r`` (B,)."""
 
-    def __init__(self, transformer: WanTransformer3DModel):
+    def __init__(self, transformer: nn.Module):
         super().__init__()
         self.transformer = transformer
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         _check_video(x, self.transformer.config.in_channels)
+        return self.call(x, t, r, text)
+
+
+class WanVelocity(_TransformerFlowMap):
+    """A Wan transformer as a flow-map model that ignores r (a velocity model: teacher, critic)."""
+
+    def call(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         out = self.transformer(hidden_states=x.permute(0, 2, 1, 3, 4),   # (B, C, F, H, W)
                                timestep=t.to(x.device), encoder_hidden_states=text, return_dict=False)[0]
         return out.permute(0, 2, 1, 3, 4)                                # (B, F, C, H, W)
 
 
-class AnyFlowStudent(nn.Module):
+class AnyFlowStudent(_TransformerFlowMap):
     """diffusers' AnyFlow transformer as a flow-map model: (B,) times broadcast to per-frame (B, F)."""
 
-    def __init__(self, transformer: AnyFlowTransformer3DModel):
-        super().__init__()
-        self.transformer = transformer
+    def call(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return anyflow_call(self.transformer, x, t, r, text)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        _check_video(x, self.transformer.config.in_channels)
-        frames, t, r = x.shape[1], t.to(x.device), r.to(x.device)
-        return self.transformer(hidden_states=x, timestep=t[:, None].expand(-1, frames),
-                                r_timestep=r[:, None].expand(-1, frames), encoder_hidden_states=text,
-                                return_dict=False)[0]
+
+def anyflow_call(transformer, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """An AnyFlow transformer on ``x`` (B, F, C, H, W) with one (t, r) per sample, repeated per frame."""
+    frames, t, r = x.shape[1], t.to(x.device), r.to(x.device)
+    return transformer(hidden_states=x, timestep=t[:, None].expand(-1, frames), r_timestep=r[:, None].expand(-1, frames),
+                       encoder_hidden_states=text, return_dict=False)[0]
 
 
 def _check_video(x: torch.Tensor, channels: int) -> None:

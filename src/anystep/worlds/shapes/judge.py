@@ -52,7 +52,7 @@ class JudgeConfig:
     ``strong_frac``: a pixel is *strong foreground* when its distance to the background colour
     exceeds ``strong_frac * min_k |colour_k - background|``. ``top_frac``: the frame's
     foreground colour is the mean of the strong pixels within ``top_frac`` of the largest
-    distance. ``dirt_lo``/``dirt_hi``: a background-region pixel at distance ``d`` is
+    distance. ``dirt_range`` = (lo, hi): a background-region pixel at distance ``d`` is
     ``clamp((d - lo) / (hi - lo), 0, 1)`` dirty (tolerates ~0.04 per-channel bias in [-1, 1]
     units and noise of std ~0.03; noise of std 0.2 makes about half the background dirty).
     ``region_slack``: the dilated foreground region may be this many times the calibrated
@@ -60,23 +60,21 @@ class JudgeConfig:
     must lie in ``[min_area / slack, max_area * slack]`` of the calibrated shape areas.
     ``k_*``: decay rates of the exponential penalties (see the ``_score_*``, ``_frame_agreement`` and
     :meth:`ShapesJudge.judge_chunks` docstrings).
-    ``chunk_area_tol`` / ``chunk_color_tol``: deviations of a frame's relative area / colour from its
+    ``chunk_tol`` = (area, colour): deviations of a frame's relative area / colour from its
     reference that :meth:`ShapesJudge.judge_chunks` forgives (clean renders vary up to ~2% in
     estimated area and ~0.025 in estimated colour with the sub-pixel position).
     """
 
     strong_frac: float = 0.5
     top_frac: float = 0.95
-    dirt_lo: float = 0.06
-    dirt_hi: float = 0.14
+    dirt_range: tuple[float, float] = (0.06, 0.14)
     region_slack: float = 1.5
     area_slack: float = 1.5
     k_area: float = 4.0
     k_color: float = 4.0
+    chunk_tol: tuple[float, float] = (0.05, 0.05)   # (relative area, colour), the per-chunk judge's
     k_accel: float = 4.0
     k_speed: float = 2.0
-    chunk_area_tol: float = 0.05
-    chunk_color_tol: float = 0.05
 
 
 def _direction_agreement(disp: Tensor, dirs: Tensor, length: float) -> Tensor:
@@ -233,7 +231,8 @@ class ShapesJudge:
         """Per-frame dirt ``clamp((dirt_f + excess_f) / (HW - allow), 0, 1)``, ``(B, F)`` (see
         :meth:`_score_background`)."""
         j = self.cfg
-        dirt = ((st["d"] - j.dirt_lo) / (j.dirt_hi - j.dirt_lo)).clamp(0.0, 1.0)
+        lo, hi = j.dirt_range
+        dirt = ((st["d"] - lo) / (hi - lo)).clamp(0.0, 1.0)
         dirt = (dirt * (~st["region"])).sum(dim=(-2, -1))
         excess = (st["region_size"] - self._region_allow).clamp_min(0.0)
         denom = max(self.world.cfg.size ** 2 - self._region_allow, 1.0)
@@ -307,7 +306,7 @@ class ShapesJudge:
         """Clean background: ``1 - mean_f clamp((dirt_f + excess_f) / (HW - allow), 0, 1)``.
 
         ``dirt_f`` sums, over the pixels outside the dilated foreground region, the dirtiness
-        ``clamp((d - dirt_lo) / (dirt_hi - dirt_lo), 0, 1)``; ``excess_f = relu(|region| - allow)``
+        ``clamp((d - lo) / (hi - lo), 0, 1)`` (``dirt_range``); ``excess_f = relu(|region| - allow)``
         counts region pixels beyond what one clean shape needs (``allow`` = calibrated dilated
         area x ``region_slack``), so noise / smear that inflates the region is penalised too."""
         return 1.0 - self._frame_dirt(st).mean(-1)
@@ -409,11 +408,12 @@ class ShapesJudge:
 
     def _frame_agreement(self, st: dict[str, Tensor], area_ref: Tensor, color_ref: Tensor) -> Tensor:
         """Appearance against a reference, per frame ``(B, F)``: ``exp(-k_area relu(|area / A - 1| -
-        chunk_area_tol)) * exp(-k_color relu(|colour - C| - chunk_color_tol))`` with ``A`` = ``area_ref``
+        area_tol)) * exp(-k_color relu(|colour - C| - colour_tol))`` (``chunk_tol``) with ``A`` = ``area_ref``
         (B, 1) and ``C`` = ``color_ref`` (B, 1, 3)."""
         j = self.cfg
-        da = ((st["area"] / area_ref.clamp_min(1e-3) - 1).abs() - j.chunk_area_tol).clamp_min(0.0)
-        dc = ((st["color"] - color_ref).norm(dim=-1) - j.chunk_color_tol).clamp_min(0.0)
+        area_tol, color_tol = j.chunk_tol
+        da = ((st["area"] / area_ref.clamp_min(1e-3) - 1).abs() - area_tol).clamp_min(0.0)
+        dc = ((st["color"] - color_ref).norm(dim=-1) - color_tol).clamp_min(0.0)
         return torch.exp(-j.k_area * da) * torch.exp(-j.k_color * dc)
 
     def _motion_error(self, vel: Tensor) -> Tensor:

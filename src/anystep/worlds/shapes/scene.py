@@ -27,19 +27,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = [
-    "BACKGROUNDS",
-    "CAUSAL_PARTITION",
-    "COLORS",
-    "DIRECTIONS",
-    "DIRECTION_VECTORS",
-    "SHAPES",
-    "ClipSpec",
-    "ShapesConfig",
-    "ShapesWorld",
-    "causal_config",
-]
-
 # Colours in [0, 1] RGB (the judge works in this space; rendering maps to [-1, 1]).
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.0, 0.0),
