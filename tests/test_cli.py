@@ -54,6 +54,7 @@ def test_paper_defaults_without_a_preset():
 @pytest.mark.parametrize("argv, message", [
     (["stage1", "--dry-run", "stage1.derivate=jvp"], "unknown config key 'stage1.derivate'"),
     (["stage1", "--dry-run", "train.steps=many"], "needs an integer"),
+    (["stage2", "--dry-run", "stage2.rollout_steps=[1,2"], "the value is not valid YAML"),
     (["stage1", "--dry-run", "stage1.derivative=forward"], "stage1.derivative must be one of"),
     (["stage1", "--dry-run", "stage2.rollout_grad=one"], "a 'stage1' run has no section 'stage2'"),
     (["stage2", "--dry-run", "optim.teacher.lr=1e-3"], "optim.teacher: a 'stage2' run trains"),
