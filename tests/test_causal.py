@@ -13,8 +13,16 @@ import pytest
 import torch
 
 from anystep.backward_simulation import RolloutPlan, flowmap_segments
-from anystep.causal import (CausalFlowMap, TeacherForcing, causal_backward_simulation, chunks_covering,
-                            draw_num_chunks, is_causal, sample_causal, teacher_forcing_split)
+from anystep.causal import (
+    CausalFlowMap,
+    TeacherForcing,
+    causal_backward_simulation,
+    chunks_covering,
+    draw_num_chunks,
+    is_causal,
+    sample_causal,
+    teacher_forcing_split,
+)
 from anystep.cli import main
 from anystep.models.far import CausalStudent, far_student_from_wan
 from anystep.models.far_attention import set_causal_attention

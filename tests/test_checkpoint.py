@@ -1,8 +1,8 @@
 """Checkpoints, resumes and the run folder: warm-up, safe loading, crash safety, locking, clear errors."""
 
 import csv
-import importlib
 import fcntl
+import importlib
 import math
 import os
 import pickle
@@ -20,10 +20,14 @@ from torch import nn
 from anystep.cli import main
 from anystep.config import resolve
 from anystep.recipes import build_trainer, load_model, train
-from anystep.train.checkpoint import (CheckpointError, clean_run_folder, find_checkpoint, load_tensors,
-                                      save_checkpoint)
-from anystep.train.loop import NonFiniteLossError, Trainer
-from anystep.train.loop import EMAConfig, OptimConfig
+from anystep.train.checkpoint import (
+    CheckpointError,
+    clean_run_folder,
+    find_checkpoint,
+    load_tensors,
+    save_checkpoint,
+)
+from anystep.train.loop import EMAConfig, NonFiniteLossError, OptimConfig, Trainer
 from anystep.train.method import Method, Phase
 
 GMM = ["model.network.hidden=32", "model.network.depth=1", "train.batch_size=16", "train.log_every=1",

@@ -20,7 +20,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from anystep.backward_simulation import RolloutPlan, consistency_backward_simulation, flowmap_backward_simulation
+from anystep.backward_simulation import (
+    RolloutPlan,
+    consistency_backward_simulation,
+    flowmap_backward_simulation,
+)
 from anystep.causal import causal_backward_simulation, sample_causal
 from anystep.evaluate.sweep import Sampler, sample_batched
 from anystep.flowmap import guided, sample, sample_consistency

@@ -25,7 +25,7 @@ def _section(title: str) -> str:
 
 @pytest.mark.slow     # two short gmm trainings and a sweep: about 45 s on 2 cores
 def test_python_example_runs_as_written(tmp_path, monkeypatch):
-    block = re.search(r"```python\n(.*?)```", _section("From Python"), re.S).group(1)
+    block = re.search(r"```python\n(.*?)```", _section("From Python"), re.DOTALL).group(1)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(block, "README.md (From Python)", "exec"), namespace)

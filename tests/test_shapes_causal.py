@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from anystep.causal import chunk_bounds
 from anystep.config import resolve
 from anystep.worlds.shapes import (
     CAUSAL_PARTITION,
     ClipSpec,
-    ShapesConfig,
     ShapesJudge,
     ShapesWorld,
     causal_config,
 )
-from anystep.causal import chunk_bounds
 
 DIR_VEC = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 KEYS = {"background", "consistency", "smoothness", "color", "shape", "direction", "quality", "semantic", "total",

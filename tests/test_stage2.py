@@ -10,11 +10,11 @@ from anystep.backward_simulation import (
     flowmap_backward_simulation,
 )
 from anystep.flowmap import sample_consistency
+from anystep.kinds import Parts, kind
+from anystep.kinds.stage2 import Stage2Config
 from anystep.objectives.consistency import consistency_pairs
 from anystep.objectives.dmd import dmd_loss
 from anystep.objectives.flowmap import Stage1Config
-from anystep.kinds import Parts, kind
-from anystep.kinds.stage2 import Stage2Config
 from anystep.worlds import OnDevice
 from anystep.worlds.gmm import GMMConfig, GMMWorld
 

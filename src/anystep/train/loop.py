@@ -80,7 +80,7 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
-        except Exception:  # tensorboard not installed
+        except ImportError:  # tensorboard not installed
             self.tb = None
 
     def log(self, step: int, values: dict[str, float]) -> None:
