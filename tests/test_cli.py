@@ -63,10 +63,28 @@ def test_paper_defaults_without_a_preset():
     (["stage1", "--config", "nosuchpreset", "--dry-run"], "unknown preset"),
     (["teacher", "--config", "shapes_stage1", "--dry-run"], "use `anystep stage1`"),
     (["sample", "/no/such/run"], "checkpoint not found"),
+    (["teacher", "--dry-run", "world.name=gmm"], "the preset 'shapes_teacher' is written for the 'shapes' world"),
+    (["stage1", "--config", "gmm_stage1", "--dry-run", "model.lora_rank=4"], "the 'gmm' world's 'mlp' network"),
 ])
 def test_bad_input_exits_2_with_a_message_naming_the_problem(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_kind_is_a_command_from_its_table_entry_alone(monkeypatch, capsys):
+    """A kind added to the table (here a renamed teacher kind without a preset) is a command with --help, its
+    config defaults and its sections, and no other code knows its name."""
+    from dataclasses import replace
+
+    from anystep.kinds import KINDS, kind
+
+    monkeypatch.setitem(KINDS, "velocity", replace(kind("teacher"), name="velocity", preset=None))
+    with pytest.raises(SystemExit):
+        main(["velocity", "--help"])
+    assert "(default: the config defaults)" in " ".join(capsys.readouterr().out.split())
+    assert main(["velocity", "--dry-run", "world.name=gmm", "teacher.shift=2"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["kind"] == "velocity" and cfg["teacher"]["shift"] == 2.0 and list(cfg["optim"]) == ["teacher"]
 
 
 def test_bad_step_lists_are_refused(capsys):

@@ -73,16 +73,14 @@ def _overrides(text: str) -> set[str]:
 
 
 def _accepted(item: str) -> bool:
-    """Whether some kind's default preset takes ``item`` as an override (a wrong key or section is an error)."""
-    for spec in all_kinds().values():
-        for preset in (spec.preset, "gmm_" + spec.preset.split("_", 1)[1], "wan1.3b_" + spec.preset.split("_", 1)[1]):
-            if preset not in PRESETS:
-                continue
-            try:
-                resolve(preset, [item])
-                return True
-            except (ConfigError, ValueError):
-                continue
+    """Whether some preset (or some kind's defaults) takes ``item`` as an override (a wrong key is an error)."""
+    starts = [(name, []) for name in sorted(PRESETS)] + [(None, [f"kind={k}"]) for k in all_kinds()]
+    for preset, kind in starts:
+        try:
+            resolve(preset, [*kind, item])
+            return True
+        except (ConfigError, ValueError):
+            continue
     return False
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from anystep.worlds import WORLDS, World, make_world
+from anystep.worlds import WORLDS, Judge, World, make_world
 from anystep.worlds.gmm import GMMData
 from anystep.worlds.shapes import ShapesData
 
@@ -13,6 +13,10 @@ def test_every_registered_world_is_a_world():
         assert world.network == entry.network and world.name == name
         if name != "wan":   # the wan world opens its latent cache on first use (world.wan.data)
             assert isinstance(world, World)
+            assert (world.exact_teacher() is not None) == entry.exact_teacher, name
+            judge = world.judge()
+            assert isinstance(judge, Judge) and judge.picture_samples >= 1, name
+            assert judge.marks().shape[1] >= 0 and len(judge.labels(world.eval_set(3, 0))) == 3
 
 
 def test_gmm_judge_endpoint_error_equals_the_worlds_own():

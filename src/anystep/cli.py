@@ -100,10 +100,11 @@ def _parse_budget(text: str) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------------------------------ parsers
-def _train_parser(sub, name: str, help_: str, preset: str) -> None:
+def _train_parser(sub, name: str, help_: str, preset: str | None) -> None:
     p = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG + ", ".join(preset_names()),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=preset, help=f"a preset name or a YAML file (default: {preset})")
+    p.add_argument("--config", default=preset,
+                   help=f"a preset name or a YAML file (default: {preset or 'the config defaults'})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides (anywhere)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     start = p.add_mutually_exclusive_group()
@@ -185,7 +186,7 @@ def _data_parsers(sub) -> None:
                    help="take every STRIDE-th source frame instead of resampling to an fps (implies --fps 0; "
                         "giving it with --fps > 0 is an error)")
     c.add_argument("--resize", choices=("stretch", "crop"), default="stretch",
-                   help="stretch: resize the whole frame to HEIGHT x WIDTH, aspect not kept (default, "
+                   help="stretch: resize the whole frame to HEIGHT x WIDTH without crop, aspect not kept (default, "
                         "official); crop: resize the short side and centre-crop")
     c.add_argument("--limit", type=int, default=None, help="cache only the first LIMIT videos")
 
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from .recipes import train
 
-    cfg = resolve(args.config, args.overrides)
+    cfg = resolve(args.config, args.overrides if args.config else [f"kind={args.command}", *args.overrides])
     if args.command != cfg.kind:
         raise UsageError(f"config {args.config!r} is a {cfg.kind!r} config; use `anystep {cfg.kind}`")
     if args.dry_run:

@@ -24,7 +24,7 @@ import yaml
 from .errors import UsageError
 from .evaluate.sweep import SweepConfig
 from .kinds import Kind, kind
-from .models.architectures import FAMILIES, CausalModelConfig
+from .models.architectures import FAMILIES, TRANSFORMER_FAMILIES, CausalModelConfig
 from .train.loop import EMAConfig, OptimConfig, TrainConfig
 from .worlds import WORLDS
 
@@ -73,11 +73,14 @@ class _Sections:
                              f"{list(sections)})")
 
 
+DEFAULT_WORLD = "shapes"
+
+
 @dataclass
 class WorldConfig(_Sections):
     """``world.name`` and that world's config sections (:data:`anystep.worlds.WORLDS`), e.g. ``world.shapes``."""
 
-    name: str = "shapes"
+    name: str = DEFAULT_WORLD
     sections: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,7 +131,7 @@ def parse_run(data: dict[str, Any]) -> RunConfig:
 
 def _parse_world(data: dict[str, Any] | None) -> WorldConfig:
     data = dict(_mapping(data, "world"))
-    name = data.pop("name", "shapes")
+    name = data.pop("name", DEFAULT_WORLD)
     if name not in WORLDS:
         raise ConfigError(f"world.name must be one of {list(WORLDS)}, got {name!r}")
     entry = WORLDS[name]
@@ -172,8 +175,10 @@ def _check_run(cfg: RunConfig) -> None:
     if m.causal is not None and not cfg.spec.causal:
         raise ConfigError(f"model.causal is for Stage-1 and Stage-2 runs (a {cfg.kind!r} run's model is "
                           "bidirectional)")
-    if m.lora_rank > 0 and cfg.world.name == "gmm":
-        raise ConfigError("model.lora_rank > 0 needs a Wan/AnyFlow transformer; the gmm world's MLP trains fully")
+    family = WORLDS[cfg.world.name].network
+    if (m.lora_rank > 0 or m.causal is not None) and family not in TRANSFORMER_FAMILIES:
+        raise ConfigError(f"model.lora_rank > 0 and model.causal need a Wan/AnyFlow transformer; the "
+                          f"{cfg.world.name!r} world's {family!r} network trains fully and bidirectionally")
 
 
 def _mapping(data: Any, path: str) -> dict[str, Any]:
@@ -316,6 +321,19 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 def resolve(preset: str | None, overrides: list[str] = ()) -> RunConfig:
     """A preset (or YAML file, or nothing: the defaults of a Stage-1 run) with dotted overrides applied."""
     data = load_preset(preset) if preset else {}
+    preset_world = _world_name(data)
     for item in overrides:
         apply_override(data, item)
-    return parse_run(data)
+    try:
+        return parse_run(data)
+    except ConfigError as err:
+        world = _world_name(data)
+        if preset and world != preset_world:
+            raise ConfigError(f"{err} (the preset {preset!r} is written for the {preset_world!r} world; start from a "
+                              f"{world!r} preset with --config)") from None
+        raise
+
+
+def _world_name(data: dict[str, Any]) -> Any:
+    world = data.get("world")
+    return world.get("name", DEFAULT_WORLD) if isinstance(world, dict) else DEFAULT_WORLD

@@ -22,6 +22,7 @@ import yaml
 from .config import RunConfig, parse_run
 from .errors import UsageError
 from .train.checkpoint import CheckpointError, find_checkpoint
+from .worlds import WORLDS
 
 SHIPPED_PREFIX = "shipped:"
 ARCHITECTURE = "architecture.json"
@@ -130,9 +131,10 @@ def resolve_lineage(cfg: RunConfig) -> Lineage:
     _check_init(cfg, init)
     named = _named_teacher(cfg)
     exact = named == "exact"
-    if exact and cfg.world.name != "gmm":
-        raise UsageError(f"{spec.teacher_key}=exact needs a world with an analytic teacher (gmm), not "
-                         f"{cfg.world.name!r}")
+    if exact and not WORLDS[cfg.world.name].exact_teacher:
+        exact_worlds = [name for name, entry in WORLDS.items() if entry.exact_teacher]
+        raise UsageError(f"{spec.teacher_key}=exact needs a world with an analytic teacher ({', '.join(exact_worlds)}), "
+                         f"not {cfg.world.name!r}")
     if named and not exact:
         teacher = open_run(named)
         _check_world(cfg, teacher, spec.teacher_key)

@@ -36,6 +36,7 @@ def save_scatter(rows: dict[str, torch.Tensor], labels: torch.Tensor, marks: tor
         ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
     path = Path(path).with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

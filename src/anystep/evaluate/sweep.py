@@ -33,7 +33,8 @@ class SweepConfig:
     teacher_guidance: float = 3.0      # the teacher's Euler sampler uses CFG (the student has it fused)
     student_guidance: float = 1.0
     shift: float = 5.0                 # the sampling grids' shift (official 5)
-    grid_samples: int = 4              # samples per row of the picture
+    grid_samples: int | None = None    # samples per row of the picture (None: the judge's choice, 4 clips /
+                                       # 1000 points)
     teacher: bool = True               # also sweep the teacher's Euler sampler
 
     def __post_init__(self):
@@ -97,16 +98,17 @@ def run_sweep(samplers: list[Sampler], world: World, judge: Judge, cfg: SweepCon
     ev = world.eval_set(cfg.num_samples, cfg.seed)
     rows: list[dict[str, Any]] = []
     grid: dict[str, torch.Tensor] = {}
+    shown = cfg.grid_samples or judge.picture_samples
     jobs = [(s, n) for s in samplers for n in cfg.steps]
     bar = tqdm(jobs, desc="sweep", disable=not progress, dynamic_ncols=True)
     for s, n in bar:
         bar.set_postfix_str(f"{s.name} N={n}")
         x = sample_batched(s, world.null_cond, ev.noise, ev.cond, n, cfg.shift, seed=cfg.seed + n)
         rows.append({"sampler": s.name, "N": n, **judge.score(x, ev, guidance, chunk_partition)})
-        grid[f"{s.name} N={n}"] = x[:cfg.grid_samples]
+        grid[f"{s.name} N={n}"] = x[:shown]
     write_table(rows, out / "sweep")
     plot_sweep(rows, out / "sweep.png", judge.primary_metric)
-    save_picture(judge, grid, ev.head(cfg.grid_samples), out / "grid")
+    save_picture(judge, grid, ev.head(shown), out / "grid")
     return rows
 
 

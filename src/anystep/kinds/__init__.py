@@ -4,7 +4,7 @@ A :class:`Kind` says everything that differs between the kinds of run: its confi
 ``world``, ``model``, ``train``, ``optim``, ``ema``, ``sweep``), the roles it trains or holds frozen and where
 each one's weights start, the optimizer defaults of its trained roles, what ``model.init`` may name, how its
 :class:`~anystep.train.method.Method` is made from built roles, how its product samples, and what its sweep rows
-are called. Adding a kind is one module of this package and one line in :data:`KINDS`.
+are called. Adding a kind is one module of this package and its import in :func:`_registry`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Parts:
 class Kind:
     name: str
     summary: str                                 # one line for ``anystep --help``
-    preset: str                                  # the command's default preset
+    preset: str | None                           # the command's default preset (None: the config defaults)
     label: str                                   # a sweep row's name
     product: str                                 # the role a run of this kind makes (its EMA is kept)
     sampler: str                                 # how the product samples: 'euler', 'flowmap', 'consistency'

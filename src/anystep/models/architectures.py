@@ -31,6 +31,7 @@ class ToyWanConfig:
 
 
 FAMILIES: dict[str, type | None] = {"mlp": MLPConfig, "toy_wan": ToyWanConfig, "wan": None}
+TRANSFORMER_FAMILIES = ("toy_wan", "wan")     # Wan transformers: LoRA roles and causal (FAR) students
 
 
 @dataclass

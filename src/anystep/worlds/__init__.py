@@ -19,11 +19,12 @@ class WorldEntry:
     sections: dict[str, type]            # its config sections, world.<section>
     make: Callable[..., World]           # the world, from those sections (keyword arguments)
     network: str                         # its family in anystep.models.zoo
+    exact_teacher: bool = False          # has an analytic velocity (World.exact_teacher), 'teacher=exact'
 
 
 WORLDS: dict[str, WorldEntry] = {
     "shapes": WorldEntry({"shapes": ShapesConfig, "text": TextConfig}, ShapesData, "toy_wan"),
-    "gmm": WorldEntry({"gmm": GMMConfig}, GMMData, "mlp"),
+    "gmm": WorldEntry({"gmm": GMMConfig}, GMMData, "mlp", exact_teacher=True),
     "wan": WorldEntry({"wan": WanWorldConfig}, WanData, "wan"),
 }
 

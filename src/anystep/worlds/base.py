@@ -32,11 +32,13 @@ class EvalSet:
 @runtime_checkable
 class Judge(Protocol):
     """Scores samples of a world exactly. ``picture`` says how samples are shown: ``"video"`` (a labelled grid
-    video) or ``"scatter"`` (the first two coordinates, coloured by class)."""
+    video, ``picture_samples`` clips per row) or ``"scatter"`` (the first two coordinates of ``picture_samples``
+    samples, coloured by class, :meth:`marks` as crosses)."""
 
     primary_metric: str
     higher_is_better: bool
     picture: str
+    picture_samples: int
 
     def score(self, samples: torch.Tensor, ev: EvalSet, guidance: float = 1.0,
               chunk_partition: tuple[int, ...] | None = None) -> dict[str, float]:
@@ -46,6 +48,9 @@ class Judge(Protocol):
 
     def labels(self, ev: EvalSet) -> list[str]:
         """A short label per sample (a grid's column titles)."""
+
+    def marks(self) -> torch.Tensor:
+        """Points to mark on a scatter (``(M, D)``; none, ``(0, D)``, for a video judge)."""
 
 
 @runtime_checkable

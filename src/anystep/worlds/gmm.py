@@ -506,7 +506,7 @@ class GMMJudge:
     and the endpoint error against the exact guided ODE from the same noise, solved once per evaluation set and
     guidance (every sampler and N of a sweep shares it)."""
 
-    primary_metric, higher_is_better, picture = "fd", False, "scatter"
+    primary_metric, higher_is_better, picture, picture_samples = "fd", False, "scatter", 1000
 
     def __init__(self, world: GMMWorld):
         self.world = world

@@ -279,7 +279,7 @@ class ShapesJudge:
         })
 
     # ------------------------------------------------------------------ as a sweep's judge
-    primary_metric, higher_is_better, picture = "total", True, "video"
+    primary_metric, higher_is_better, picture, picture_samples = "total", True, "video", 4
 
     def score(self, samples: Tensor, ev, guidance: float = 1.0,
               chunk_partition: Sequence[int] | None = None) -> dict[str, float]:
@@ -297,6 +297,9 @@ class ShapesJudge:
 
     def labels(self, ev) -> list[str]:
         return [spec.prompt() for spec in ev.meta]
+
+    def marks(self) -> Tensor:
+        return torch.zeros(0, 2, device="cpu")
 
     def evaluate(self, videos: Tensor, specs: Sequence[ClipSpec | str]) -> dict[str, float]:
         """Batch means of :meth:`judge` as Python floats."""
