@@ -212,7 +212,7 @@ def child(layout: str, args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # the parent: one child per layout, then the table
 # --------------------------------------------------------------------------------------------------
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -222,7 +222,9 @@ def parse_args() -> argparse.Namespace:
         ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    return ap.parse_args()
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def run_layouts(args) -> list[dict]:
@@ -230,7 +232,7 @@ def run_layouts(args) -> list[dict]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     results = []
     for layout in args.layouts.split(","):
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", layout],
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args.argv, "--child", layout],
                               env=env, capture_output=True, text=True, check=False)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
@@ -256,12 +258,15 @@ def print_results(args, results: list[dict]) -> None:
               f"params {first['params'] / r['params']:.2f}x")
 
 
-def main():
-    args = parse_args()
+def main(argv: list[str] | None = None) -> list[dict] | None:
+    """Run the benchmark (each layout in a child process); prints the table and returns each layout's result."""
+    args = parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args)), flush=True)
-        return
-    print_results(args, run_layouts(args))
+        return None
+    results = run_layouts(args)
+    print_results(args, results)
+    return results
 
 
 if __name__ == "__main__":

@@ -52,12 +52,12 @@ class SeparateCalls(nn.Module):
         return torch.cat(outs)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--threads", type=int, default=None)
-    return ap.parse_args()
+    return ap.parse_args(argv)
 
 
 def rows(student: nn.Module, world: FixedBatch, batch: int) -> dict[str, tuple[str, object]]:
@@ -74,8 +74,9 @@ def rows(student: nn.Module, world: FixedBatch, batch: int) -> dict[str, tuple[s
     }
 
 
-def main():
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the benchmark; prints the table and returns the seconds per iteration of each row."""
+    args = parse_args(argv)
     shapes, velocity = shapes_setup(args.threads)
     student = zoo.student_from(velocity)
     world = FixedBatch(shapes, args.batch, torch.Generator().manual_seed(0))
@@ -85,6 +86,7 @@ def main():
              for name, (kind_name, method) in rows(student, world, args.batch).items()}
     print_ratio_table(times, "step", 30, 10)
     print("paper (Wan-1.3B, fusion + central difference): 1.73x")
+    return times
 
 
 if __name__ == "__main__":

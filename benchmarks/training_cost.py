@@ -39,13 +39,13 @@ from anystep.objectives.flowmap import Stage1Config
 Row = Callable[[], tuple[str, object]]   # -> (kind, method), made when the row is timed
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=12, help="timed iterations per row (Stage 2 rows: 3x)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dmd-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
-    return ap.parse_args()
+    return ap.parse_args(argv)
 
 
 def stage1_rows(world, teacher: nn.Module, batch: int) -> dict[str, Row]:
@@ -89,8 +89,9 @@ def timed(rows: dict[str, Row], iters: int) -> dict[str, float]:
             for name, (kind_name, method) in ((name, make()) for name, make in rows.items())}
 
 
-def main():
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the benchmark; prints the table and returns the seconds per iteration of each row."""
+    args = parse_args(argv)
     world, teacher = shapes_setup(args.threads)
     print(f"shapes model ({n_params(teacher) / 1e6:.2f}M params), batch {args.batch}, "
           f"DMD batch {args.dmd_batch}, {torch.get_num_threads()} threads")
@@ -102,6 +103,7 @@ def main():
         print(f"{kind} N=16 / N=4: {b / a:.2f}x")
     print("paper (Wan-1.3B, 8xH100): fusion + difference 1.73x flow matching; flow map 53.1 -> 53.1 s/iter "
           "(1.00x) from N=4 to 16, consistency 45.9 -> 93.8 (2.04x)")
+    return times
 
 
 if __name__ == "__main__":
