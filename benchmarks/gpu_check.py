@@ -43,7 +43,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 TINY = ["model.lora_rank=4", "model.lora_alpha=4", "train.batch_size=2", "train.log_every=1",
         "train.checkpoint_every=1000"]
-WARMUP = {"teacher": ["optim.teacher.warmup_steps=1"], "student": ["optim.student.warmup_steps=1"]}
+# teacher and Stage-1 runs (one optimizer per trained role); Stage 2's (official) has no warm-up
+TEACHER_WARMUP, STUDENT_WARMUP = ["optim.teacher.warmup_steps=1"], ["optim.student.warmup_steps=1"]
 
 
 class Check:
@@ -61,7 +62,7 @@ class Check:
         try:
             entry.update(run() or {})
             entry["ok"] = True
-        except Exception as err:  # recorded, and the check goes on
+        except Exception as err:  # noqa: BLE001 (recorded, and the check goes on)
             entry.update(ok=False, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-4000:])
         entry["seconds"] = round(time.time() - start, 2)
         self.result["parts"].append(entry)
@@ -161,10 +162,10 @@ def bidirectional_chain(root: Path, device: torch.device, check: Check) -> None:
         "cache", "--model", root / "wan", "--videos", _clips(root / "clips"), "--out", root / "cache",
         "--frames", 17, "--height", 32, "--width", 32, "--dtype", "float32", "--device", device))
     check.part("teacher fine-tune (LoRA, bf16)", lambda: _anystep(
-        "teacher", "--config", "wan1.3b_teacher", *world, *TINY, *WARMUP["teacher"], "train.steps=2",
+        "teacher", "--config", "wan1.3b_teacher", *world, *TINY, *TEACHER_WARMUP, "train.steps=2",
         f"train.out_dir={runs['teacher']}"))
     check.part("Stage 1 (LoRA, bf16 base)", lambda: _anystep(
-        "stage1", "--config", "wan1.3b_stage1", *world, *TINY, *WARMUP["student"], "train.steps=2",
+        "stage1", "--config", "wan1.3b_stage1", *world, *TINY, *STUDENT_WARMUP, "train.steps=2",
         f"train.out_dir={runs['stage1']}"))
     check.part("Stage 2 (LoRA roles on one base)", lambda: _anystep(
         "stage2", "--config", "wan1.3b_stage2", *world, *TINY, "train.steps=2", "stage2.rollout_steps=[2,4]",
@@ -183,8 +184,8 @@ def causal_chain(root: Path, device: torch.device, check: Check) -> None:
     common = [f"world.wan.model={root / 'wan'}", f"world.wan.data={root / 'cache'}", f"train.device={device}", *TINY]
     s1, s2 = root / "runs" / "far_stage1", root / "runs" / "far_stage2"
     check.part("causal Stage 1", lambda: _anystep(
-        "stage1", "--config", "wanfar1.3b_stage1", *common, *WARMUP["student"], "model.causal.chunk_partition=[1,1,1,2]",
-        "train.steps=2", f"train.out_dir={s1}"))
+        "stage1", "--config", "wanfar1.3b_stage1", *common, "model.causal.chunk_partition=[1,1,1,2]",
+        *STUDENT_WARMUP, "train.steps=2", f"train.out_dir={s1}"))
     check.part("causal Stage 2", lambda: _anystep(
         "stage2", "--config", "wanfar1.3b_stage2", *common, "train.steps=2", "stage2.teacher=null",
         "stage2.rollout_steps=[2]", f"model.init={s1}", f"train.out_dir={s2}"))
@@ -194,7 +195,7 @@ def causal_chain(root: Path, device: torch.device, check: Check) -> None:
     def pipeline():
         from diffusers import AnyFlowFARPipeline
 
-        from anystep.models.far_attention import set_causal_attention
+        from anystep.models.far import set_causal_attention
 
         pipe = AnyFlowFARPipeline.from_pretrained(root / "far_export")
         set_causal_attention(pipe.transformer, "auto")   # flex on CUDA, dense on the CPU

@@ -21,22 +21,27 @@ Setup, as the official recipe trains (``wan1.3b_stage1`` / ``wan1.3b_stage2`` pr
                built on the meta device (config check, parameter count), so a 14B run never holds two copies.
   base dtype   the frozen base in bf16 (``--base-dtype``), except diffusers' ``_keep_in_fp32_modules`` (as
                ``from_pretrained(torch_dtype=torch.bfloat16)`` loads it); the LoRA adapters, their gradients,
-               AdamW states and EMA in fp32. NB: anystep's recipes currently load the base in fp32
-               (``load_transformer``'s default): ``--base-dtype float32`` measures that.
-  roles        ``SharedBase.from_wan``-equivalent: LoRA r = alpha = 256 (``--rank``) "student" (Stage 1; plus
-               "critic" for Stage 2), teacher = the bare base; gradient checkpointing of every block
-               (``--no-checkpointing`` to compare); ``Trainer(mixed_precision="bf16")``.
+               AdamW states and EMA in fp32 (the wan presets' ``model.base_dtype: bfloat16``;
+               ``--base-dtype float32`` measures ``model.base_dtype=float32``).
+  roles        anystep's ``SharedBase`` (what ``SharedBase.from_wan`` makes of the Wan model): LoRA r = alpha =
+               256 (``--rank``) "student" (Stage 1; plus "critic" for Stage 2), teacher = the bare base;
+               gradient checkpointing of every block (``--no-checkpointing`` to compare).
+  trainer      anystep's ``Trainer(mixed_precision="bf16")`` with the kind's own optimizers (``OptimConfig``
+               per trained role: Stage 1 the official teacher/Stage-1 AdamW, Stage 2 ``STAGE2_OPTIM``) and its
+               product's EMA (``EMAConfig`` / ``STAGE2_EMA``); one step = ``Trainer.train_step``.
   data         random latents (B, 21, 16, 60, 104) for 81x480x832 and random text embeddings (B, 512, 4096),
-               drawn on the CPU each step and copied to the device as anystep's ``OnDevice`` binding does.
-  Stage 1      ``Stage1`` method, official ``Stage1Config`` (fusion w = 3 with a null branch, central
-               difference, buckets 50/25/25), batch 1 (``--batch``). Its call count depends on the random
-               bucket (r = t needs no difference points), so MFU uses the counted FLOPs of each timed step.
-  Stage 2      ``Stage2`` method, official ``Stage2Config`` (DMD with real guidance 3, co-trained Stage-1 loss,
-               critic every iteration), DMD batch 2 (1.3B) / 1 (14B); the co-trained data batch is
-               max(--batch, DMD batch). One step = one iteration = generator phase + critic phase. The rollout
-               plan, random (N, k) in training, is FIXED here (``--plan N,K``, default 4,1: k = 1 of a 4-step
-               grid, the three-call rollout tau_0 -> tau_1 -> tau_2 -> 0; every N >= 3 with 0 < k < N - 1
-               costs the same, k = 0 or N - 1 skips one call).
+               drawn on the CPU each step and copied to the device by anystep's ``OnDevice``.
+  Stage 1      the stage1 kind's method (``kind("stage1").make``), official ``Stage1Config`` (fusion w = 3
+               with a null branch, central difference, buckets 50/25/25), batch 1 (``--batch``). Its call count
+               depends on the random bucket (r = t needs no difference points), so MFU uses the counted FLOPs
+               of each timed step.
+  Stage 2      the stage2 kind's method (``kind("stage2").make``), official ``Stage2Config`` (DMD with real
+               guidance 3, co-trained Stage-1 loss, critic every iteration), DMD batch 2 (1.3B) / 1 (14B); the
+               co-trained data batch is max(--batch, DMD batch). One step = one iteration = generator phase +
+               critic phase. The rollout plan, random (N, k) in training, is FIXED here (``--plan N,K``, default
+               4,1: k = 1 of a 4-step grid, the three-call rollout tau_0 -> tau_1 -> tau_2 -> 0; every N >= 3
+               with 0 < k < N - 1 costs the same, k = 0 or N - 1 skips one call): the library's rollout is
+               called with that plan instead of the one it draws.
   timing       median of ``--repeats`` (default 3) after ``--warmup`` (default 1), ``torch.cuda.synchronize``
                around each; peak memory = ``torch.cuda.max_memory_allocated`` over the timed steps (reset
                after warm-up, so weights, optimizer states and EMA are in it).
@@ -62,22 +67,22 @@ import contextlib
 import gc
 import json
 import statistics
-import tempfile
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AnyFlowTransformer3DModel, WanTransformer3DModel
 
-from anystep.backward_simulation import RolloutPlan, flowmap_backward_simulation
-from anystep.config import Stage2Config
+from anystep.backward_simulation import RolloutPlan
 from anystep.models.roles import SharedBase
 from anystep.models.wan import _SHARED_KEYS
-from anystep.objectives.flowmap import Stage1Config
-from anystep.train.loop import Trainer
-from anystep.train.methods import Stage1, Stage2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # _common, also when loaded as a module (gpu_check)
+from _common import make_method, pin_plan, random_world, step_times, trainer_for, with_section
 
 _WAN_COMMON: dict[str, Any] = {"patch_size": (1, 2, 2), "in_channels": 16, "out_channels": 16, "text_dim": 4096,
                                 "freq_dim": 256, "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads",
@@ -224,7 +229,7 @@ class ForwardCounter:
 
 
 # --------------------------------------------------------------------------------------------------
-# models and data
+# models
 # --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
@@ -245,8 +250,9 @@ def wan_on_meta(cfg: dict[str, Any]) -> WanTransformer3DModel:
 def build_shared(wan_config, device: torch.device, dtype: torch.dtype, rank: int, roles: Sequence[str],
                  checkpointing: bool) -> SharedBase:
     """The frozen AnyFlow base of a Wan config (random weights, built on ``device`` in ``dtype`` except
-    diffusers' keep-in-fp32 modules) with fp32 LoRA adapters for ``roles``; what ``SharedBase.from_wan``
-    makes of a Wan model, without materialising the Wan model."""
+    diffusers' keep-in-fp32 modules) in a :class:`SharedBase` with adapters for ``roles`` (fp32: the library
+    keeps trainable weights in fp32); what ``SharedBase.from_wan`` makes of a Wan model, without materialising
+    the Wan model."""
     kwargs = {k: wan_config[k] for k in _SHARED_KEYS}
     with torch.device(device), default_dtype(dtype):
         base = AnyFlowTransformer3DModel(**kwargs, gate_value=0.25, deltatime_type="r")
@@ -258,40 +264,10 @@ def build_shared(wan_config, device: torch.device, dtype: torch.dtype, rank: int
     emb.delta_embedder.load_state_dict(emb.time_embedder.state_dict())   # student_from_wan's initialisation
     with torch.device(device):                       # LoRA weights initialised on the device
         shared = SharedBase(base, rank=rank, alpha=rank, roles=roles)
-    for adapter in shared.adapters.values():         # peft gives adapters the base's dtype; the trainer
-        for p in adapter.params.values():            # keeps trainable weights in fp32
-            p.data = p.data.float()
     shared.to(device)
     if checkpointing:
         shared.enable_gradient_checkpointing()
     return shared
-
-
-class RandomLatents:
-    """A world of random video latents and text embeddings (``world.batch`` / ``world.null_cond``), drawn on
-    the CPU from the trainer's generator and moved to ``device`` (as anystep's ``OnDevice`` binding)."""
-
-    def __init__(self, latent: tuple[int, int, int], channels: int, text_len: int, text_dim: int,
-                 device: torch.device):
-        self.shape, self.text_shape, self.device = (latent[0], channels, *latent[1:]), (text_len, text_dim), device
-        self.null_cond = torch.zeros((1, text_len, text_dim), device=device)
-
-    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = torch.randn((n, *self.shape), generator=generator)
-        text = torch.randn((n, *self.text_shape), generator=generator)
-        return x0.to(self.device), text.to(self.device)
-
-
-class FixedPlanStage2(Stage2):
-    """Stage 2 with one rollout plan for every iteration (timing needs a fixed call count)."""
-
-    def __init__(self, *args, plan: RolloutPlan, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.plan = plan
-
-    def rollout(self, noise, cond, generator):
-        return flowmap_backward_simulation(self.roles["student"], noise, cond, self.plan, shift=self.cfg.dmd_shift,
-                                           grad=self.cfg.rollout_grad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,32 +327,26 @@ def time_forward(view, size: VideoSize, cfg: dict[str, Any], batch: int, text_le
     return times
 
 
-def time_steps(method, counter: ForwardCounter, device: torch.device, warmup: int, repeats: int,
-               optim: dict[str, Any]) -> dict[str, Any]:
-    """Seconds of each timed ``Trainer.train_step``, the model FLOPs and forward-equivalents counted in
-    them, and the peak memory over them."""
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(method, steps=warmup + repeats, out_dir=tmp, seed=0, optim=optim, progress=False,
-                          mixed_precision="bf16")
-        for _ in range(warmup):
-            trainer.train_step()
-            trainer.step += 1
+def time_steps(method, kind_name: str, counter: ForwardCounter, device: torch.device, warmup: int,
+               repeats: int) -> dict[str, Any]:
+    """Seconds of each timed ``Trainer.train_step`` (the kind's optimizers and EMA, bf16 autocast), the model
+    FLOPs and forward-equivalents counted in them, and the peak memory over them."""
+    flops, equivalents = [], []
+
+    def count() -> None:
+        flops.append(counter.model_flops())
+        equivalents.append(counter.forward_equivalents())
+        counter.reset()
+
+    with trainer_for(method, kind_name, mixed_precision="bf16") as trainer:
+        step_times(trainer, warmup)
         sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times, flops, equivalents = [], 0.0, []
-        for _ in range(repeats):
-            counter.reset()
-            sync(device)
-            start = time.perf_counter()
-            trainer.train_step()
-            sync(device)
-            times.append(time.perf_counter() - start)
-            trainer.step += 1
-            flops += counter.model_flops()
-            equivalents.append(counter.forward_equivalents())
+        counter.reset()
+        times = step_times(trainer, repeats, sync=lambda: sync(device), after=count)
         peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    return {"times": times, "flops": flops, "equivalents": statistics.median(equivalents), "peak_gib": peak}
+    return {"times": times, "flops": sum(flops), "equivalents": statistics.median(equivalents), "peak_gib": peak}
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -417,7 +387,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device, TFLOP/s")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: forward, stage1, stage2")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    args = ap.parse_args(argv)
+    return _checked(ap, ap.parse_args(argv))
+
+
+def _checked(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Validate the arguments and parse --plan, --sizes and --skip."""
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.rank < 1:
         ap.error("--repeats, --batch and --rank must be >= 1, --warmup >= 0")
     try:
@@ -432,104 +406,146 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Run the benchmark; prints the table and returns its rows (dicts: device, size, metric, value)."""
+@dataclass
+class Bench:
+    """One run's settings and the rows it has measured."""
+
+    args: argparse.Namespace
+    cfg: dict[str, Any]              # the Wan transformer config
+    wan_params: int
+    device: torch.device
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.args.base_dtype]
+        self.patch = self.cfg["patch_size"]
+        self.dmd_batch = self.args.dmd_batch or DMD_BATCH[self.args.size]
+        self.stage2_batch = max(self.args.batch, self.dmd_batch)
+        self.peak = peak_tflops(self.device, self.args.peak_tflops)
+        self.device_name = device_name(self.device)
+        self.checkpointing = not self.args.no_checkpointing
+
+    def add(self, size: VideoSize | None, metric: str, value: float | None) -> None:
+        self.rows.append({"device": self.device_name, "size": size.label(self.patch) if size else "did not fit",
+                          "metric": metric, "value": value})
+
+    def mfu(self, flops: float, seconds: float) -> float | None:
+        return None if self.peak is None else 100.0 * flops / seconds / (self.peak * 1e12)
+
+    def world(self, size: VideoSize):
+        """Random latents of ``size`` and text embeddings, on the device through anystep's ``OnDevice``."""
+        f, h, w = size.latent
+        return random_world((f, self.cfg["in_channels"], h, w), self.args.text_len, self.cfg["text_dim"], self.device)
+
+    def shared(self, roles: Sequence[str]) -> SharedBase:
+        return build_shared(self.cfg, self.device, self.dtype, self.args.rank, roles, self.checkpointing)
+
+    def fallback(self, name: str, run: Callable[[VideoSize], dict[str, Any]], shared: SharedBase):
+        return with_fallback(name, self.args.sizes, run, shared, self.device, self.patch)
+
+
+def setup(argv: Sequence[str] | None) -> Bench:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.base_dtype]
     torch.manual_seed(0)
     wan = wan_on_meta(WAN_CONFIGS[args.size])
-    cfg = dict(wan.config)
-    wan_params = sum(p.numel() for p in wan.parameters())
-    del wan
-    patch = cfg["patch_size"]
-    dmd_batch = args.dmd_batch or DMD_BATCH[args.size]
-    stage2_batch = max(args.batch, dmd_batch)
-    peak = peak_tflops(device, args.peak_tflops)
-    dev_name = device_name(device)
-    checkpointing = not args.no_checkpointing
-    rows: list[dict[str, Any]] = []
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Bench(args, dict(wan.config), sum(p.numel() for p in wan.parameters()), device)
 
-    def add(size: VideoSize | None, metric: str, value: float | None) -> None:
-        rows.append({"device": dev_name, "size": size.label(patch) if size else "did not fit",
-                     "metric": metric, "value": value})
 
-    def mfu(flops: float, seconds: float) -> float | None:
-        return None if peak is None else 100.0 * flops / seconds / (peak * 1e12)
+def print_header(b: Bench) -> None:
+    a = b.args
+    print(f"Wan2.1 {a.size} config ({b.wan_params / 1e9:.3f}B params, random weights) as the AnyFlow base on "
+          f"{b.device_name}; base {a.base_dtype}, LoRA r = alpha = {a.rank} (fp32, AdamW, EMA), "
+          f"gradient checkpointing {'on' if b.checkpointing else 'off'}, bf16 autocast, text {a.text_len} "
+          f"tokens; forward/Stage-1 batch {a.batch}, Stage-2 data batch {b.stage2_batch} with DMD batch "
+          f"{b.dmd_batch}, rollout plan fixed at N={a.plan.n}, k={a.plan.k}; peak "
+          f"{'n/a' if b.peak is None else f'{b.peak:g} TFLOP/s bf16 dense'}", flush=True)
 
-    print(f"Wan2.1 {args.size} config ({wan_params / 1e9:.3f}B params, random weights) as the AnyFlow base on "
-          f"{dev_name}; base {args.base_dtype}, LoRA r = alpha = {args.rank} (fp32, AdamW, EMA), "
-          f"gradient checkpointing {'on' if checkpointing else 'off'}, bf16 autocast, text {args.text_len} "
-          f"tokens; forward/Stage-1 batch {args.batch}, Stage-2 data batch {stage2_batch} with DMD batch "
-          f"{dmd_batch}, rollout plan fixed at N={args.plan.n}, k={args.plan.k}; peak "
-          f"{'n/a' if peak is None else f'{peak:g} TFLOP/s bf16 dense'}", flush=True)
 
-    def world(size: VideoSize) -> RandomLatents:
-        return RandomLatents(size.latent, cfg["in_channels"], args.text_len, cfg["text_dim"], device)
+def measure_forwards(b: Bench, shared: SharedBase, counter: ForwardCounter) -> None:
+    """A no-grad forward of the student (with its adapter) and of the teacher (the bare base)."""
+    for role in ("student", "teacher"):
+        def run(size: VideoSize, role=role) -> dict[str, Any]:
+            counter.reset()
+            times = time_forward(shared.role(role), size, b.cfg, b.args.batch, b.args.text_len, b.device,
+                                 b.args.warmup, b.args.repeats)
+            return {"seconds": statistics.median(times), "flops": counter.call_flops(counter.calls[-1])}
+        size, res = b.fallback(f"forward {role}", run, shared)
+        b.add(size, f"forward {role}, no grad (s)", res.get("seconds"))
+        b.add(size, f"forward {role} (TFLOP)", res["flops"] / 1e12 if res else None)
+        b.add(size, f"forward {role} MFU (%)", b.mfu(res["flops"], res["seconds"]) if res else None)
 
-    # ---- forward and Stage 1: a base with the student adapter (as a Stage-1 run builds it)
-    shared = build_shared(cfg, device, dtype, args.rank, ("student",), checkpointing)
+
+def report_steps(b: Bench, name: str, size: VideoSize | None, res: dict[str, Any]) -> None:
+    b.add(size, f"{name} step (s)", statistics.median(res["times"]) if res else None)
+    b.add(size, f"{name} peak memory (GiB)", res.get("peak_gib"))
+    b.add(size, f"{name} sample-forwards/step (backward = 3)", res.get("equivalents"))
+    b.add(size, f"{name} model TFLOP/step", res["flops"] / len(res["times"]) / 1e12 if res else None)
+    b.add(size, f"{name} MFU (%)", b.mfu(res["flops"], sum(res["times"])) if res else None)
+
+
+def measure_stage1(b: Bench, shared: SharedBase, counter: ForwardCounter) -> None:
+    """The stage1 kind's method (official Stage1Config) on the student adapter."""
+    def run(size: VideoSize) -> dict[str, Any]:
+        method = make_method("stage1", {"student": shared.role("student")}, b.world(size), b.args.batch)
+        return time_steps(method, "stage1", counter, b.device, b.args.warmup, b.args.repeats)
+    report_steps(b, "Stage 1", *b.fallback("Stage 1", run, shared))
+
+
+def forward_and_stage1(b: Bench) -> None:
+    """A base with the student adapter, as a Stage-1 run builds it: the forwards, then Stage-1 steps (the base
+    is freed when this returns)."""
+    shared = b.shared(("student",))
     n_lora = sum(p.numel() for p in shared.adapters["student"].params.values())
     print(f"student adapter: {n_lora / 1e6:.1f}M params", flush=True)
-    counter = ForwardCounter(shared, cfg)
-    if "forward" not in args.skip:
-        for role in ("student", "teacher"):
-            def run_forward(size: VideoSize, role=role) -> dict[str, Any]:
-                counter.reset()
-                times = time_forward(shared.role(role), size, cfg, args.batch, args.text_len, device,
-                                     args.warmup, args.repeats)
-                return {"seconds": statistics.median(times), "flops": counter.call_flops(counter.calls[-1])}
-            size, res = with_fallback(f"forward {role}", args.sizes, run_forward, shared, device, patch)
-            add(size, f"forward {role}, no grad (s)", res.get("seconds"))
-            add(size, f"forward {role} (TFLOP)", res["flops"] / 1e12 if res else None)
-            add(size, f"forward {role} MFU (%)", mfu(res["flops"], res["seconds"]) if res else None)
-
-    def report_steps(name: str, size: VideoSize | None, res: dict[str, Any]) -> None:
-        add(size, f"{name} step (s)", statistics.median(res["times"]) if res else None)
-        add(size, f"{name} peak memory (GiB)", res.get("peak_gib"))
-        add(size, f"{name} sample-forwards/step (backward = 3)", res.get("equivalents"))
-        add(size, f"{name} model TFLOP/step", res["flops"] / len(res["times"]) / 1e12 if res else None)
-        add(size, f"{name} MFU (%)", mfu(res["flops"], sum(res["times"])) if res else None)
-
-    if "stage1" not in args.skip:
-        def run_stage1(size: VideoSize) -> dict[str, Any]:
-            method = Stage1(shared.role("student").train(), world(size), args.batch, Stage1Config())
-            return time_steps(method, counter, device, args.warmup, args.repeats,
-                              {"lr": 5e-5, "betas": (0.9, 0.95)})
-        size, res = with_fallback("Stage 1", args.sizes, run_stage1, shared, device, patch)
-        report_steps("Stage 1", size, res)
+    counter = ForwardCounter(shared, b.cfg)
+    if "forward" not in b.args.skip:
+        measure_forwards(b, shared, counter)
+    if "stage1" not in b.args.skip:
+        measure_stage1(b, shared, counter)
     counter.remove()
-    del shared, counter
-    free_memory(None, device)
 
-    # ---- Stage 2: student and critic adapters, teacher = the bare base
-    if "stage2" not in args.skip:
-        shared = build_shared(cfg, device, dtype, args.rank, ("student", "critic"), checkpointing)
-        counter = ForwardCounter(shared, cfg)
 
-        def run_stage2(size: VideoSize) -> dict[str, Any]:
-            s2 = Stage2Config(rollout_steps=(args.plan.n,), dmd_batch_size=dmd_batch, real_guidance=3.0)
-            method = FixedPlanStage2(shared.role("student").train(), shared.role("critic").train(),
-                                     shared.role("teacher"), world(size), stage2_batch, s2, Stage1Config(),
-                                     plan=args.plan)
-            return time_steps(method, counter, device, args.warmup, args.repeats,
-                              {"lr": s2.optim.lr, "betas": s2.optim.betas, "ema_decay": s2.optim.ema_decay})
-        size, res = with_fallback("Stage 2", args.sizes, run_stage2, shared, device, patch)
-        report_steps("Stage 2", size, res)
-        counter.remove()
-        del shared, counter
-        free_memory(None, device)
+def stage2(b: Bench) -> None:
+    """The stage2 kind's method (official Stage2Config, DMD batch per size), student and critic adapters, the
+    teacher the bare base, every rollout on the fixed --plan."""
+    shared = b.shared(("student", "critic"))
+    counter = ForwardCounter(shared, b.cfg)
 
-    print_table(rows)
-    if args.json:
-        meta = {"model": args.size, "wan_params": wan_params, "base_dtype": args.base_dtype, "rank": args.rank,
-                "batch": args.batch, "stage2_batch": stage2_batch, "dmd_batch": dmd_batch,
-                "text_len": args.text_len, "plan": [args.plan.n, args.plan.k], "checkpointing": checkpointing,
-                "peak_tflops": peak, "repeats": args.repeats, "warmup": args.warmup}
-        with open(args.json, "w") as f:
-            json.dump({"config": meta, "rows": rows}, f, indent=2)
-        print(f"wrote {args.json}")
-    return rows
+    def run(size: VideoSize) -> dict[str, Any]:
+        section = with_section("stage2", "stage2", rollout_steps=(b.args.plan.n,), dmd_batch_size=b.dmd_batch,
+                               real_guidance=3.0)
+        roles = {name: shared.role(name) for name in ("student", "critic", "teacher")}
+        method = pin_plan(make_method("stage2", roles, b.world(size), b.stage2_batch, stage2=section), b.args.plan)
+        return time_steps(method, "stage2", counter, b.device, b.args.warmup, b.args.repeats)
+    report_steps(b, "Stage 2", *b.fallback("Stage 2", run, shared))
+    counter.remove()
+
+
+def write_json(b: Bench) -> None:
+    a = b.args
+    meta = {"model": a.size, "wan_params": b.wan_params, "base_dtype": a.base_dtype, "rank": a.rank,
+            "batch": a.batch, "stage2_batch": b.stage2_batch, "dmd_batch": b.dmd_batch, "text_len": a.text_len,
+            "plan": [a.plan.n, a.plan.k], "checkpointing": b.checkpointing, "peak_tflops": b.peak,
+            "repeats": a.repeats, "warmup": a.warmup}
+    with open(a.json, "w") as f:
+        json.dump({"config": meta, "rows": b.rows}, f, indent=2)
+    print(f"wrote {a.json}")
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark; prints the table and returns its rows (dicts: device, size, metric, value)."""
+    b = setup(argv)
+    print_header(b)
+    forward_and_stage1(b)
+    free_memory(None, b.device)        # the Stage-1 base is gone before the Stage-2 base is built
+    if "stage2" not in b.args.skip:
+        stage2(b)
+        free_memory(None, b.device)
+    print_table(b.rows)
+    if b.args.json:
+        write_json(b)
+    return b.rows
 
 
 def _fmt(metric: str, value: float | None) -> str:

@@ -1,4 +1,6 @@
-"""Smoke test of benchmarks/wan_throughput.py: its tiny CPU run, its FLOP formula and its OOM fallback."""
+"""Smoke tests of the benchmarks: wan_throughput.py's tiny CPU run, its FLOP formula and its OOM fallback; the
+CPU cost benchmarks' rows at tiny sizes; the official-call-layout row running the library's own Stage-1 loss;
+roles_memory.py's layouts; gpu_check.py's CPU mode."""
 
 import importlib.util
 import json
@@ -11,16 +13,32 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("wan_throughput", BENCHMARKS / "wan_throughput.py")
+def _load(name):
+    """benchmarks/NAME.py as a module (benchmarks/ on sys.path for their shared ``_common``)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module          # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
     try:
-        spec.loader.exec_module(module)
-        yield module
+        yield _load("wan_throughput")
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.modules.pop("wan_throughput", None)
+
+
+@pytest.fixture
+def cpu_setup_restored():
+    """The shapes benchmarks flush denormals (as the CLI does); leave the test process as it was."""
+    flush, threads = torch.set_flush_denormal(False), torch.get_num_threads()
+    yield
+    torch.set_flush_denormal(flush)
+    torch.set_num_threads(threads)
 
 
 def test_tiny_cpu_run_prints_forward_stage1_stage2_rows(bench, capsys, tmp_path):
@@ -82,13 +100,80 @@ def test_out_of_memory_falls_back_to_the_next_size(bench, capsys):
     assert sizes[0].latent == (21, 60, 104) and sizes[0].tokens((1, 2, 2)) == 32760
 
 
+def _rows(out: str, header: str) -> dict[str, list[float]]:
+    """The two numbers (s/iter, x flow matching) of each row of a benchmark's ratio table, by row name."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = {}
+    for line in lines[start + 1:]:
+        name, *numbers = line.rsplit(None, 2)
+        try:
+            rows[name.rstrip()] = [float(v) for v in numbers]
+        except ValueError:
+            break
+    return rows
+
+
+def test_official_layout_row_is_the_library_loss_in_three_separate_no_grad_calls():
+    """stage1_cost's "official layout" row: the library's Stage-1 loss, its one batched no-grad call made as three
+    separate full-batch calls (null branch, t + eps, t - eps) as the official code makes them; the same value."""
+    from anystep.models import zoo
+    from anystep.models.architectures import ToyWanConfig
+    from anystep.objectives.flowmap import Stage1Config, Stage1Objective
+    from anystep.worlds.shapes import ShapesData
+
+    separate_calls = _load("stage1_cost").SeparateCalls
+    world = ShapesData()
+    student = zoo.student_from(zoo.velocity_network(world.network, ToyWanConfig(), world.network_inputs()))
+    x0, cond = world.batch(8, torch.Generator().manual_seed(0))
+    calls = []
+    student.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append((kw["hidden_states"].shape[0], torch.is_grad_enabled())), with_kwargs=True)
+    losses, layouts = [], []
+    for model in (student, separate_calls(student, 8)):
+        calls.clear()
+        objective = Stage1Objective(Stage1Config(cond_dropout=0.0), world.null_cond)
+        losses.append(objective(model, x0, cond, torch.Generator().manual_seed(1))[0])
+        layouts.append(list(calls))
+    torch.testing.assert_close(losses[1], losses[0])
+    (grad, batched), separate = layouts[0], layouts[1]
+    assert grad == (8, True) and not batched[1] and 8 < batched[0] < 3 * 8   # some r = t rows get no points
+    assert separate == [(8, True), (8, False), (8, False), (8, False)]
+
+
+def test_cpu_cost_benchmarks_time_every_row(capsys, cpu_setup_restored):
+    """stage1_cost.py and training_cost.py at tiny sizes: every row timed through the library's trainer."""
+    times = _load("stage1_cost").main(["--batch", "4", "--iters", "1", "--threads", "1"])
+    assert list(times) == ["flow matching", "stage 1, official layout", "stage 1, anystep (batched)",
+                           "stage 1, exact JVP"] and min(times.values()) > 0
+    printed = _rows(capsys.readouterr().out, "step")
+    assert list(printed) == list(times) and printed["flow matching"][1] == 1.0
+    times = _load("training_cost").main(["--batch", "2", "--dmd-batch", "1", "--iters", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert len(times) == 10 and min(times.values()) > 0 and list(_rows(out, "iteration")) == list(times)
+    for kind in ("flow-map", "consistency"):
+        assert f"{kind} backward sim. N=16 / N=4: " in out
+
+
+@pytest.mark.slow
+def test_roles_memory_measures_every_layout(capsys):
+    """roles_memory.py at a tiny size (a child process per layout): one base holds fewer parameter bytes than
+    three copies, and every layout trains the same adapter state (gradients, AdamW, EMA)."""
+    results = _load("roles_memory").main(["--hidden", "32", "--head-dim", "16", "--layers", "1", "--ffn-dim", "64",
+                                          "--rank", "4", "--text-dim", "32", "--iters", "1"])
+    by = {r["layout"]: r for r in results}
+    assert list(by) == ["copies", "shared", "shared+teacher"]
+    assert by["copies"]["params"] > by["shared+teacher"]["params"] > by["shared"]["params"]
+    assert len({r["train_state"] for r in results}) == 1 and len({r["trainable"] for r in results}) == 1
+    assert all(r["peak"] > 0 and r["sec_per_iter"] > 0 for r in results)
+    assert "peak copies / shared = " in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_gpu_check_cpu_mode_runs_every_part(tmp_path):
     """benchmarks/gpu_check.py --device cpu: the whole check (both tiny chains, placement, the pipelines, the
     tiny throughput) runs here, so the script is ready whenever a GPU is lent."""
-    spec = importlib.util.spec_from_file_location("gpu_check", BENCHMARKS / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("gpu_check")
     out = tmp_path / "check.json"
     result = module.main(["--device", "cpu", "--throughput-size", "tiny", "--repeats", "1", "--out", str(out),
                           "--workdir", str(tmp_path / "work")])
