@@ -102,24 +102,6 @@ def _anystep(*argv: Any) -> None:
         raise RuntimeError(f"anystep {argv[0]} exited {code}: {err.getvalue().strip()[-2000:]}")
 
 
-def _clips(folder: Path, n: int = 3, frames: int = 17, size: int = 32) -> Path:
-    """Synthetic captioned clips: a red block moving right over a grey level per clip."""
-    import imageio
-
-    folder.mkdir(parents=True)
-    captions = {}
-    for i in range(n):
-        video = []
-        for f in range(frames):
-            a = np.full((size, size, 3), 20 * i, np.uint8)
-            a[8:18, f + i:f + i + 10] = (255, 60 * i, 0)
-            video.append(a)
-        imageio.mimwrite(folder / f"clip{i}.mp4", video, fps=8, macro_block_size=1)
-        captions[f"clip{i}.mp4"] = f"a red block moving right, clip {i}"
-    (folder / "captions.json").write_text(json.dumps(captions))
-    return folder
-
-
 def _placement(run: Path, device: torch.device) -> dict[str, Any]:
     """Rebuild a finished run's trainer on ``device`` (from its config), resume it, and list any trainable
     parameter or optimizer state that is not on the device."""
@@ -156,10 +138,12 @@ def _pipeline_runs(pipe, device: torch.device, steps=(1, 4), **kwargs) -> dict[s
 
 
 def bidirectional_chain(root: Path, device: torch.device, check: Check) -> None:
+    from anystep.models.tiny_folder import write_tiny_clips
+
     world = [f"world.wan.model={root / 'wan'}", f"world.wan.data={root / 'cache'}", f"train.device={device}"]
     runs = {k: root / "runs" / k for k in ("teacher", "stage1", "stage2")}
     check.part("tiny Wan folder + cache", lambda: _anystep("tiny-wan", root / "wan") or _anystep(
-        "cache", "--model", root / "wan", "--videos", _clips(root / "clips"), "--out", root / "cache",
+        "cache", "--model", root / "wan", "--videos", write_tiny_clips(root / "clips"), "--out", root / "cache",
         "--frames", 17, "--height", 32, "--width", 32, "--dtype", "float32", "--device", device))
     check.part("teacher fine-tune (LoRA, bf16)", lambda: _anystep(
         "teacher", "--config", "wan1.3b_teacher", *world, *TINY, *TEACHER_WARMUP, "train.steps=2",

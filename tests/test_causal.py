@@ -5,9 +5,6 @@ chain on a tiny Wan2.1 folder: cache -> causal Stage 1 -> causal Stage 2 -> expo
 
 from __future__ import annotations
 
-import json
-
-import imageio
 import numpy as np
 import pytest
 import torch
@@ -217,21 +214,6 @@ def test_our_causal_sampler_equals_diffusers_anyflow_far_pipeline(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the chain
-def _clips(folder, n=3, frames=17):
-    folder.mkdir()
-    captions = {}
-    for i in range(n):
-        video = []
-        for f in range(frames):
-            a = np.full((32, 32, 3), 20 * i, np.uint8)
-            a[8:18, f + i:f + i + 10] = (255, 60 * i, 0)
-            video.append(a)
-        imageio.mimwrite(folder / f"clip{i}.mp4", video, fps=8, macro_block_size=1)
-        captions[f"clip{i}.mp4"] = f"a red block moving right, clip {i}"
-    (folder / "captions.json").write_text(json.dumps(captions))
-    return folder
-
-
 def _run(*argv, progress=False):
     assert main([*map(str, argv), *([] if progress else ["--no-progress"])]) == 0
 
@@ -241,10 +223,10 @@ def _run(*argv, progress=False):
 def test_tiny_causal_chain_exports_to_anyflow_far_pipeline(tmp_path, lora, capsys):
     from diffusers import AnyFlowFARPipeline
 
-    from anystep.models.tiny_folder import build_tiny_wan_folder
+    from anystep.models.tiny_folder import build_tiny_wan_folder, write_tiny_clips
 
     wan = build_tiny_wan_folder(tmp_path / "wan")
-    _run("cache", "--model", wan, "--videos", _clips(tmp_path / "clips"), "--out", tmp_path / "cache",
+    _run("cache", "--model", wan, "--videos", write_tiny_clips(tmp_path / "clips"), "--out", tmp_path / "cache",
          "--frames", 17, "--height", 32, "--width", 32, "--dtype", "float32")
     common = [f"world.wan.model={wan}", f"world.wan.data={tmp_path / 'cache'}", f"model.lora_rank={lora}",
               "model.base_dtype=float32", "train.mixed_precision=fp32", "train.gradient_checkpointing=false",

@@ -104,8 +104,8 @@ def test_gmm_teacher_stage1_sample_sweep_end_to_end(tmp_path, capsys):
     assert (t / "checkpoints" / "step_000004").is_dir()
     assert main(["stage1", "--config", "gmm_stage1", "--no-progress", f"train.out_dir={s}",
                  f"model.init={t}", *GMM_TINY, *WARM]) == 0
-    assert main(["sample", str(s), "--steps", "2", "--out", str(tmp_path / "smp")]) == 0
-    assert (tmp_path / "smp.png").is_file()
+    assert main(["sample", str(s), "--steps", "2", "--out", str(tmp_path / "new" / "smp")]) == 0   # folder made
+    assert (tmp_path / "new" / "smp.png").is_file()
     assert main(["sweep", str(s), "--steps", "1,2", "--num-samples", "64", "--no-progress"]) == 0
     rows = _rows(s / "sweep" / "sweep.csv")
     assert [(r["sampler"], r["N"]) for r in rows] == [("student", "1"), ("student", "2"),

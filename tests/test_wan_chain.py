@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import imageio
 import numpy as np
 import pytest
 import torch
@@ -16,28 +15,13 @@ from safetensors.torch import load_file
 from anystep.cli import main
 from anystep.config import resolve
 from anystep.models.folder import load_transformer
-from anystep.models.tiny_folder import build_tiny_wan_folder
+from anystep.models.tiny_folder import build_tiny_wan_folder, write_tiny_clips
 from anystep.models.wan import student_from_wan, wan_from_student
 from anystep.recipes import build_trainer, load_model, teacher_transformer
 
 pytestmark = pytest.mark.slow     # a chain of real-path runs (cache, teacher, Stage 1, Stage 2, export)
 
 LORA = ["model.lora_rank=4", "model.lora_alpha=8", "train.batch_size=2", "train.log_every=1"]
-
-
-def _clips(folder, n=4):
-    folder.mkdir()
-    captions = {}
-    for i in range(n):
-        frames = []
-        for f in range(9):
-            a = np.full((48, 64, 3), 20 * i, np.uint8)
-            a[10:26, 4 * f + i:4 * f + i + 12] = (255, 60 * i, 0)
-            frames.append(a)
-        imageio.mimwrite(folder / f"clip{i}.mp4", frames, fps=8)
-        captions[f"clip{i}.mp4"] = f"a red block moving right, clip {i}"
-    (folder / "captions.json").write_text(json.dumps(captions))
-    return folder
 
 
 def _run(*argv, progress=False):
@@ -48,7 +32,8 @@ def _run(*argv, progress=False):
 def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan_chain")
     wan = build_tiny_wan_folder(root / "wan")
-    _run("cache", "--model", wan, "--videos", _clips(root / "clips"), "--out", root / "cache", "--frames", 5,
+    clips = write_tiny_clips(root / "clips", n=4, frames=9, height=48, width=64, speed=4)
+    _run("cache", "--model", wan, "--videos", clips, "--out", root / "cache", "--frames", 5,
          "--height", 32, "--width", 32, "--dtype", "float32")
     world = [f"world.wan.model={wan}", f"world.wan.data={root / 'cache'}"]
     runs = {k: root / "runs" / k for k in ("teacher", "stage1", "stage2")}

@@ -72,3 +72,26 @@ def build_tiny_wan_folder(path: str | Path, seed: int = 0, **sizes) -> Path:
                                     f"build_tiny_wan_folder(seed={seed}); for tests and offline examples.\n")
     json.loads((path / "model_index.json").read_text())  # written and readable
     return path
+
+
+def write_tiny_clips(folder: str | Path, n: int = 3, frames: int = 17, height: int = 32, width: int = 32,
+                     speed: int = 1) -> Path:
+    """``n`` tiny mp4 clips of a red block moving right (``speed`` pixels per frame) on a grey background, with
+    ``captions.json``: videos for ``anystep cache`` on the tiny folder, offline."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    top, side = height // 4, max(width // 3, 4)
+    captions = {}
+    for i in range(n):
+        video = []
+        for f in range(frames):
+            a = np.full((height, width, 3), 20 * i, np.uint8)
+            a[top:top + height // 3, speed * f + i:speed * f + i + side] = (255, 60 * i, 0)
+            video.append(a)
+        imageio.mimwrite(folder / f"clip{i}.mp4", video, fps=8, macro_block_size=1)
+        captions[f"clip{i}.mp4"] = f"a red block moving right, clip {i}"
+    (folder / "captions.json").write_text(json.dumps(captions))
+    return folder
