@@ -295,7 +295,7 @@ def test_causal_world_presets_start_from_the_shipped_causal_teacher(preset):
     cfg = resolve(preset)
     assert cfg.kind == "stage2" or cfg.model.causal.chunk_partition == CAUSAL_PARTITION
     spec = cfg.model.init if cfg.kind == "stage1" else cfg.stage2.teacher
-    teacher, tcfg, _ = load_model(spec)
+    _teacher, tcfg, _ = load_model(spec)
     assert tcfg.world.shapes == cfg.world.shapes and nearest_teacher(open_run(spec)).spec == spec
 
 

@@ -50,9 +50,9 @@ class ImplicitDeviceOnMeta(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func in FACTORIES and "device" not in kwargs and self._from_anystep():
-            if not (func in (torch.tensor, torch.as_tensor) and args and torch.is_tensor(args[0])):
-                kwargs["device"] = "meta"
+        copies_a_tensor = func in (torch.tensor, torch.as_tensor) and args and torch.is_tensor(args[0])
+        if func in FACTORIES and "device" not in kwargs and not copies_a_tensor and self._from_anystep():
+            kwargs["device"] = "meta"
         return func(*args, **kwargs)
 
     @staticmethod
@@ -182,7 +182,7 @@ def test_samplers_create_every_tensor_on_the_data_device():
 def test_the_guard_catches_an_implicit_cpu_tensor():
     """The guard itself: a tensor made without a device cannot meet the data (it could on a CPU-only run)."""
     probe = {"__name__": "anystep.probe", "torch": torch}
-    exec("def scaled(x):\n    return x * torch.linspace(0, 1, x.shape[0])\n", probe)
+    exec("def scaled(x):\n    return x * torch.linspace(0, 1, x.shape[0])\n", probe)  # noqa: S102
     x = torch.ones(3)
     assert torch.equal(probe["scaled"](x), torch.linspace(0, 1, 3))
     with implicit_tensors_on_meta(), pytest.raises((RuntimeError, NotImplementedError)):

@@ -70,7 +70,7 @@ def test_student_depends_on_r_and_its_delta_embedder_trains_and_is_saved():
 
 def test_layouts_are_checked():
     wan = _perturbed_wan()
-    x, t, text = _inputs()
+    _x, t, text = _inputs()
     with pytest.raises(ValueError, match=r"\(B, F, C=3, H, W\)"):
         WanVelocity(wan)(torch.randn(2, 3, 4, 8, 8), t, t, text)  # (B, F, C=4, ...)
     with pytest.raises(ValueError, match="rms_norm_across_heads"):

@@ -128,7 +128,7 @@ def test_stage1_batches_the_no_grad_calls_and_skips_diffusion_samples():
     spy = _Spy()
     obj = Stage1Objective(Stage1Config(cond_dropout=0.0), null_cond=torch.zeros(1, 2))
     x0 = torch.randn(8, 1, 1, 2, 2)
-    loss, stats = obj(spy, x0, torch.ones(8, 2), torch.Generator().manual_seed(0))
+    loss, _stats = obj(spy, x0, torch.ones(8, 2), torch.Generator().manual_seed(0))
     assert spy.calls[0] == (8, True)            # the student with grad
     assert spy.calls[1] == (8 + 2 * 4, False)   # null branch + (plus, minus) for the 4 non-diffusion samples
     assert len(spy.calls) == 2

@@ -28,7 +28,7 @@ def test_python_example_runs_as_written(tmp_path, monkeypatch):
     block = re.search(r"```python\n(.*?)```", _section("From Python"), re.DOTALL).group(1)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(block, "README.md (From Python)", "exec"), namespace)
+    exec(compile(block, "README.md (From Python)", "exec"), namespace)  # noqa: S102
     assert "N" in namespace["result"].table and (tmp_path / "runs/py_stage1/sweep/sweep.csv").exists()
     assert namespace["role"] == "student" and not namespace["student"].training
 

@@ -1,5 +1,7 @@
 """Stage 2: backward simulation, DMD, the critic, the consistency baselines, and the Stage-2 method."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -322,7 +324,7 @@ def test_consistency_distillation_loss_equals_a_hand_computation():
         (t, r, tgrad), = teacher.calls
         (s, r1, g1), (t2, r2, g2) = student.calls
         assert r == pytest.approx(t) and not tgrad and (r1, r2, g1, g2) == (0.0, 0.0, False, True)
-        assert t2 == pytest.approx(t) and any(abs(t - a) < 1e-3 and abs(s - b) < 1e-3 for a, b in zip(taus, taus[1:]))
+        assert t2 == pytest.approx(t) and any(abs(t - a) < 1e-3 and abs(s - b) < 1e-3 for a, b in itertools.pairwise(taus))
         x_t = teacher.inputs[0]
         x_s = x_t - (t - s) / 1000 * (-0.5 * x_t)
         assert torch.allclose(student.inputs[0], x_s, atol=1e-6)

@@ -36,7 +36,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_teacher_run_then_stage1_from_it(tmp_path):
     ckpt = train(_cfg(tmp_path / "t", "train.steps=2", kind="teacher"), progress=False)
-    model, cfg, role = load_model(str(tmp_path / "t"))
+    _model, cfg, role = load_model(str(tmp_path / "t"))
     assert role == "teacher" and cfg.kind == "teacher"
     s1 = train(_cfg(tmp_path / "s", "train.steps=2", f"model.init={tmp_path / 't'}"), progress=False)
     student, _, role = load_model(str(s1))

@@ -58,8 +58,8 @@ def tiny_wan_components(seed: int = 0, layers: int = 2, heads: int = 2, head_dim
     # Wan2.1's own scheduler: UniPC in flow-prediction mode (shift 3 for 480p in the released folders)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         flow_shift=3.0, num_train_timesteps=1000)
-    return dict(transformer=transformer.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
-                tokenizer=tokenizer, scheduler=scheduler)
+    return {"transformer": transformer.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(),
+            "tokenizer": tokenizer, "scheduler": scheduler}
 
 
 def build_tiny_wan_folder(path: str | Path, seed: int = 0, **sizes) -> Path:

@@ -105,8 +105,8 @@ def _check_video(x: torch.Tensor, channels: int) -> None:
 def tiny_wan(in_channels: int = 3, text_dim: int = 32, heads: int = 4, head_dim: int = 16, layers: int = 4,
              ffn_dim: int = 256, patch: tuple[int, int, int] = (1, 2, 2), **extra: Any) -> WanTransformer3DModel:
     """A small Wan transformer for the shapes world (pixel space, no VAE)."""
-    kwargs = dict(patch_size=patch, num_attention_heads=heads, attention_head_dim=head_dim,
-                  in_channels=in_channels, out_channels=in_channels, text_dim=text_dim, freq_dim=256,
-                  ffn_dim=ffn_dim, num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                  rope_max_seq_len=64)
+    kwargs = {"patch_size": patch, "num_attention_heads": heads, "attention_head_dim": head_dim,
+              "in_channels": in_channels, "out_channels": in_channels, "text_dim": text_dim, "freq_dim": 256,
+              "ffn_dim": ffn_dim, "num_layers": layers, "cross_attn_norm": True,
+              "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 64}
     return WanTransformer3DModel(**{**kwargs, **extra})

@@ -26,7 +26,7 @@ def export_run(spec: str, out: str | Path, *, adapters: bool = False, dtype: tor
         raise UsageError(f"{spec} is a {cfg.kind!r} run sampled by {cfg.spec.sampler!r}; AnyFlowPipeline samples "
                          "flow maps (export a Stage-1 or Stage-2 run)")
     student, _, _ = load_model(spec, role="student")
-    kwargs = dict(shift=shift, overwrite=overwrite, dtype=dtype)
+    kwargs = {"shift": shift, "overwrite": overwrite, "dtype": dtype}
     if cfg.model.lora_rank > 0:
         return export_student(student.shared, cfg.world.wan.model, out, as_adapter=adapters, **kwargs)
     if adapters:
