@@ -21,12 +21,14 @@ from torch import nn
 
 from anystep import rng
 from anystep.backward_simulation import RolloutPlan
+from anystep.flowmap import take_rows
 from anystep.kinds import Parts, kind, no_grad_frozen
 from anystep.models import zoo
 from anystep.models.architectures import ToyWanConfig
 from anystep.train.loop import Trainer
 from anystep.train.method import Method
 from anystep.worlds import OnDevice
+from anystep.worlds.base import ALL
 from anystep.worlds.shapes import ShapesData
 
 
@@ -66,11 +68,11 @@ class RandomLatents:
         self.shape, self.text_shape = tuple(shape), (text_len, text_dim)
         self.null_cond = torch.zeros((1, text_len, text_dim))
 
-    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return rng.normal((n, *self.shape), generator), self.conditions(n, generator)
+    def batch(self, n: int, generator: torch.Generator, rows: slice = ALL) -> tuple[torch.Tensor, torch.Tensor]:
+        return rng.normal((n, *self.shape), generator)[rows], self.conditions(n, generator, rows)
 
-    def conditions(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return rng.normal((n, *self.text_shape), generator)
+    def conditions(self, n: int, generator: torch.Generator, rows: slice = ALL) -> torch.Tensor:
+        return rng.normal((n, *self.text_shape), generator)[rows]
 
 
 def random_world(shape: tuple[int, int, int, int], text_len: int, text_dim: int, device: torch.device) -> OnDevice:
@@ -85,11 +87,11 @@ class FixedBatch:
         self.source, self.data = world, world.batch(n, generator)
         self.null_cond = world.null_cond
 
-    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, Any]:
-        return self.data
+    def batch(self, n: int, generator: torch.Generator, rows: slice = ALL) -> tuple[torch.Tensor, Any]:
+        return self.data[0][rows], take_rows(self.data[1], rows)
 
-    def conditions(self, n: int, generator: torch.Generator) -> Any:
-        return self.data[1]
+    def conditions(self, n: int, generator: torch.Generator, rows: slice = ALL) -> Any:
+        return take_rows(self.data[1], rows)
 
     def __getattr__(self, name: str):
         return getattr(self.source, name)
@@ -118,7 +120,7 @@ def pin_plan(method: Any, plan: RolloutPlan) -> Any:
     """A Stage-2 / CBS method whose rollouts all follow ``plan`` (the library's rollout, with the (N, k) it
     draws replaced): a fixed call count for timing."""
     rollout = method.rollout
-    method.rollout = lambda noise, cond, _drawn, generator: rollout(noise, cond, plan, generator)
+    method.rollout = lambda noise, cond, _drawn, generator, part: rollout(noise, cond, plan, generator, part)
     return method
 
 

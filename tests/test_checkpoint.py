@@ -59,7 +59,7 @@ class Toy(Method):
         self.loss = loss or (lambda m, step: m(self.x).pow(2).mean())
 
     def phases(self, step, generator):
-        return [Phase("student", lambda: ({"loss/toy": self.loss(self.roles["student"], step)}, {}))]
+        return [Phase("student", lambda part: ({"loss/toy": self.loss(self.roles["student"], step)}, {}))]
 
 
 def _toy_trainer(out, method=None, **kwargs):

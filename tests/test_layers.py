@@ -17,7 +17,7 @@ from pathlib import Path
 import anystep
 
 LAYERS = [
-    ("errors", "rng", "time", "flowmap", "backward_simulation", "causal", "objectives"),
+    ("errors", "rng", "time", "flowmap", "global_batch", "backward_simulation", "causal", "objectives"),
     ("models", "worlds", "data", "export"),
     ("train", "evaluate"),
     ("kinds",),

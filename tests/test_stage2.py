@@ -12,6 +12,7 @@ from anystep.backward_simulation import (
     flowmap_backward_simulation,
 )
 from anystep.flowmap import sample_consistency
+from anystep.global_batch import WHOLE
 from anystep.kinds import Parts, kind
 from anystep.kinds.stage2 import Stage2Config
 from anystep.objectives.consistency import consistency_pairs
@@ -185,7 +186,7 @@ def test_rollout_grid_shift_follows_rollout_shift_and_defaults_to_dmd_shift():
     for overrides, k in (({"dmd_shift": 2.0}, 2.0), ({"dmd_shift": 1.0, "rollout_shift": 5.0}, 5.0)):
         student = Spy()
         method = _stage2(student, Recorder(0.0, 0.0), Recorder(0.0, 0.0), rollout_steps=(4,), **overrides)
-        method.rollout(noise, None, draw_plan((4,), method.plans), torch.Generator().manual_seed(0))
+        method.rollout(noise, None, draw_plan((4,), method.plans), torch.Generator().manual_seed(0), WHOLE)
         times = {round(v, 6) for t, r, _ in student.calls for v in (t, r)}
         assert times <= {round(v, 6) for v in _grid(4, k)} and len(times) >= 3
 
@@ -203,7 +204,7 @@ def test_critic_step_is_flow_matching_on_the_stop_grad_rollout():
     critic = Recorder(0.7, 0.0)
     method = _stage2(student, critic, Recorder(0.0, 0.0), dmd_batch_size=4, cond_dropout=0.0)
     critic_phase = next(p for p in method.phases(1, torch.Generator().manual_seed(0)) if p.role == "critic")
-    terms, _ = critic_phase.run()
+    terms, _ = critic_phase.run(WHOLE)
     assert student.calls and all(not g for _, _, g in student.calls)
     x_hat = student.inputs[0]
     (z, t, r, _), = critic.inputs
@@ -226,13 +227,13 @@ def test_generator_step_updates_no_other_role():
     method = _stage2(student, critic, teacher, dmd_batch_size=4)
     gen_phase, critic_phase = method.phases(0, torch.Generator().manual_seed(0))
     assert (gen_phase.role, critic_phase.role) == ("student", "critic")
-    terms, _ = gen_phase.run()
+    terms, _ = gen_phase.run(WHOLE)
     assert set(terms) == {"loss/dmd", "loss/stage1"}
     sum(terms.values()).backward()
     assert all(p.grad is None for p in critic.parameters())
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.delta_embedder.parameters())
-    terms, _ = critic_phase.run()
+    terms, _ = critic_phase.run(WHOLE)
     student.zero_grad(set_to_none=True)
     terms["loss/critic"].backward()
     assert all(p.grad is None for p in student.parameters())
@@ -344,7 +345,7 @@ def test_rollout_and_critic_see_the_raw_prompts_by_default(dropout):
     g = torch.Generator().manual_seed(0)
     for step in range(6):
         for phase in method.phases(step, g):
-            phase.run()
+            phase.run(WHOLE)
     labels = torch.cat([cond for *_, cond in critic.inputs])
     assert labels.numel() == 6 * 2 * 8          # the DMD call and the critic's own step, every iteration
     assert ((labels == null).sum() > 0) == (dropout is not None)

@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anystep import time as T
+from anystep.global_batch import Part
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 8, 16, 32, 50, 64])
@@ -60,7 +61,7 @@ def test_buckets_batch_one_sees_all_three_with_the_right_frequencies():
 
 def test_official_split_ties_buckets_to_rank_order():
     # 16 GPUs x 2: ranks 0-7 diffusion, 8-11 consistency, 12-15 free
-    got = [T.assign_buckets(2, split="official", rank=k, world_size=16).tolist() for k in range(16)]
+    got = [T.assign_buckets(2, split="official", part=Part(k, 16)).tolist() for k in range(16)]
     assert got[:8] == [[0, 0]] * 8 and got[8:12] == [[1, 1]] * 4 and got[12:] == [[2, 2]] * 4
     # a batch of one on one process always lands in the same bucket (round(0.5) = 0: always 'free')
     assert {T.assign_buckets(1, split="official").item() for _ in range(10)} == {T.FREE}

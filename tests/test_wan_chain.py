@@ -167,6 +167,9 @@ def test_presets_resolve_to_the_official_recipe(preset, capsys):
     assert (cfg.model.lora_rank, cfg.model.lora_alpha) == (256, 256)
     assert cfg.train.mixed_precision == "bf16" and cfg.train.gradient_checkpointing
     big = "14b" in preset
+    # the official global batch (b32 / b16), 2 / 1 rows per GPU: 16 GPUs without accumulation, 1 GPU with 16
+    assert (cfg.train.batch_size, cfg.train.micro_batch_size) == ((16, 1) if big else (32, 2))
+    assert cfg.train.accumulation(16) == 1 and cfg.train.accumulation(8) == 2 and cfg.train.accumulation(1) == 16
     c = cfg.model.causal
     assert (c is not None) == (preset.startswith("wanfar") and kind == "stage1")   # Stage 2: model.init's student
     if c is not None:
@@ -177,7 +180,7 @@ def test_presets_resolve_to_the_official_recipe(preset, capsys):
         for o in cfg.optim.values():
             assert (o.lr, o.betas, o.warmup_steps, o.grad_clip) == (2e-6, (0.0, 0.999), 0, 1.0)
         assert (cfg.ema.decay, cfg.ema.warmup_steps) == (0.99, 200) and set(cfg.optim) == {"student", "critic"}
-        assert cfg.train.steps == 1200 and cfg.stage2.dmd_batch_size == (1 if big else 2)
+        assert cfg.train.steps == 1200 and cfg.stage2.dmd_batch_size == (16 if big else 32)
         assert cfg.stage2.real_guidance == 3.0 and cfg.stage2.rollout_steps == (2, 4, 8, 16, 50)
         assert (cfg.stage2.dmd_shift, cfg.stage2.critic_shift, cfg.stage2.effective_rollout_shift) == (5.0, 5.0, 5.0)
     else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,9 @@ import torch.distributed as dist
 from . import rng
 from .flowmap import FlowMap, endpoint, euler_step, noisy
 from .time import grid
+
+if TYPE_CHECKING:
+    from .global_batch import Part
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,10 @@ def flowmap_backward_simulation(model: FlowMap, noise: torch.Tensor, cond: Any, 
 
 
 def consistency_backward_simulation(model: FlowMap, noise: torch.Tensor, cond: Any, plan: RolloutPlan, *,
-                                    shift: float = 5.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Predict x0 and re-noise along the n-step grid; k no-grad steps, then step k's x0 with gradient."""
+                                    shift: float = 5.0, generator: torch.Generator | None = None,
+                                    part: Part | None = None) -> torch.Tensor:
+    """Predict x0 and re-noise along the n-step grid; k no-grad steps, then step k's x0 with gradient
+    (``noise``: a ``part``'s rows of the rollout batch)."""
     taus = grid(plan.n, shift)
     b = noise.shape[0]
     x = noise
@@ -93,6 +98,6 @@ def consistency_backward_simulation(model: FlowMap, noise: torch.Tensor, cond: A
         with torch.set_grad_enabled(torch.is_grad_enabled() and i == plan.k):
             x0 = endpoint(model, x, t, cond)
         if i < plan.k:
-            fresh = rng.noise_like(x, generator)
+            fresh = rng.noise_like(x, generator, part)
             x = noisy(x0, fresh, taus[i + 1].expand(b))
     return x0

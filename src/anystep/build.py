@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .causal import is_causal
-from .config import RunConfig, to_yaml
+from .config import ConfigError, RunConfig, to_yaml
 from .errors import UsageError
 from .kinds import FRESH_OR_INIT, INIT_STUDENT, STUDENT_OF_TEACHER, Parts, RoleSpec, no_grad_frozen
 from .lineage import ARCHITECTURE, Lineage, Run, open_run, resolve_lineage
@@ -25,17 +25,24 @@ from .models.architectures import CausalModelConfig
 from .models.far import causal_student_network
 from .models.roles import RoleView, SharedBase
 from .train.checkpoint import load_module
+from .train.distributed import SINGLE, Processes
 from .train.loop import Trainer
 from .worlds import OnDevice, make_world
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' is CUDA when available, else the CPU."""
+def resolve_device(name: str, processes: Processes = SINGLE) -> torch.device:
+    """'auto' is CUDA when available, else the CPU. Under a launcher every process takes the GPU of its local
+    rank (``cuda`` and ``auto``; a named ``cuda:N`` is refused there)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+    if processes.many and device.type == "cuda":
+        if device.index is not None:
+            raise UsageError(f"train.device={name!r} under torchrun: each process takes the GPU of its local rank; "
+                             "use train.device=cuda or auto")
+        device = torch.device("cuda", processes.local_rank)
     return device
 
 
@@ -179,11 +186,16 @@ def role_layout(cfg: RunConfig, lineage: Lineage, training: bool = True) -> Full
 # --------------------------------------------------------------------------------------------------
 # a run to train
 # --------------------------------------------------------------------------------------------------
-def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
-    """The method of ``cfg``'s kind with its roles, inside a :class:`~anystep.train.loop.Trainer`."""
+def build_trainer(cfg: RunConfig, progress: bool = True, processes: Processes = SINGLE) -> Trainer:
+    """The method of ``cfg``'s kind with its roles, inside a :class:`~anystep.train.loop.Trainer` (this process's
+    part of a run of ``processes.world_size``)."""
     spec, lineage = cfg.spec, resolve_lineage(cfg)
+    try:
+        accumulation = cfg.train.accumulation(processes.world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     torch.manual_seed(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, processes)
     layout = role_layout(cfg, lineage)
     roles = {r.name: layout.make(r) for r in spec.roles}
     for r in spec.roles:
@@ -197,7 +209,8 @@ def build_trainer(cfg: RunConfig, progress: bool = True) -> Trainer:
     return Trainer(method, steps=cfg.train.steps, out_dir=cfg.train.out_dir, optim=dict(cfg.optim),
                    ema={spec.product: cfg.ema}, seed=cfg.train.seed, log_every=cfg.train.log_every,
                    checkpoint_every=cfg.train.checkpoint_every, keep_checkpoints=cfg.train.keep_checkpoints,
-                   files=files, progress=progress, mixed_precision=cfg.train.mixed_precision)
+                   files=files, progress=progress, mixed_precision=cfg.train.mixed_precision, processes=processes,
+                   accumulation=accumulation)
 
 
 def _check_chunks(student: Any, world: Any) -> None:

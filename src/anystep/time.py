@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import rng
+
+if TYPE_CHECKING:
+    from .global_batch import Part
 
 T_MAX = 1000.0
 CPU = torch.device("cpu")
@@ -62,9 +66,10 @@ def custom_grid(timesteps: Sequence[float]) -> torch.Tensor:
 
 
 def logit_normal(n: int, shift: float = 5.0, mean: float = 0.0, std: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flow-matching training times: ``1000 time_shift(sigmoid(N(mean, std)))`` (teacher and critic), float32."""
-    z = rng.normal(n, generator, dtype=torch.float64) * std + mean
+                 generator: torch.Generator | None = None, part: Part | None = None) -> torch.Tensor:
+    """Flow-matching training times: ``1000 time_shift(sigmoid(N(mean, std)))`` (teacher and critic), float32;
+    ``n`` times (a ``part``'s rows of the global batch)."""
+    z = rng.normal(n, generator, dtype=torch.float64, part=part) * std + mean
     return (T_MAX * time_shift(torch.sigmoid(z), shift)).float()
 
 
@@ -95,48 +100,51 @@ def check_bucket_ratios(diffusion: float, consistency: float) -> None:
 
 
 def assign_buckets(batch: int, diffusion: float = 0.5, consistency: float = 0.25, *,
-                   split: str = "stratified", rank: int = 0, world_size: int = 1,
+                   split: str = "stratified", part: Part | None = None,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Which bucket each sample of a local batch falls in.
+    """Which bucket each sample of a batch falls in (with ``part``: of the global batch, cut to the part's
+    ``batch`` rows; see :mod:`anystep.global_batch`).
 
-    ``split="official"``: the official code's rule. Global index ``g = rank * B + i`` of a global batch
-    ``G = world_size * B``; ``g < round(0.5 G)`` is diffusion, the next ``round(0.25 G)`` consistency, the rest
-    free. Buckets then depend on rank order, and a batch of 1 on one process is always diffusion.
+    ``split="official"``: the official code's rule, by index g in a global batch of G: ``g < round(0.5 G)`` is
+    diffusion, the next ``round(0.25 G)`` consistency, the rest free. With one micro-batch per process, g =
+    rank * B + i as in the official code: buckets depend on rank order, and a batch of 1 on one process always
+    lands in the same bucket.
 
-    ``split="stratified"`` (default, independent of rank): systematic sampling with a random offset,
-    ``u_i = (o + i) / B mod 1``, bucket = the interval of [0, 1) that u_i falls in, then a random permutation.
-    A batch of B gets exactly the rounded proportions, and a batch of 1 draws each bucket with its
-    probability over training.
+    ``split="stratified"`` (default, independent of rank): systematic sampling with a random offset over the
+    global batch, ``u_i = (o + i) / G mod 1``, bucket = the interval of [0, 1) that u_i falls in, then a random
+    permutation. The global batch gets exactly the rounded proportions however it is split over processes and
+    micro-batches, and a batch of 1 draws each bucket with its probability over training.
     """
     check_bucket_ratios(diffusion, consistency)
+    total = batch if part is None else batch * part.count
     if split == "official":
-        g_batch = world_size * batch
-        g_index = rank * batch + torch.arange(batch, device=CPU)
-        n_diff, n_cons = round(diffusion * g_batch), round(consistency * g_batch)
-        bucket = torch.full((batch,), FREE, dtype=torch.long, device=CPU)
+        g_index = torch.arange(total, device=CPU)
+        n_diff, n_cons = round(diffusion * total), round(consistency * total)
+        bucket = torch.full((total,), FREE, dtype=torch.long, device=CPU)
         bucket[g_index < n_diff + n_cons] = CONSISTENCY
         bucket[g_index < n_diff] = DIFFUSION
-        return bucket
-    if split == "stratified":
-        offset = rng.uniform((), generator, dtype=torch.float64).to(CPU)
-        u = ((offset + torch.arange(batch, dtype=torch.float64, device=CPU)) / batch) % 1.0
-        bucket = torch.full((batch,), FREE, dtype=torch.long, device=CPU)
-        bucket[u < diffusion + consistency] = CONSISTENCY
-        bucket[u < diffusion] = DIFFUSION
-        return bucket[rng.permutation(batch, generator).to(CPU)]
-    raise ValueError(f"unknown bucket split {split!r}; expected 'stratified' or 'official'")
+        return bucket if part is None else part.take(bucket, total)
+    if split != "stratified":
+        raise ValueError(f"unknown bucket split {split!r}; expected 'stratified' or 'official'")
+    offset = rng.uniform((), generator, dtype=torch.float64).to(CPU)
+    u = ((offset + torch.arange(total, dtype=torch.float64, device=CPU)) / total) % 1.0
+    bucket = torch.full((total,), FREE, dtype=torch.long, device=CPU)
+    bucket[u < diffusion + consistency] = CONSISTENCY
+    bucket[u < diffusion] = DIFFUSION
+    bucket = bucket[rng.permutation(total, generator).to(CPU)]
+    return bucket if part is None else part.take(bucket, total)
 
 
 def sample_time_pairs(batch: int, shift: float = 5.0, diffusion: float = 0.5, consistency: float = 0.25, *,
-                      split: str = "stratified", rank: int = 0, world_size: int = 1,
+                      split: str = "stratified", part: Part | None = None,
                       generator: torch.Generator | None = None,
                       time_dtype: torch.dtype = torch.float32) -> TimePairs:
     """Stage-1 (t, r): ``t = max(u1, u2)``, ``r = min(u1, u2)``, buckets (diffusion: r = t; consistency:
     r = 0; free: as drawn), then both shifted and scaled to timestep units. ``time_dtype=torch.bfloat16``
-    reproduces the official code's bf16 times (its ``torch.rand(dtype=bf16)`` and bf16 shift)."""
-    bucket = assign_buckets(batch, diffusion, consistency, split=split, rank=rank,
-                            world_size=world_size, generator=generator)
-    u = rng.uniform((batch, 2), generator).to(CPU, time_dtype)
+    reproduces the official code's bf16 times (its ``torch.rand(dtype=bf16)`` and bf16 shift). With ``part``:
+    the pairs of the part's ``batch`` rows of the global batch."""
+    bucket = assign_buckets(batch, diffusion, consistency, split=split, part=part, generator=generator)
+    u = rng.uniform((batch, 2), generator, part=part).to(CPU, time_dtype)
     t, r = u.max(dim=1).values, u.min(dim=1).values
     r = torch.where(bucket == DIFFUSION, t, r)
     r = torch.where(bucket == CONSISTENCY, torch.zeros_like(r), r)

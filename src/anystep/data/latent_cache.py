@@ -303,15 +303,16 @@ class LatentCache:
             return torch.zeros(0, *self.latent_shape), torch.zeros(0, self.max_text_len, self.text_dim)
         return torch.stack([x for x, _ in items]), pad_embeddings([e for _, e in items], self.max_text_len)
 
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``batch`` of ``n`` indices drawn uniformly (with replacement) from ``generator``."""
-        return self.batch(self._draw(n, generator))
+    def sample(self, n: int, generator: torch.Generator, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch`` of ``n`` indices drawn uniformly (with replacement) from ``generator``; only ``rows`` of
+        them are read (a process's share of a global batch)."""
+        return self.batch(self._draw(n, generator)[rows])
 
-    def sample_embeddings(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_embeddings(self, n: int, generator: torch.Generator, rows: slice = slice(None)) -> torch.Tensor:
         """The prompt embeddings of :meth:`sample` (the same draws), without reading the latents."""
         from .text import pad_embeddings
 
-        embeds = [self.embedding(i) for i in self._draw(n, generator).tolist()]
+        embeds = [self.embedding(i) for i in self._draw(n, generator)[rows].tolist()]
         if not embeds:
             return torch.zeros(0, self.max_text_len, self.text_dim)
         return pad_embeddings(embeds, self.max_text_len)

@@ -14,8 +14,9 @@ from .stage2 import DistributionMatching, DMDConfig
 def make_cbs(p: Parts) -> DistributionMatching:
     cfg, student = p.sections["cbs"], p.roles["student"].train()
 
-    def rollout(noise, cond, plan, generator):
-        return consistency_backward_simulation(student, noise, cond, plan, shift=cfg.effective_rollout_shift, generator=generator)
+    def rollout(noise, cond, plan, generator, part):
+        return consistency_backward_simulation(student, noise, cond, plan, shift=cfg.effective_rollout_shift,
+                                               generator=generator, part=part)
 
     return DistributionMatching(student, p.roles["critic"].train(), p.roles["teacher"], p.world, p.batch_size, cfg,
                                 rollout, seed=p.seed)

@@ -41,14 +41,14 @@ class ConsistencyDistillation(Method):
         self.world, self.batch_size, self.cfg = world, batch_size, cfg
 
     def phases(self, step: int, generator: torch.Generator) -> list[Phase]:
-        def run():
-            x0, cond = self.world.batch(self.batch_size, generator)
+        def run(part):
+            x0, cond = self.world.batch(self.batch_size, generator, part.rows(self.batch_size))
             if self.cfg.cond_dropout > 0:
                 cond, _ = drop_condition(cond, expand_cond(self.world.null_cond, x0.shape[0]),
-                                         self.cfg.cond_dropout, x0.shape[0], generator)
+                                         self.cfg.cond_dropout, x0.shape[0], generator, part)
             loss, stats = consistency_distillation_loss(self.roles["student"], self.teacher, x0, cond,
                                                         intervals=self.cfg.intervals, shift=self.cfg.shift,
-                                                        generator=generator)
+                                                        generator=generator, part=part)
             return {"loss/consistency": loss}, stats
         return [Phase("student", run)]
 

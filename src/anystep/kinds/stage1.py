@@ -30,9 +30,9 @@ class Stage1(Method):
         self.objective = stage1_objective(student, cfg, world.null_cond)
 
     def phases(self, step: int, generator: torch.Generator) -> list[Phase]:
-        def run():
-            x0, cond = self.world.batch(self.batch_size, generator)
-            loss, stats = self.objective(self.roles["student"], x0, cond, generator)
+        def run(part):
+            x0, cond = self.world.batch(self.batch_size, generator, part.rows(self.batch_size))
+            loss, stats = self.objective(self.roles["student"], x0, cond, generator, part)
             return {"loss/stage1": loss}, stats
         return [Phase("student", run)]
 

@@ -19,7 +19,8 @@ from torch import nn
 from .. import rng
 from ..backward_simulation import RolloutPlan, draw_plan, flowmap_backward_simulation
 from ..causal import causal_backward_simulation, is_causal
-from ..flowmap import FlowMap, expand_cond, take_rows
+from ..flowmap import FlowMap, expand_cond
+from ..global_batch import Part
 from ..objectives.conditioning import drop_condition
 from ..objectives.dmd import dmd_loss
 from ..objectives.flow_matching import flow_matching_loss
@@ -29,7 +30,7 @@ from ..train.method import Method, Phase
 from . import INIT_STUDENT, TEACHER, Kind, Parts, RoleSpec
 from .stage1 import fused_guidance, stage1_objective
 
-Rollout = Callable[[torch.Tensor, Any, RolloutPlan, torch.Generator], torch.Tensor]
+Rollout = Callable[[torch.Tensor, Any, RolloutPlan, torch.Generator, Part], torch.Tensor]
 
 
 @dataclass
@@ -37,7 +38,8 @@ class DMDConfig:
     """The distribution-matching half of Stage 2 (official values), shared with the CBS+DMD baseline."""
 
     rollout_steps: tuple[int, ...] = (2, 4, 8, 16, 50)   # N drawn uniformly; k uniform in [0, N)
-    dmd_batch_size: int = 2                    # rollouts per generator step (official 1.3B: 2, 14B: 1)
+    dmd_batch_size: int = 2                    # rollouts per generator step over all processes, the first prompts
+                                               # of the data batch (official: 2 / 1 per GPU, the whole batch)
     real_guidance: float = 3.0                 # teacher x0: c + s (c - u), s = 3 ("CFG 4")
     dmd_shift: float = 5.0                     # shift of the DMD re-noising times
     rollout_shift: float | None = None         # shift of the rollout's N-step grid; None: dmd_shift (official: one
@@ -90,8 +92,10 @@ class Stage2Config(DMDConfig):
 
 class DistributionMatching(Method):
     """DMD on the student's rollouts against a frozen teacher, with a critic (the "fake score") trained on the
-    same rollouts, and an optional co-trained loss on data. ``rollout(noise, cond, plan, generator)`` makes the
-    student's samples; the plan (N, k) comes from its own seeded stream."""
+    same rollouts, and an optional co-trained loss on data. ``rollout(noise, cond, plan, generator, part)`` makes
+    the student's samples; the plan (N, k) comes from its own seeded stream, once per iteration. The rollout
+    batch is the first ``dmd_batch_size`` prompts of the data batch (both global batches; a part computes its
+    rows of each)."""
 
     def __init__(self, student: nn.Module, critic: nn.Module, teacher: FlowMap, world: Any, batch_size: int,
                  cfg: DMDConfig, rollout: Rollout, cotrain: Any | None = None, cotrain_weight: float = 0.0,
@@ -101,45 +105,54 @@ class DistributionMatching(Method):
         self.rollout, self.cotrain, self.cotrain_weight = rollout, cotrain, cotrain_weight
         self.plans = torch.Generator().manual_seed(seed + 1)
 
-    def _rollout_inputs(self, cond: Any, generator: torch.Generator) -> tuple[torch.Tensor, Any]:
-        """The first ``dmd_batch_size`` prompts of a batch (some dropped when asked) and fresh noise."""
-        n = min(self.cfg.dmd_batch_size, self.batch_size)
-        rcond = take_rows(cond, slice(n))
-        if self.cfg.cond_dropout > 0:
-            rcond, _ = drop_condition(rcond, expand_cond(self.world.null_cond, n), self.cfg.cond_dropout, n,
-                                      generator)
-        noise = rng.normal((n, *self.world.shape), generator).to(self.world.device)
-        return noise, rcond
-
-    def _generator_step(self, generator: torch.Generator):
-        cfg = self.cfg
-        if self.cotrain is not None:
-            x0, cond = self.world.batch(self.batch_size, generator)
+    def _rollout_inputs(self, generator: torch.Generator, part: Part, data: bool = False):
+        """The part's rows of the rollout batch: the first ``dmd_batch_size`` prompts of a data batch (some
+        dropped when asked) and fresh noise; with ``data``, also the part's rows of the data batch itself."""
+        b, n = self.batch_size, min(self.cfg.dmd_batch_size, self.batch_size)
+        batch = None
+        if data:   # the prompts of rows of the data batch, then that batch itself
+            with rng.replay(generator):
+                rcond = self.world.conditions(b, generator, part.rows(n))
+            batch = self.world.batch(b, generator, part.rows(b))
         else:
-            cond = self.world.conditions(self.batch_size, generator)
-        noise, rcond = self._rollout_inputs(cond, generator)
-        x_hat = self.rollout(noise, rcond, draw_plan(cfg.rollout_steps, self.plans), generator)
+            rcond = self.world.conditions(b, generator, part.rows(n))
+        rows = n // part.count
+        if self.cfg.cond_dropout > 0:
+            rcond, _ = drop_condition(rcond, expand_cond(self.world.null_cond, rows), self.cfg.cond_dropout, rows,
+                                      generator, part)
+        noise = rng.normal((rows, *self.world.shape), generator, part=part).to(self.world.device)
+        return noise, rcond, batch
+
+    def _generator_step(self, generator: torch.Generator, plan: RolloutPlan, part: Part):
+        cfg = self.cfg
+        noise, rcond, batch = self._rollout_inputs(generator, part, data=self.cotrain is not None)
+        x_hat = self.rollout(noise, rcond, plan, generator, part)
         loss, stats = dmd_loss(x_hat, self.roles["critic"], self.teacher, rcond, self.world.null_cond,
                                guidance=cfg.real_guidance, shift=cfg.dmd_shift, time_range=cfg.dmd_time_range,
-                               generator=generator)
+                               generator=generator, part=part)
         terms = {"loss/dmd": cfg.dmd_weight * loss}
         if self.cotrain is not None:
-            s1, s1_stats = self.cotrain(self.roles["student"], x0, cond, generator)
+            x0, cond = batch
+            s1, s1_stats = self.cotrain(self.roles["student"], x0, cond, generator, part)
             terms["loss/stage1"] = self.cotrain_weight * s1
             stats.update(s1_stats)
         return terms, stats
 
-    def _critic_step(self, generator: torch.Generator):
-        noise, rcond = self._rollout_inputs(self.world.conditions(self.batch_size, generator), generator)
+    def _critic_step(self, generator: torch.Generator, plan: RolloutPlan, part: Part):
+        noise, rcond, _ = self._rollout_inputs(generator, part)
         with torch.no_grad():
-            x_hat = self.rollout(noise, rcond, draw_plan(self.cfg.rollout_steps, self.plans), generator)
+            x_hat = self.rollout(noise, rcond, plan, generator, part)
         loss = flow_matching_loss(self.roles["critic"], x_hat, rcond, shift=self.cfg.critic_shift, cond_dropout=0.0,
-                                  generator=generator)
+                                  generator=generator, part=part)
         return {"loss/critic": loss}, {"loss/critic": loss.item()}
 
     def phases(self, step: int, generator: torch.Generator) -> list[Phase]:
-        student = [Phase("student", lambda: self._generator_step(generator))] if step % self.cfg.critic_ratio == 0 else []
-        return student + [Phase("critic", lambda: self._critic_step(generator))]
+        phases = []
+        if step % self.cfg.critic_ratio == 0:
+            plan = draw_plan(self.cfg.rollout_steps, self.plans)
+            phases.append(Phase("student", lambda part: self._generator_step(generator, plan, part)))
+        critic_plan = draw_plan(self.cfg.rollout_steps, self.plans)
+        return [*phases, Phase("critic", lambda part: self._critic_step(generator, critic_plan, part))]
 
     def state_dict(self):
         state = {"plans": self.plans.get_state()}
@@ -156,8 +169,8 @@ class DistributionMatching(Method):
 def flowmap_rollout(student: Any, cfg: Stage2Config) -> Rollout:
     """Flow-map backward simulation of the student (chunk by chunk against its own KV cache when causal)."""
     simulate = causal_backward_simulation if is_causal(student) else flowmap_backward_simulation
-    return lambda noise, cond, plan, generator: simulate(student, noise, cond, plan, shift=cfg.effective_rollout_shift,
-                                                         grad=cfg.rollout_grad)
+    return lambda noise, cond, plan, generator, part: simulate(student, noise, cond, plan,
+                                                               shift=cfg.effective_rollout_shift, grad=cfg.rollout_grad)
 
 
 def make_stage2(p: Parts) -> DistributionMatching:

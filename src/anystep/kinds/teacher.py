@@ -34,10 +34,10 @@ class TeacherFineTune(Method):
         self.world, self.batch_size, self.cfg = world, batch_size, cfg
 
     def phases(self, step: int, generator: torch.Generator) -> list[Phase]:
-        def run():
-            x0, cond = self.world.batch(self.batch_size, generator)
+        def run(part):
+            x0, cond = self.world.batch(self.batch_size, generator, part.rows(self.batch_size))
             loss = flow_matching_loss(self.roles["teacher"], x0, cond, self.world.null_cond, shift=self.cfg.shift,
-                                      cond_dropout=self.cfg.cond_dropout, generator=generator)
+                                      cond_dropout=self.cfg.cond_dropout, generator=generator, part=part)
             return {"loss/flow_matching": loss}, {"loss/flow_matching": loss.item()}
         return [Phase("teacher", run)]
 

@@ -12,7 +12,7 @@ weights usable as a bidirectional model (official Stage 1: 0.1; Stage 2's co-tra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from ..flowmap import expand_cond, noisy
 from ..time import logit_normal
 from .conditioning import drop_condition
 from .flowmap import Stage1Config, Stage1Objective, fuse_guidance
+
+if TYPE_CHECKING:
+    from ..global_batch import Part
 
 
 class CausalStage1Objective:
@@ -39,32 +42,33 @@ class CausalStage1Objective:
         self.flowmap.load_state_dict(state)
 
     def __call__(self, student: CausalFlowMap, x0: torch.Tensor, text: torch.Tensor,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 generator: torch.Generator | None = None, part: Part | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, b = self.stage1, x0.shape[0]
         partition = student.chunk_partition
         k = draw_num_chunks(len(partition), student.full_chunk_limit, cfg.long_context_ratio, generator)
         context, targets = teacher_forcing_split(x0, partition, k, student.full_chunk_limit)
         cond = TeacherForcing(text, targets, context)
         null = TeacherForcing(expand_cond(self.null_cond, b), targets, context)
-        loss, stats = self.flowmap(student, targets, cond, generator, null=null)
+        loss, stats = self.flowmap(student, targets, cond, generator, part, null=null)
         stats["causal/chunks"] = float(k)
         if cfg.bidirectional_prob > 0 and float(rng.uniform((), generator)) < cfg.bidirectional_prob:
-            extra = bidirectional_flow_matching(student, x0, text, self.null_cond, cfg, generator)
+            extra = bidirectional_flow_matching(student, x0, text, self.null_cond, cfg, generator, part)
             loss = loss + extra
             stats["loss/bidirectional"] = extra.item()
         return loss, stats
 
 
 def bidirectional_flow_matching(student, x0: torch.Tensor, text: torch.Tensor, null_cond: Any,
-                                stage1: Stage1Config, generator: torch.Generator | None = None) -> torch.Tensor:
+                                stage1: Stage1Config, generator: torch.Generator | None = None,
+                                part: Part | None = None) -> torch.Tensor:
     """Plain flow matching (r = t, logit-normal t with the Stage-1 shift, no weighting) of the student in
     bidirectional mode on all frames, with fused guidance ``w`` and a stop-grad null branch."""
     b = x0.shape[0]
     null = expand_cond(null_cond, b)
     if stage1.cond_dropout > 0:
-        text, _ = drop_condition(text, null, stage1.cond_dropout, b, generator)
-    t = logit_normal(b, stage1.shift, generator=generator).to(x0.device)
-    eps = rng.noise_like(x0, generator)
+        text, _ = drop_condition(text, null, stage1.cond_dropout, b, generator, part)
+    t = logit_normal(b, stage1.shift, generator=generator, part=part).to(x0.device)
+    eps = rng.noise_like(x0, generator, part)
     x_t = noisy(x0, eps, t)
     pred = student.bidirectional(x_t, t, t, text)
     w = stage1.fuse_guidance_scale

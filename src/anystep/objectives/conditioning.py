@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import rng
 from ..flowmap import BatchCondition
+
+if TYPE_CHECKING:
+    from ..global_batch import Part
 
 
 def select_cond(keep: torch.Tensor, cond: Any, null_cond: Any) -> Any:
@@ -21,8 +24,9 @@ def select_cond(keep: torch.Tensor, cond: Any, null_cond: Any) -> Any:
 
 
 def drop_condition(cond: Any, null_cond: Any, p: float, batch: int,
-                   generator: torch.Generator | None = None) -> tuple[Any, torch.Tensor]:
+                   generator: torch.Generator | None = None, part: Part | None = None) -> tuple[Any, torch.Tensor]:
     """Replace each row of ``cond`` by the null condition with probability ``p`` (official: 0.1, with Wan's
-    negative-prompt embedding as the null). Returns the new condition and the keep mask (B,) bool."""
-    keep = rng.uniform(batch, generator) >= p
+    negative-prompt embedding as the null). Returns the new condition and the keep mask (B,) bool. ``batch``:
+    the rows of ``cond`` (a ``part``'s rows of the global batch)."""
+    keep = rng.uniform(batch, generator, part=part) >= p
     return select_cond(keep, cond, null_cond), keep

@@ -12,7 +12,7 @@ Discrete-time consistency distillation on a grid of M intervals ``tau_0 = 1000 >
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,21 +20,26 @@ from .. import rng
 from ..flowmap import FlowMap, endpoint, euler_step, noisy
 from ..time import grid
 
+if TYPE_CHECKING:
+    from ..global_batch import Part
+
 
 def consistency_pairs(batch: int, intervals: int, shift: float = 5.0,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      generator: torch.Generator | None = None,
+                      part: Part | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Adjacent grid times (t, s), t > s, one pair per sample, float64."""
     taus = grid(intervals, shift)
-    i = rng.integers(0, intervals, batch, generator).cpu()
+    i = rng.integers(0, intervals, batch, generator, part=part).cpu()
     return taus[i], taus[i + 1]
 
 
 def consistency_distillation_loss(student: FlowMap, teacher: FlowMap, x0: torch.Tensor, cond: Any, *,
                                   intervals: int = 32, shift: float = 5.0,
-                                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """The loss on a batch of real data; ``teacher`` is the (guided) velocity model."""
-    t, s = consistency_pairs(x0.shape[0], intervals, shift, generator)
-    eps = rng.noise_like(x0, generator)
+                                  generator: torch.Generator | None = None,
+                                  part: Part | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss on a batch of real data (a ``part``'s rows); ``teacher`` is the (guided) velocity model."""
+    t, s = consistency_pairs(x0.shape[0], intervals, shift, generator, part)
+    eps = rng.noise_like(x0, generator, part)
     x_t = noisy(x0, eps, t)
     with torch.no_grad():
         x_s = euler_step(x_t, teacher(x_t, t.float(), t.float(), cond), t, s)

@@ -16,7 +16,7 @@ Minimising it moves the samples along ``x0_real - x0_fake``: from where the stud
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,11 +24,15 @@ from .. import rng
 from ..flowmap import FlowMap, cat_cond, euler_step, expand_cond, noisy
 from ..time import T_MAX, time_shift
 
+if TYPE_CHECKING:
+    from ..global_batch import Part
+
 
 def dmd_times(batch: int, shift: float = 5.0, generator: torch.Generator | None = None, min_t: float = 0.0,
-              max_t: float = T_MAX) -> torch.Tensor:
+              max_t: float = T_MAX, part: Part | None = None) -> torch.Tensor:
     """One DMD time per sample: ``clamp(1000 time_shift(U(0, 1)), min_t, max_t)`` (official: min 0, max 1000)."""
-    return (T_MAX * time_shift(rng.uniform(batch, generator, dtype=torch.float64), shift)).clamp(min_t, max_t)
+    u = rng.uniform(batch, generator, dtype=torch.float64, part=part)
+    return (T_MAX * time_shift(u, shift)).clamp(min_t, max_t)
 
 
 def x0_from_velocity(z: torch.Tensor, tau: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
@@ -56,13 +60,14 @@ def dmd_mse(x_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def dmd_loss(x_hat: torch.Tensor, critic: FlowMap, teacher: FlowMap, cond: Any, null_cond: Any, *,
              guidance: float = 3.0, shift: float = 5.0, time_range: tuple[float, float] = (0.0, T_MAX),
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The DMD generator loss for rollout samples ``x_hat`` (B, F, C, H, W) with gradient. The critic and
-    the teacher are velocity models (called with r = t) and run without gradient."""
+             generator: torch.Generator | None = None,
+             part: Part | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DMD generator loss for rollout samples ``x_hat`` (B, F, C, H, W; a ``part``'s rows) with gradient. The
+    critic and the teacher are velocity models (called with r = t) and run without gradient."""
     b = x_hat.shape[0]
     with torch.no_grad():
-        tau = dmd_times(b, shift, generator, *time_range)
-        n = rng.noise_like(x_hat, generator)
+        tau = dmd_times(b, shift, generator, *time_range, part=part)
+        n = rng.noise_like(x_hat, generator, part)
         z = noisy(x_hat.detach(), n, tau)
         t = tau.float()
         x0_fake = x0_from_velocity(z, tau, critic(z, t, t, cond))

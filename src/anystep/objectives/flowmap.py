@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,9 @@ from ..flowmap import FlowMap, cat_cond, expand_cond, take_rows
 from ..time import T_MAX, beta08_weight, check_bucket_ratios, sample_time_pairs
 from .conditioning import drop_condition
 from .flow_matching import noisy
+
+if TYPE_CHECKING:
+    from ..global_batch import Part
 
 
 @dataclass
@@ -184,10 +187,10 @@ class Stage1Objective:
         self.diffusion_mean_ema = state["diffusion_mean_ema"].clone().double()
 
     def __call__(self, model: FlowMap, x0: torch.Tensor, cond: Any, generator: torch.Generator | None = None,
-                 rank: int = 0, world_size: int = 1, null: Any | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Returns the scalar loss (local batch mean) and logged statistics. ``null``: the batch's null
-        condition when it is not simply the null condition repeated (the causal student's carries the clips'
-        context)."""
+                 part: Part | None = None, null: Any | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Returns the scalar loss (the mean over ``x0``'s rows, a ``part`` of the global batch) and logged
+        statistics. ``null``: the batch's null condition when it is not simply the null condition repeated (the
+        causal student's carries the clips' context)."""
         cfg, b = self.cfg, x0.shape[0]
         w = cfg.fuse_guidance_scale
         if null is None and self.null_cond is not None:
@@ -195,12 +198,12 @@ class Stage1Objective:
         fuse = w is not None and w != 1.0 and null is not None
         # 1. condition dropout, (t, r) with buckets, the noisy point on the straight path
         if null is not None and cfg.cond_dropout > 0:
-            cond, _ = drop_condition(cond, null, cfg.cond_dropout, b, generator)
+            cond, _ = drop_condition(cond, null, cfg.cond_dropout, b, generator, part)
         pairs = sample_time_pairs(b, cfg.shift, cfg.diffusion_ratio, cfg.consistency_ratio,
-                                  split=cfg.bucket_split, rank=rank, world_size=world_size, generator=generator,
+                                  split=cfg.bucket_split, part=part, generator=generator,
                                   time_dtype=torch.bfloat16 if cfg.time_dtype == "bfloat16" else torch.float32)
         t, r = pairs.t.to(x0.device), pairs.r.to(x0.device)
-        eps = rng.noise_like(x0, generator)
+        eps = rng.noise_like(x0, generator, part)
         v, x_t = eps - x0, noisy(x0, eps, t)
         # 2. the student with grad; the derivative and the null branch without
         u_cond = model(x_t, t, r, cond)
@@ -237,7 +240,8 @@ class Stage1Objective:
         return losses
 
     def _diffusion_mean(self, losses: torch.Tensor, is_diffusion: torch.Tensor) -> torch.Tensor:
-        """Mean weighted loss of the diffusion bucket over all ranks; the running mean when there is none."""
+        """Mean weighted loss of the diffusion bucket over all processes (the global batch; with gradient
+        accumulation, the round of micro-batches computed together); the running mean when there is none."""
         is_diffusion = is_diffusion.to(losses.device)
         total = torch.stack([losses[is_diffusion].sum(), is_diffusion.sum().to(losses.dtype)]).double()
         if dist.is_available() and dist.is_initialized():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from ..build import build_trainer
 from ..config import RunConfig, to_yaml
 from ..lineage import resolve_lineage
+from ..train import distributed
 from ..train.checkpoint import (
     checkpoint_to_resume,
     clean_run_folder,
@@ -26,19 +28,34 @@ def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True, *, 
     resume when the run has a complete checkpoint, else start fresh; ``overwrite``: start over in a folder
     holding a run (deleted once the model is built), which a fresh start refuses otherwise. The lineage is
     checked and the folder's problems raised before anything is written or built; the folder is locked for the
-    whole run. ``train.threads``, when set, becomes this process's torch thread count."""
+    whole run. ``train.threads``, when set, becomes this process's torch thread count.
+
+    Under ``torchrun`` every process runs this: rank 0 alone locks, cleans and writes the folder and decides
+    where the run starts; all build the same model, resume the same checkpoint and train their share."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     resolve_lineage(cfg)      # a lineage that does not fit fails before the run folder is touched
     out = Path(cfg.train.out_dir)
-    with lock_run_folder(out):
-        clean_run_folder(out)
-        start = checkpoint_to_resume(out, resume, resume_if_present, overwrite)
-        trainer = build_trainer(cfg, progress)
-        if overwrite:
+    with distributed.session(cfg.train.device) as processes, _locked(out, processes.main):
+        start = processes.decide(lambda: _prepare(out, resume, resume_if_present, overwrite))
+        trainer = build_trainer(cfg, progress, processes)
+        if overwrite and processes.main:
             clear_run_folder(out)
+        processes.barrier()
         if start is not None:
             trainer.resume(start)
-        write_text_atomic(out / "config.yaml", to_yaml(cfg))
+        if processes.main:
+            write_text_atomic(out / "config.yaml", to_yaml(cfg))
         last = trainer.fit()
     return last if last is not None else trainer.last_checkpoint
+
+
+def _locked(out: Path, main: bool):
+    """The run folder's lock, held by the process that writes (rank 0)."""
+    return lock_run_folder(out) if main else contextlib.nullcontext(out)
+
+
+def _prepare(out: Path, resume: bool | str, resume_if_present: bool, overwrite: bool) -> Path | None:
+    """Clean what a kill left in the folder; the checkpoint the run starts from (None: from scratch)."""
+    clean_run_folder(out)
+    return checkpoint_to_resume(out, resume, resume_if_present, overwrite)

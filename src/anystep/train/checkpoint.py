@@ -69,8 +69,9 @@ def fault_point(point: str, step: int) -> None:
     ``mid_step`` (after an optimizer step), ``checkpoint_write`` (weights written, the rest not yet),
     ``replace_old`` (a re-saved step's old folder renamed away, the new one not yet in place),
     ``before_pointer`` (renamed into place, ``latest`` not yet updated), ``during_prune`` (an old checkpoint
-    renamed away, not yet deleted). Unset, it costs one comparison."""
-    if _FAULT and _FAULT == f"{point}:{step}":
+    renamed away, not yet deleted). ``<point>:<step>@<rank>`` kills only that process of a ``torchrun`` job.
+    Unset, it costs one comparison."""
+    if _FAULT and _FAULT in (f"{point}:{step}", f"{point}:{step}@{os.environ.get('RANK', '0')}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

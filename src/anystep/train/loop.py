@@ -1,9 +1,11 @@
 """The generic training loop: optimizers, warm-up, clipping, EMA, NaN guard, checkpoints, progress, logs.
 
 It knows nothing of the algorithm. A :class:`~anystep.train.method.Method` says, for each iteration, which
-*phases* run: a phase names the role whose optimizer steps and returns its loss terms. The loop sums the
-terms, back-propagates, clips, checks that the loss terms and the gradient norm are finite (one host sync),
-steps, and updates that role's EMA; trained weights are checked before every log and checkpoint.
+*phases* run: a phase names the role whose optimizer steps and returns its loss terms. The loop runs the phase
+on each of this process's micro-batches (parts of the global batch, :mod:`anystep.global_batch`), sums the
+terms and back-propagates each, sums the gradients over the processes (:mod:`anystep.train.distributed`),
+clips, checks that the loss terms and the gradient norm are finite (one host sync), steps, and updates that
+role's EMA; trained weights are checked before every log and checkpoint. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..global_batch import parts_of
 from .checkpoint import (
     CheckpointError,
     fault_point,
@@ -30,6 +33,7 @@ from .checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
+from .distributed import SINGLE, Processes
 from .method import Method
 
 
@@ -152,10 +156,16 @@ class EMAConfig:
 @dataclass
 class TrainConfig:
     """How a run trains: its length and batch, logging and checkpoint cadence, where it writes, the device and the
-    memory levers (official: bf16 mixed precision and gradient checkpointing on)."""
+    memory levers (official: bf16 mixed precision and gradient checkpointing on).
+
+    ``batch_size`` is the global batch of every optimizer step (official: 32 for 1.3B, 16 for 14B), whatever the
+    number of processes: each of W processes computes ``batch_size / W`` rows, in ``grad_accumulation``
+    micro-batches (or as many as ``micro_batch_size`` rows each need)."""
 
     steps: int = 6000                  # optimizer updates (the official loop makes steps + 1)
-    batch_size: int = 32
+    batch_size: int = 32               # the global batch
+    grad_accumulation: int | None = None   # micro-batches per process and step (None: from micro_batch_size, else 1)
+    micro_batch_size: int | None = None    # rows per micro-batch and process (None: from grad_accumulation)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
@@ -174,6 +184,32 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.keep_checkpoints < 0:
             raise ValueError(f"train.keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
+        for name in ("grad_accumulation", "micro_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1 (or unset), got {getattr(self, name)}")
+
+    def accumulation(self, world_size: int = 1) -> int:
+        """Micro-batches per process and step on ``world_size`` processes; a ValueError when the global batch
+        does not split evenly or the two settings disagree."""
+        share, rem = divmod(self.batch_size, world_size)
+        if rem:
+            raise ValueError(f"train.batch_size={self.batch_size} (the global batch) does not split over "
+                             f"{world_size} processes")
+        count = self.grad_accumulation or 1
+        if self.micro_batch_size is not None:
+            count, rem = divmod(share, self.micro_batch_size)
+            if rem or count == 0:
+                raise ValueError(f"{share} rows per process (train.batch_size={self.batch_size} over {world_size} "
+                                 f"processes) do not make whole micro-batches of train.micro_batch_size="
+                                 f"{self.micro_batch_size}")
+            if self.grad_accumulation not in (None, count):
+                raise ValueError(f"train.grad_accumulation={self.grad_accumulation} disagrees with "
+                                 f"train.micro_batch_size={self.micro_batch_size}: {share} rows per process make "
+                                 f"{count} micro-batches; set one of the two")
+        if share % count:
+            raise ValueError(f"{share} rows per process (train.batch_size={self.batch_size} over {world_size} "
+                             f"processes) do not split into train.grad_accumulation={count} equal micro-batches")
+        return count
 
 
 STAGE2_OPTIM = OptimConfig(lr=2e-6, betas=(0.0, 0.999), warmup_steps=0)
@@ -184,12 +220,15 @@ class Trainer:
     """Runs a :class:`Method` for ``steps`` iterations with checkpoints under ``out_dir/checkpoints``.
 
     ``optim``: an :class:`OptimConfig` for every role of the method; ``ema``: the roles whose EMA is kept;
-    ``files``: text files written into every checkpoint (the run's config, the networks' descriptions)."""
+    ``files``: text files written into every checkpoint (the run's config, the networks' descriptions);
+    ``processes``: this process's place among a run's processes; ``accumulation``: micro-batches per process
+    and optimizer step."""
 
     def __init__(self, method: Method, *, steps: int, out_dir: str | Path, optim: dict[str, OptimConfig],
                  ema: dict[str, EMAConfig] | None = None, seed: int = 0, log_every: int = 10,
                  checkpoint_every: int = 500, keep_checkpoints: int = 2, files: dict[str, str] | None = None,
-                 progress: bool = True, mixed_precision: str = "fp32"):
+                 progress: bool = True, mixed_precision: str = "fp32", processes: Processes = SINGLE,
+                 accumulation: int = 1):
         if set(optim) != set(method.roles):
             raise ValueError(f"optimizer settings for roles {sorted(optim)}, but the method trains {sorted(method.roles)}")
         if mixed_precision not in ("fp32", "bf16"):
@@ -197,6 +236,8 @@ class Trainer:
         self.method, self.steps, self.out_dir, self.optim = method, steps, Path(out_dir), optim
         self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep_checkpoints
         self.files, self.progress, self.mixed_precision = dict(files or {}), progress, mixed_precision
+        self.processes = processes
+        self.parts = parts_of(processes.rank, processes.world_size, accumulation)
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         self.optimizers, self.schedulers = {}, {}
@@ -212,6 +253,14 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save(self) -> Path:
+        """Rank 0 writes the checkpoint; every process returns its path once it is complete."""
+        if self.processes.main:
+            self.last_checkpoint = self._write_checkpoint()
+        self.processes.barrier()
+        self.last_checkpoint = Path(self.processes.broadcast(str(self.last_checkpoint)))
+        return self.last_checkpoint
+
+    def _write_checkpoint(self) -> Path:
         weights = {role: m.state_dict() for role, m in self.method.roles.items()}
         for role, ema in self.emas.items():
             weights[f"{role}_ema"] = ema.state_dict_for(self.method.roles[role])
@@ -223,9 +272,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "method": self.method.state_dict(),
         }
-        self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.files,
-                                               self.keep)
-        return self.last_checkpoint
+        return save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.files, self.keep)
 
     def resume(self, path: str | Path | None = None) -> int:
         """Restore everything from a checkpoint (default: this run's newest complete one), then apply this run's
@@ -270,10 +317,9 @@ class Trainer:
         for phase in self.method.phases(self.step, self.generator):
             module, opt = self.method.roles[phase.role], self.optimizers[phase.role]
             opt.zero_grad(set_to_none=True)
-            with self._autocast(module):
-                terms, phase_stats = phase.run()
-            sum(terms.values()).backward()
+            terms, phase_stats = self._backward(phase, module)
             params = [p for p in module.parameters() if p.requires_grad]
+            self.processes.sum_gradients(params)
             clip = self.optim[phase.role].grad_clip
             gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
             gnorm = self._checked_grad_norm(phase.role, terms, gnorm)
@@ -287,11 +333,29 @@ class Trainer:
             stats[f"lr/{phase.role}"] = self.schedulers[phase.role].get_last_lr()[0]
         return stats
 
-    def _checked_grad_norm(self, role: str, terms: dict[str, torch.Tensor], gnorm: torch.Tensor) -> float:
+    def _backward(self, phase, module: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]], dict[str, float]]:
+        """Back-propagate the phase's loss on each of this process's micro-batches, each from the generator
+        state the step started with (so each draws the same global batch), scaled to its share of the global
+        mean. Returns every micro-batch's loss terms and the statistics averaged over them."""
+        start = self.generator.get_state()
+        terms: list[tuple[str, torch.Tensor]] = []
+        stats: dict[str, list[float]] = {}
+        for part in self.parts:
+            self.generator.set_state(start)
+            with self._autocast(module):
+                part_terms, part_stats = phase.run(part)
+            loss = sum(part_terms.values())
+            (loss if part.whole else loss / part.count).backward()
+            terms += [(k, v.detach()) for k, v in part_terms.items()]
+            for k, v in part_stats.items():
+                stats.setdefault(k, []).append(v)
+        return terms, {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def _checked_grad_norm(self, role: str, terms: list[tuple[str, torch.Tensor]], gnorm: torch.Tensor) -> float:
         """The gradient norm, read with the loss terms in one host sync; NonFiniteLossError naming the step,
         role and culprit when any of them is NaN or infinite (before the optimizer steps on them)."""
-        values = torch.stack([v.detach().float().sum() for v in terms.values()] + [gnorm.detach().float()]).tolist()
-        for name, value in zip([*(f"loss term {k!r}" for k in terms), "the gradient norm"], values):
+        values = torch.stack([v.float().sum() for _, v in terms] + [gnorm.detach().float()]).tolist()
+        for name, value in zip([*(f"loss term {k!r}" for k, _ in terms), "the gradient norm"], values):
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"step {self.step}: {name} of role {role!r} is {value}; {self._stopped()}")
         return values[-1]
@@ -320,8 +384,9 @@ class Trainer:
     def fit(self) -> Path | None:
         """Train up to ``steps``; logs every ``log_every`` steps, saves every ``checkpoint_every`` and at the end,
         each time after checking the weights. Returns the last checkpoint saved (None when none was)."""
-        log = MetricsLog(self.out_dir, self.step)
-        bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train",
+        main = self.processes.main
+        log = MetricsLog(self.out_dir, self.step) if main else None
+        bar = tqdm(total=self.steps, initial=self.step, disable=not (self.progress and main), desc="train",
                    dynamic_ncols=True)
         last = None
         t0 = time.time()
@@ -334,9 +399,11 @@ class Trainer:
             if logging or saving:
                 self._check_weights()
             if logging:
+                stats = self.processes.mean_stats(stats)
                 stats["time/sec_per_step"] = (time.time() - t0) / self.log_every
                 t0 = time.time()
-                log.log(self.step, stats)
+                if log is not None:
+                    log.log(self.step, stats)
                 shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in stats.items() if k.startswith("loss/")}
                 bar.set_postfix(shown, refresh=False)
             if saving:

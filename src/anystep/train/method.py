@@ -2,6 +2,10 @@
 
 A :class:`Method` holds its trainable ``roles`` (name -> module) and returns, per iteration, a list of
 :class:`Phase`: (the role whose optimizer steps, a function returning that role's loss terms and statistics).
+The function takes a :class:`~anystep.global_batch.Part`: it computes that part's rows of every global batch
+it draws and returns their means (the loop runs it once per micro-batch, from the same generator state each
+time, and averages the gradients over parts and processes). A draw that is not per row (a rollout plan) is
+made in :meth:`Method.phases`, once per iteration.
 The loop (:mod:`anystep.train.loop`) does the rest: backward, clipping, the optimizer step, EMA, checks, logs
 and checkpoints. A method's extra state (a random stream, a running mean) goes into checkpoints through
 :meth:`Method.state_dict`.
@@ -16,11 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..global_batch import Part
+
 
 @dataclass
 class Phase:
     role: str
-    run: Callable[[], tuple[dict[str, torch.Tensor], dict[str, float]]]
+    run: Callable[[Part], tuple[dict[str, torch.Tensor], dict[str, float]]]
 
 
 @dataclass

@@ -3,7 +3,8 @@ one, an exact judge of samples (:class:`Judge`).
 
 The algorithms, the trainer and the sweep see only these protocols. A world draws its data on the CPU from a
 CPU generator (the same numbers on every device); :class:`OnDevice` moves its batches to the training device,
-and judges score CPU copies of the samples.
+and judges score CPU copies of the samples. ``batch`` and ``conditions`` draw a global batch of ``n`` and return
+its ``rows`` (a process's share, :mod:`anystep.global_batch`); a world may load only those rows.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..flowmap import FlowMap, take_rows
+
+ALL = slice(None)   # every row of a batch
 
 
 @dataclass
@@ -67,9 +70,9 @@ class World(Protocol):
 
     def network_inputs(self) -> dict[str, Any]: ...
 
-    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, Any]: ...
+    def batch(self, n: int, generator: torch.Generator, rows: slice = ALL) -> tuple[torch.Tensor, Any]: ...
 
-    def conditions(self, n: int, generator: torch.Generator) -> Any: ...
+    def conditions(self, n: int, generator: torch.Generator, rows: slice = ALL) -> Any: ...
 
     def eval_set(self, n: int, seed: int) -> EvalSet: ...
 
@@ -86,12 +89,12 @@ class OnDevice:
         self.source, self.device = world, torch.device(device)
         self.null_cond = _to(world.null_cond, self.device)
 
-    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, Any]:
-        x0, cond = self.source.batch(n, generator)
+    def batch(self, n: int, generator: torch.Generator, rows: slice = ALL) -> tuple[torch.Tensor, Any]:
+        x0, cond = self.source.batch(n, generator, rows)
         return x0.to(self.device), _to(cond, self.device)
 
-    def conditions(self, n: int, generator: torch.Generator) -> Any:
-        return _to(self.source.conditions(n, generator), self.device)
+    def conditions(self, n: int, generator: torch.Generator, rows: slice = ALL) -> Any:
+        return _to(self.source.conditions(n, generator, rows), self.device)
 
     def __getattr__(self, name: str):
         return getattr(self.source, name)

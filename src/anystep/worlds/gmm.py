@@ -472,14 +472,15 @@ class GMMData:
     def network_inputs(self) -> dict:
         return {"shape": self.world.shape, "num_classes": self.world.num_classes}
 
-    def batch(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def batch(self, n: int, generator: torch.Generator, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """``rows`` of a batch of ``n`` samples and their labels (all are drawn)."""
         labels = self.world.sample_labels(n, generator)
-        return self.world.sample_data(labels, generator), labels
+        return self.world.sample_data(labels, generator)[rows], labels[rows]
 
-    def conditions(self, n: int, generator: torch.Generator) -> Tensor:
+    def conditions(self, n: int, generator: torch.Generator, rows: slice = slice(None)) -> Tensor:
         """A batch's labels. The data's own draws are made too (and dropped): the generator's stream is the
         same whether a step needs the data or only its conditions."""
-        return self.batch(n, generator)[1]
+        return self.batch(n, generator, rows)[1]
 
     def eval_set(self, n: int, seed: int):
         from .base import EvalSet

@@ -59,12 +59,13 @@ class WanData:
     def network_inputs(self) -> dict:
         return {"folder": self.model_folder()}
 
-    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        latents, embeds = self.cache.sample(n, generator)
+    def batch(self, n: int, generator: torch.Generator, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rows`` of a batch of ``n`` items drawn from the cache: only those rows are read."""
+        latents, embeds = self.cache.sample(n, generator, rows)
         return latents.permute(0, 2, 1, 3, 4), embeds   # (B, C, F, H, W) -> (B, F, C, H, W)
 
-    def conditions(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return self.cache.sample_embeddings(n, generator)
+    def conditions(self, n: int, generator: torch.Generator, rows: slice = slice(None)) -> torch.Tensor:
+        return self.cache.sample_embeddings(n, generator, rows)
 
     def eval_set(self, n: int, seed: int):
         raise UsageError("the wan world has no evaluation set yet: export the student with `anystep export` and "

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..base import EvalSet
+from ..base import ALL, EvalSet
 from .judge import ShapesJudge
 from .scene import ClipSpec, ShapesConfig, ShapesWorld
 from .text import TextConfig, TextEmbedder
@@ -38,13 +38,14 @@ class ShapesData:
         idx = torch.tensor([self.world.prompt_index(s) for s in specs], device="cpu")
         return self.prompt_embeds[idx]
 
-    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        videos, specs = self.world.sample(n, generator)
-        return videos, self.embed(specs)
+    def batch(self, n: int, generator: torch.Generator, rows: slice = ALL) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rows`` of a batch of ``n`` clips (only those are rendered) and their prompts' embeddings."""
+        specs = self.world.sample_specs(n, generator)[rows]
+        return self.world.render(specs), self.embed(specs)
 
-    def conditions(self, n: int, generator: torch.Generator) -> torch.Tensor:
+    def conditions(self, n: int, generator: torch.Generator, rows: slice = ALL) -> torch.Tensor:
         """A batch's prompt embeddings, drawn as :meth:`batch` draws them, without rendering the clips."""
-        return self.embed(self.world.sample_specs(n, generator))
+        return self.embed(self.world.sample_specs(n, generator)[rows])
 
     def eval_set(self, n: int, seed: int) -> EvalSet:
         g = torch.Generator().manual_seed(seed)

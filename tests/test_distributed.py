@@ -1,0 +1,244 @@
+"""Many processes train what one does: the global batch and its parts, gradient accumulation, and (slow lane)
+``torchrun --nproc-per-node=2`` with gloo on the CPU against one process, for the gmm world and the tiny-Wan path,
+plus a rank killed mid-run.
+
+Tolerances: the split changes only the order in which floats are summed (the per-sample values are the same
+numbers, drawn for the whole batch and cut), so losses agree to ~1e-6 relative and weights after a few AdamW
+steps to ~1e-5; a wrong draw, a missing gradient sum or a mis-scaled loss is off by 1e-2 or more.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from anystep import rng
+from anystep import time as T
+from anystep.config import ConfigError, resolve
+from anystep.errors import UsageError
+from anystep.global_batch import Part, parts_of
+from anystep.objectives.conditioning import drop_condition
+from anystep.recipes import train
+from anystep.train.checkpoint import find_checkpoint
+from anystep.train.loop import TrainConfig
+
+
+# ---------------------------------------------------------------------------------------------- the parts
+def test_parts_tile_the_global_batch_round_by_round():
+    rows = [(r, j, parts_of(r, 2, 3)[j].rows(12)) for r in range(2) for j in range(3)]
+    covered = sorted(i for _, _, s in rows for i in range(s.start, s.stop))
+    assert covered == list(range(12))
+    # round j = rows [4j, 4j + 4): rank 0 takes the first half, rank 1 the second
+    assert {(r, j): (s.start, s.stop) for r, j, s in rows}[(1, 2)] == (10, 12)
+    with pytest.raises(UsageError, match="does not split into 6 equal parts"):
+        parts_of(0, 2, 3)[0].rows(8)
+    with pytest.raises(ValueError):
+        Part(2, 2)
+
+
+def _draws(world_size: int, accumulation: int, n: int = 8, seed: int = 3) -> list[torch.Tensor]:
+    """Every per-row draw of a Stage-1 step (times, buckets, dropout, noise), each part drawn from the step's
+    generator state and the parts put back in global row order."""
+    pieces = []
+    for part in sorted((p for r in range(world_size) for p in parts_of(r, world_size, accumulation)),
+                       key=lambda p: p.index):
+        g, rows = torch.Generator().manual_seed(seed), n // part.count
+        pairs = T.sample_time_pairs(rows, 5.0, part=part, generator=g)
+        _, keep = drop_condition(torch.ones(rows, 1), torch.zeros(1, 1), 0.3, rows, g, part)
+        pieces.append((pairs.t, pairs.r, pairs.bucket, keep, rng.noise_like(torch.empty(rows, 2, 3), g, part)))
+    return [torch.cat(column) for column in zip(*pieces)]
+
+
+@pytest.mark.parametrize("world_size, accumulation", [(2, 1), (4, 1), (1, 2), (2, 2), (1, 8)])
+def test_every_draw_is_the_single_batch_one_whatever_the_split(world_size, accumulation):
+    g = torch.Generator().manual_seed(3)
+    pairs = T.sample_time_pairs(8, 5.0, generator=g)
+    _, keep = drop_condition(torch.ones(8, 1), torch.zeros(1, 1), 0.3, 8, g)
+    whole = [pairs.t, pairs.r, pairs.bucket, keep, rng.noise_like(torch.empty(8, 2, 3), g)]
+    for split, one in zip(_draws(world_size, accumulation), whole):
+        assert torch.equal(split, one)
+
+
+def test_stratified_buckets_are_exact_over_the_global_batch():
+    for seed in range(30):
+        buckets = _draws(2, 4, n=16, seed=seed)[2]     # 2 processes x 4 micro-batches of 2
+        assert torch.bincount(buckets, minlength=3).tolist() == [8, 4, 4]
+
+
+def test_accumulation_settings_resolve_or_name_the_problem():
+    assert TrainConfig(batch_size=32).accumulation(16) == 1
+    assert TrainConfig(batch_size=32, micro_batch_size=2).accumulation(1) == 16
+    assert TrainConfig(batch_size=32, micro_batch_size=2).accumulation(8) == 2
+    assert TrainConfig(batch_size=32, grad_accumulation=4, micro_batch_size=4).accumulation(2) == 4
+    for cfg, world, message in [(TrainConfig(batch_size=6), 4, "does not split over 4 processes"),
+                                (TrainConfig(batch_size=8, micro_batch_size=3), 1, "whole micro-batches"),
+                                (TrainConfig(batch_size=8, grad_accumulation=3), 1, "3 equal micro-batches"),
+                                (TrainConfig(batch_size=8, grad_accumulation=2, micro_batch_size=2), 1, "disagrees")]:
+        with pytest.raises(ValueError, match=message):
+            cfg.accumulation(world)
+    with pytest.raises(ValueError, match="grad_accumulation must be >= 1"):
+        TrainConfig(grad_accumulation=0)
+
+
+# ---------------------------------------------------------------------------------------------- accumulation
+FAST = ["train.threads=1", "train.log_every=1", "train.checkpoint_every=1000"]
+
+
+def _weights(run: Path, role: str = "student") -> dict[str, torch.Tensor]:
+    return load_file(str(find_checkpoint(run / "checkpoints") / f"{role}.safetensors"))
+
+
+def _losses(run: Path) -> dict[int, dict[str, float]]:
+    with open(run / "metrics.csv") as f:
+        return {int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("loss/")}
+                for r in csv.DictReader(f)}
+
+
+def assert_same_run(a: Path, b: Path, roles=("student",), max_abs: float = 1e-6):
+    """The same logged losses (rel 1e-5) and the same final weights: every entry within 1e-6 except at most
+    1e-5 of them, which may differ by up to ``max_abs``. (AdamW divides by the root of the squared gradient:
+    where an entry's gradient is at float-noise level, summation order can move its update by up to
+    2 lr per step; with betas (0, 0.999) that is the first step's whole update.)"""
+    la, lb = _losses(a), _losses(b)
+    assert la.keys() == lb.keys()
+    for step in la:
+        for key, value in la[step].items():
+            if key in ("loss/stage1", "loss/flow_matching", "loss/dmd", "loss/critic"):
+                assert lb[step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
+    for role in roles:
+        wa, wb = _weights(a, role), _weights(b, role)
+        assert wa.keys() == wb.keys()
+        diff = torch.cat([(wa[k].double() - wb[k].double()).abs().flatten() for k in wa])
+        assert float(diff.max()) <= max(max_abs, 1e-6), (role, float(diff.max()))
+        assert float((diff > 1e-6).double().mean()) <= 1e-5, (role, int((diff > 1e-6).sum()), diff.numel())
+
+
+@pytest.fixture(scope="module")
+def gmm_teacher(tmp_path_factory):
+    run = tmp_path_factory.mktemp("gmm") / "teacher"
+    train(resolve("gmm_teacher", [f"train.out_dir={run}", "train.steps=40", "train.batch_size=64", *FAST]),
+          progress=False)
+    return run
+
+
+@pytest.mark.parametrize("preset, extra", [
+    ("gmm_teacher", []),
+    ("gmm_stage1", ["stage1.rebalance_power=0"]),
+])
+def test_gradient_accumulation_trains_what_one_batch_trains(preset, extra, gmm_teacher, tmp_path):
+    role = "teacher" if preset == "gmm_teacher" else "student"
+    common = [*FAST, "train.steps=6", "train.batch_size=8", *extra,
+              *([] if role == "teacher" else [f"model.init={gmm_teacher}"])]
+    one, acc = tmp_path / "one", tmp_path / "acc"
+    train(resolve(preset, [*common, f"train.out_dir={one}"]), progress=False)
+    train(resolve(preset, [*common, f"train.out_dir={acc}", "train.micro_batch_size=4"]), progress=False)
+    assert_same_run(one, acc, roles=(role,))
+
+
+def test_a_batch_that_does_not_split_is_a_config_error(gmm_teacher, tmp_path):
+    with pytest.raises(ConfigError, match="micro-batches"):
+        train(resolve("gmm_stage1", [*FAST, "train.steps=1", "train.batch_size=8", "train.micro_batch_size=3",
+                                     f"model.init={gmm_teacher}", f"train.out_dir={tmp_path / 'r'}"]),
+              progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+def torchrun(nproc: int, *argv: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node=nproc -m anystep ARGV`` on the CPU (gloo), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "anystep", *argv, "--no-progress"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if "ANYSTEP_FAULT" not in (env or {}):
+        full_env.pop("ANYSTEP_FAULT", None)
+    out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600, check=False)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_gmm_processes_train_what_one_does_stage1_and_stage2(gmm_teacher, tmp_path):
+    """Stage 1 with the rebalance on (its diffusion mean summed over both processes) and Stage 2 (DMD against
+    the exact teacher, a critic, the co-trained loss): 2 processes x 4 rows = 1 process x 8 rows."""
+    s1 = ["--config", "gmm_stage1", f"model.init={gmm_teacher}", "train.steps=6", "train.batch_size=8", *FAST]
+    train(resolve("gmm_stage1", [*s1[2:], f"train.out_dir={tmp_path / 's1_one'}"]), progress=False)
+    torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 's1_two'}")
+    assert_same_run(tmp_path / "s1_one", tmp_path / "s1_two")
+    s2 = ["--config", "gmm_stage2", f"model.init={tmp_path / 's1_one'}", "train.steps=4", "train.batch_size=8",
+          "stage2.dmd_batch_size=4", *FAST]
+    train(resolve("gmm_stage2", [*s2[2:], f"train.out_dir={tmp_path / 's2_one'}"]), progress=False)
+    out = torchrun(2, "stage2", *s2, f"train.out_dir={tmp_path / 's2_two'}")
+    assert_same_run(tmp_path / "s2_one", tmp_path / "s2_two", roles=("student", "critic", "student_ema"),
+                    max_abs=2 * 5e-5 * 4)   # 2 lr x steps
+    # rank 0 alone wrote: one metrics file with one row per logged step, one config, checkpoints complete
+    assert len(_losses(tmp_path / "s2_two")) == 4 and (tmp_path / "s2_two" / "config.yaml").is_file()
+    assert out.stdout.count("s2_two") <= out.stdout.count("\n") + 1
+
+
+@pytest.mark.slow
+def test_two_processes_with_accumulation_train_what_one_process_does(gmm_teacher, tmp_path):
+    """2 processes x 2 micro-batches of 2 rows = 1 process x 8 rows (Stage 1, rebalance off: with accumulation
+    its diffusion mean is per round of micro-batches)."""
+    s1 = ["--config", "gmm_stage1", f"model.init={gmm_teacher}", "train.steps=5", "train.batch_size=8",
+          "stage1.rebalance_power=0", *FAST]
+    train(resolve("gmm_stage1", [*s1[2:], f"train.out_dir={tmp_path / 'one'}"]), progress=False)
+    torchrun(2, "stage1", *s1, "train.micro_batch_size=2", f"train.out_dir={tmp_path / 'two'}")
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_job_and_a_resume_on_one_process_finishes_the_same_run(gmm_teacher, tmp_path):
+    s1 = ["--config", "gmm_stage1", f"model.init={gmm_teacher}", "train.steps=8", "train.batch_size=8",
+          "train.threads=1", "train.log_every=1", "train.checkpoint_every=4"]
+    torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'whole'}")
+    killed = torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'killed'}",
+                      env={"ANYSTEP_FAULT": "mid_step:6@1"}, check=False)
+    assert killed.returncode != 0
+    assert "Signals.SIGKILL" in killed.stderr or "exitcode" in killed.stderr, killed.stderr[-2000:]
+    ckpts = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert ckpts == ["step_000004"] and (tmp_path / "killed" / "checkpoints" / "step_000004" / "COMPLETE").exists()
+    train(resolve("gmm_stage1", [*s1[2:], f"train.out_dir={tmp_path / 'killed'}"]), resume=True, progress=False)
+    assert_same_run(tmp_path / "whole", tmp_path / "killed", roles=("student", "student_ema"))
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    from anystep.cli import main
+    from anystep.models.tiny_folder import build_tiny_wan_folder, write_tiny_clips
+    root = tmp_path_factory.mktemp("tiny_wan")
+    wan = build_tiny_wan_folder(root / "wan")
+    clips = write_tiny_clips(root / "clips", n=4, frames=9, height=48, width=64, speed=4)
+    assert main(["cache", "--model", str(wan), "--videos", str(clips), "--out", str(root / "cache"), "--frames", "5",
+                 "--height", "32", "--width", "32", "--dtype", "float32", "--no-progress"]) == 0
+    return root, [f"world.wan.model={wan}", f"world.wan.data={root / 'cache'}"]
+
+
+# fp32 everywhere: in bf16 a batch of 2 and two batches of 1 round differently (~1e-2), which would hide nothing
+WAN = ["model.lora_rank=4", "model.lora_alpha=8", "model.base_dtype=float32", "train.mixed_precision=fp32",
+       "train.batch_size=4", "train.micro_batch_size=2", "train.threads=1", "train.log_every=1"]
+
+
+@pytest.mark.slow
+def test_two_tiny_wan_processes_train_what_one_does_stage1_and_stage2(tiny_wan, tmp_path):
+    """The real path (LoRA on a frozen Wan base, latents from the cache, each process reading its rows):
+    2 processes x 2 rows = 1 process x 4 rows, Stage 1 and Stage 2 (teacher: the raw model)."""
+    _, world = tiny_wan
+    s1 = ["--config", "wan1.3b_stage1", *world, *WAN, "train.steps=3", "optim.student.lr=1e-3",
+          "optim.student.warmup_steps=1"]
+    one = ["train.micro_batch_size=4"]
+    train(resolve("wan1.3b_stage1", [*s1[2:], *one, f"train.out_dir={tmp_path / 's1_one'}"]), progress=False)
+    torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 's1_two'}")
+    assert_same_run(tmp_path / "s1_one", tmp_path / "s1_two", max_abs=2 * 1e-3 * 3)
+    s2 = ["--config", "wan1.3b_stage2", *world, *WAN, "train.steps=2", "stage2.rollout_steps=[2,4]",
+          "stage2.dmd_batch_size=4", "stage2.teacher=null", "optim.student.lr=1e-3", "optim.critic.lr=1e-3",
+          f"model.init={tmp_path / 's1_one'}"]
+    train(resolve("wan1.3b_stage2", [*s2[2:], *one, f"train.out_dir={tmp_path / 's2_one'}"]), progress=False)
+    torchrun(2, "stage2", *s2, f"train.out_dir={tmp_path / 's2_two'}")
+    assert_same_run(tmp_path / "s2_one", tmp_path / "s2_two", roles=("student", "critic"), max_abs=2 * 1e-3 * 2)
