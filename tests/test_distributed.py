@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -204,8 +205,11 @@ def test_a_killed_rank_stops_the_job_and_a_resume_on_one_process_finishes_the_sa
     assert "Signals.SIGKILL" in killed.stderr or "exitcode" in killed.stderr, killed.stderr[-2000:]
     ckpts = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.startswith("step"))
     assert ckpts == ["step_000004"] and (tmp_path / "killed" / "checkpoints" / "step_000004" / "COMPLETE").exists()
+    shutil.copytree(tmp_path / "killed", tmp_path / "killed_2")
     train(resolve("gmm_stage1", [*s1[2:], f"train.out_dir={tmp_path / 'killed'}"]), resume=True, progress=False)
     assert_same_run(tmp_path / "whole", tmp_path / "killed", roles=("student", "student_ema"))
+    torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'killed_2'}", "--resume")    # and on 2 processes
+    assert_same_run(tmp_path / "whole", tmp_path / "killed_2", roles=("student", "student_ema"))
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +246,90 @@ def test_two_tiny_wan_processes_train_what_one_does_stage1_and_stage2(tiny_wan, 
     train(resolve("wan1.3b_stage2", [*s2[2:], *one, f"train.out_dir={tmp_path / 's2_one'}"]), progress=False)
     torchrun(2, "stage2", *s2, f"train.out_dir={tmp_path / 's2_two'}")
     assert_same_run(tmp_path / "s2_one", tmp_path / "s2_two", roles=("student", "critic"), max_abs=2 * 1e-3 * 2)
+
+
+def _cache_items(folder: Path) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+    from anystep.data.latent_cache import LatentCache
+    cache = LatentCache(folder)
+    return [(i, c, *cache.item(k)) for k, (i, c) in enumerate(zip(cache.ids, cache.captions))]
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    one, two = _cache_items(a), _cache_items(b)
+    assert [x[:2] for x in one] == [x[:2] for x in two] and len(one) > 0
+    for x, y in zip(one, two):
+        assert torch.equal(x[2], y[2]) and torch.equal(x[3], y[3]), x[0]
+
+
+@pytest.mark.slow
+def test_two_processes_cache_and_synthesize_what_one_process_writes(tiny_wan, tmp_path):
+    """Each process writes its chunks of the items into its own part; rank 0 joins them: the same items in the
+    same order with the same tensors. A run cut short on 2 processes is finished by 1 process."""
+    from anystep.cli import main
+    root, world = tiny_wan
+    wan, clips = world[0].split("=", 1)[1], root / "clips"
+    cache = ["cache", "--model", wan, "--videos", str(clips), "--frames", "5", "--height", "32", "--width", "32",
+             "--dtype", "float32", "--shard-size", "1"]
+    assert main([*cache, "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    torchrun(2, *cache, "--out", str(tmp_path / "two"))
+    assert_same_cache(tmp_path / "one", tmp_path / "two")
+    assert len(list((tmp_path / "two" / "parts").iterdir())) == 2
+    torchrun(2, *cache, "--out", str(tmp_path / "resumed"), "--limit", "3")          # cut short ...
+    assert len(_cache_items(tmp_path / "resumed")) == 3
+    shutil.rmtree(tmp_path / "resumed" / "parts" / "rank-00001-of-00002")          # ... rank 1's work lost,
+    (tmp_path / "resumed" / "index.json").unlink()                                 # never joined
+    assert main([*cache, "--out", str(tmp_path / "resumed"), "--no-progress"]) == 0  # ... finished by one
+    assert_same_cache(tmp_path / "one", tmp_path / "resumed")
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red block moving right\na blue disk moving left\na green block moving up\n")
+    synth = ["synthesize", "--model", wan, "--prompts", str(prompts), "--steps", "2", "--frames", "5",
+             "--height", "32", "--width", "32", "--dtype", "float32", "--shard-size", "1"]
+    assert main([*synth, "--out", str(tmp_path / "s_one"), "--no-progress"]) == 0
+    torchrun(2, *synth, "--out", str(tmp_path / "s_two"))
+    assert_same_cache(tmp_path / "s_one", tmp_path / "s_two")
+
+
+def test_one_process_commands_refuse_torchrun(monkeypatch, capsys):
+    from anystep.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["sweep", "runs/none"]) == 2
+    assert "runs in one process; start it without torchrun" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the README
+def _readme_torchrun_lines() -> list[list[str]]:
+    import re
+    import shlex
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Many processes"):]
+    section = section[:section.index("\n## ", 1)]
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
+    return [shlex.split(line) for line in block.splitlines() if line.startswith("torchrun")]
+
+
+def test_readme_torchrun_lines_are_valid_commands(capsys):
+    """Each ``torchrun`` line of the README: launcher flags the tests use or torchrun documents, then an
+    anystep command that parses (training commands resolve their preset with ``--dry-run``)."""
+    from anystep.cli import main, parse
+    lines = _readme_torchrun_lines()
+    assert len(lines) == 4
+    launcher = {"--standalone", "--nproc-per-node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id"}
+    for argv in lines:
+        m = argv.index("-m")
+        assert argv[m + 1] == "anystep" and {a.split("=")[0] for a in argv[1:m]} <= launcher, argv
+        command = [a.replace("$WAN", "models/wan").replace("$HEAD", "head") for a in argv[m + 2:]]
+        if command[0] in ("cache", "synthesize"):
+            assert parse(command).command == command[0]
+        else:
+            assert main([*command, "--dry-run"]) == 0
+
+
+@pytest.mark.slow
+def test_readme_cpu_torchrun_line_trains_what_one_process_trains(tmp_path):
+    cpu = next(argv for argv in _readme_torchrun_lines() if "gmm_teacher" in argv)
+    m = cpu.index("-m")
+    extra = ["train.steps=10", "train.batch_size=64", *FAST]
+    torchrun(int(cpu[m - 1].split("=")[1]), *cpu[m + 2:], *extra, f"train.out_dir={tmp_path / 'two'}")
+    train(resolve("gmm_teacher", [*extra, f"train.out_dir={tmp_path / 'one'}"]), progress=False)
+    assert_same_run(tmp_path / "one", tmp_path / "two", roles=("teacher",))

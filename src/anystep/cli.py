@@ -24,6 +24,7 @@ with exit status 2; anything else keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -303,32 +304,46 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def cmd_cache(args) -> int:
+@contextlib.contextmanager
+def _split(args):
+    """A data command's place among torchrun's processes: (the processes, its rank, world size, barrier and
+    device as keyword arguments); one process without a launcher."""
     from .build import resolve_device
+    from .train import distributed
+
+    with distributed.session(args.device) as p:
+        yield p, {"rank": p.rank, "world_size": p.world_size, "barrier": p.barrier,
+                  "device": resolve_device(args.device, p)}
+
+
+def cmd_cache(args) -> int:
     from .data.encode import cache_videos
     from .data.video_io import OFFICIAL_FPS
 
     fps = args.fps if args.fps is not None else (None if args.stride is not None else OFFICIAL_FPS)
-    out = cache_videos(args.model, args.videos, args.out, frames=args.frames, height=args.height, width=args.width,
-                       fps=fps, stride=args.stride, resize=args.resize, max_text_len=args.max_text_len,
-                       shard_size=args.shard_size, batch_size=args.batch_size, dtype=args.dtype,
-                       device=resolve_device(args.device), progress=not args.no_progress, limit=args.limit)
-    print(f"cache: {out} (train with world.wan.data={out})")
+    with _split(args) as (processes, where):
+        out = cache_videos(args.model, args.videos, args.out, frames=args.frames, height=args.height,
+                           width=args.width, fps=fps, stride=args.stride, resize=args.resize,
+                           max_text_len=args.max_text_len, shard_size=args.shard_size, batch_size=args.batch_size,
+                           dtype=args.dtype, progress=not args.no_progress, limit=args.limit, **where)
+    if processes.main:
+        print(f"cache: {out} (train with world.wan.data={out})")
     return 0
 
 
 def cmd_synthesize(args) -> int:
-    from .build import resolve_device
     from .data.synthesize import read_prompts, synthesize
     from .recipes import teacher_transformer
 
     transformer = teacher_transformer(args.teacher, args.model) if args.teacher else None
-    out = synthesize(args.model, read_prompts(args.prompts), args.out, steps=args.steps, guidance=args.guidance,
-                     frames=args.frames, height=args.height, width=args.width, seed=args.seed,
-                     batch_size=args.batch_size, max_text_len=args.max_text_len, shard_size=args.shard_size,
-                     dtype=args.dtype, device=resolve_device(args.device), transformer=transformer,
-                     progress=not args.no_progress)
-    print(f"cache: {out} (train with world.wan.data={out})")
+    with _split(args) as (processes, where):
+        out = synthesize(args.model, read_prompts(args.prompts), args.out, steps=args.steps,
+                         guidance=args.guidance, frames=args.frames, height=args.height, width=args.width,
+                         seed=args.seed, batch_size=args.batch_size, max_text_len=args.max_text_len,
+                         shard_size=args.shard_size, dtype=args.dtype, transformer=transformer,
+                         progress=not args.no_progress, **where)
+    if processes.main:
+        print(f"cache: {out} (train with world.wan.data={out})")
     return 0
 
 
@@ -368,6 +383,16 @@ def cmd_tiny_wan(args) -> int:
 # ------------------------------------------------------------------------------------------------------ main
 HANDLERS = {"demo": cmd_demo, "sample": cmd_sample, "sweep": cmd_sweep, "cache": cmd_cache,
             "synthesize": cmd_synthesize, "export": cmd_export, "tiny-wan": cmd_tiny_wan}
+ONE_PROCESS = ("demo", "sample", "sweep", "export", "tiny-wan")   # the others run under torchrun too
+
+
+def _check_launcher(command: str) -> None:
+    """A command that runs in one process refuses torchrun's many (each copy would write the same files)."""
+    from .train.distributed import launched
+
+    if command in ONE_PROCESS and launched():
+        raise UsageError(f"`anystep {command}` runs in one process; start it without torchrun (the training "
+                         "commands, cache and synthesize run under it)")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -397,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     torch.set_flush_denormal(True)  # subnormal floats made CPU steps 10-30x slower
     try:
+        _check_launcher(args.command)
         return HANDLERS.get(args.command, cmd_train)(args)
     except user_errors() as err:
         print(f"anystep {args.command}: error: {err}", file=sys.stderr)

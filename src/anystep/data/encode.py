@@ -11,18 +11,23 @@ loaded. A second call with the same settings resumes: ids already in the cache a
 Frames are prepared as the official code does by default (``video_io.VideoPrep``): resampled to 16 fps from
 the source's frame rate and stretched to the target size without crop; ``stride=N`` (with ``fps=None``) and
 ``resize="crop"`` give the older fixed-stride, centre-crop preparation. The choice is in the header.
+
+Under ``torchrun`` each process caches its share of the items into its own part of the cache, and rank 0 joins
+the parts into one index at the end (:mod:`anystep.data.cache_parts`).
 """
 
 from __future__ import annotations
 
 import gc
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..models.folder import require_local_folder
-from .latent_cache import ShardWriter, torch_dtype, write_null_embedding
+from .cache_parts import chunks_of, done_everywhere, join_parts, part_dir
+from .latent_cache import ShardWriter, read_index, torch_dtype, write_null_embedding
 from .text import WAN_NEGATIVE_PROMPT, encode_prompts
 from .video_io import (
     OFFICIAL_FPS,
@@ -105,7 +110,8 @@ def cache_videos(model: str | Path, source: str | Path, out_dir: str | Path, *, 
                  stride: int | None = None, resize: str = "stretch", max_text_len: int = 512,
                  shard_size: int = 64, batch_size: int = 1, dtype: str = "bfloat16",
                  device: str | torch.device = "cpu", negative_prompt: str = WAN_NEGATIVE_PROMPT,
-                 progress: bool = True, limit: int | None = None) -> Path:
+                 progress: bool = True, limit: int | None = None, rank: int = 0, world_size: int = 1,
+                 barrier: Callable[[], None] | None = None) -> Path:
     """Cache the (video, caption) pairs of ``source`` (see ``video_io``) as latents + embeddings in ``out_dir``.
 
     Frames: ``fps`` (official 16) resamples each video in time from its container's frame rate; with
@@ -113,7 +119,8 @@ def cache_videos(model: str | Path, source: str | Path, out_dir: str | Path, *, 
     ``"stretch"`` (official: the whole frame, aspect not kept) or ``"crop"`` (centre-crop). Videos too short
     for ``frames`` frames, or without a frame rate when one is needed, are skipped with a warning.
     ``limit`` caches only the first ``limit`` items of the source (in its fixed order); calling again
-    with a larger or no limit continues. Returns ``out_dir``."""
+    with a larger or no limit continues. ``rank`` of ``world_size`` processes caches its chunks of the items;
+    ``barrier`` waits for all of them (rank 0 then writes the joined index). Returns ``out_dir``."""
     from tqdm.auto import tqdm
 
     check_video_shape(frames, height, width)
@@ -124,24 +131,34 @@ def cache_videos(model: str | Path, source: str | Path, out_dir: str | Path, *, 
     header = cache_header(folder, vae, text_encoder, frames=frames, height=height, width=width, prep=prep,
                           max_text_len=max_text_len, dtype=dtype, negative_prompt=negative_prompt,
                           videos=source)
-    with torch.no_grad(), ShardWriter(out_dir, shard_size, header) as writer:
+    many = world_size > 1
+    with torch.no_grad(), ShardWriter(part_dir(out_dir, rank, world_size) if many else out_dir, shard_size,
+                                      header) as writer:
         null = encode_prompts(tokenizer, text_encoder, [negative_prompt], max_text_len)[0]
-        write_null_embedding(out_dir, null, negative_prompt, dtype)
-        done = writer.done_ids()
-        todo = [it for it in items if it.id not in done]
-        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="caching videos", unit="video",
-                   disable=not progress)
-        for start in range(0, len(todo), batch_size):
-            kept, videos = decode_batch(todo[start:start + batch_size], writer, frames, height, width, prep)
-            if kept:
-                latents = encode_videos(vae, torch.stack(videos))
-                embeds = encode_prompts(tokenizer, text_encoder, [it.caption for it in kept], max_text_len)
-                for item, z, e in zip(kept, latents, embeds):
-                    writer.add(item.id, z, e, item.caption)
-            bar.update(len(todo[start:start + batch_size]))
+        if rank == 0:
+            write_null_embedding(out_dir, null, negative_prompt, dtype)
+        done = done_everywhere(out_dir)
+        groups = [items[c.start:c.stop] for c in chunks_of(len(items), shard_size, rank, world_size)] if many \
+            else [items]
+        todo = [[it for it in group if it.id not in done] for group in groups]
+        mine, left = sum(map(len, groups)), sum(map(len, todo))
+        bar = tqdm(total=mine, initial=mine - left, desc="caching videos", unit="video",
+                   disable=not progress or rank != 0)
+        for group in todo:
+            for start in range(0, len(group), batch_size):
+                kept, videos = decode_batch(group[start:start + batch_size], writer, frames, height, width, prep)
+                if kept:
+                    latents = encode_videos(vae, torch.stack(videos))
+                    embeds = encode_prompts(tokenizer, text_encoder, [it.caption for it in kept], max_text_len)
+                    for item, z, e in zip(kept, latents, embeds):
+                        writer.add(item.id, z, e, item.caption)
+                bar.update(len(group[start:start + batch_size]))
+            if many:
+                writer.flush()   # one shard per chunk: the joined index keeps the source's order
         bar.close()
-    skipped = len(writer.index["skipped"])
-    if skipped:
+    join_parts(out_dir, [it.id for it in items], rank, world_size, barrier)
+    skipped = len(read_index(out_dir)["skipped"]) if many else len(writer.index["skipped"])
+    if skipped and rank == 0:
         warnings.warn(f"{skipped} of {len(items)} videos were skipped (unreadable, too short, or no frame rate); "
                       f"they are listed under 'skipped' in {Path(out_dir) / 'index.json'}", stacklevel=2)
     del vae, text_encoder

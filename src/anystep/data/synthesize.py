@@ -13,6 +13,7 @@ saw. Item ``i`` (id ``f"{i:08d}"``) is sampled from its own generator seeded ``s
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -20,8 +21,9 @@ import torch
 
 from ..errors import UsageError
 from ..models.folder import require_local_folder
+from .cache_parts import chunks_of, done_everywhere, indexes, join_parts, part_dir
 from .encode import free_memory, latent_shape
-from .latent_cache import INDEX, LatentCache, ShardWriter, torch_dtype, write_null_embedding
+from .latent_cache import LatentCache, ShardWriter, torch_dtype, write_null_embedding
 from .text import WAN_NEGATIVE_PROMPT, encode_prompts, pad_embeddings
 from .video_io import check_video_shape
 
@@ -84,10 +86,13 @@ def synthesis_header(folder: Path, pipe, *, steps: int, guidance: float, frames:
 
 
 def check_prompts_unchanged(out_dir: Path, prompts: list[str]) -> None:
-    """A resumed run must use the same prompt at every index already cached."""
-    if not (out_dir / INDEX).is_file():
-        return
-    cache = LatentCache(out_dir)
+    """A resumed run must use the same prompt at every index already cached (in the cache or any part)."""
+    for folder, _ in indexes(out_dir):
+        _check_prompts(folder, out_dir, prompts)
+
+
+def _check_prompts(folder: Path, out_dir: Path, prompts: list[str]) -> None:
+    cache = LatentCache(folder)
     for cached_id, caption in zip(cache.ids, cache.captions):
         i = int(cached_id)
         if i >= len(prompts) or prompts[i].strip() != caption:
@@ -113,8 +118,11 @@ def synthesize(model: str | Path, prompts: list[str], out_dir: str | Path, *, st
                guidance: float = 5.0, frames: int = 81, height: int = 480, width: int = 832, seed: int = 0,
                batch_size: int = 1, max_text_len: int = 512, shard_size: int = 64, dtype: str = "bfloat16",
                device: str | torch.device = "cpu", negative_prompt: str = WAN_NEGATIVE_PROMPT,
-               transformer=None, progress: bool = True) -> Path:
-    """Generate one teacher sample per prompt into a latent cache at ``out_dir`` (resumable). Returns it."""
+               transformer=None, progress: bool = True, rank: int = 0, world_size: int = 1,
+               barrier: Callable[[], None] | None = None) -> Path:
+    """Generate one teacher sample per prompt into a latent cache at ``out_dir`` (resumable). Returns it.
+    ``rank`` of ``world_size`` processes samples its chunks of the prompts (item i always with seed + i, so
+    the samples do not depend on the split); ``barrier`` waits for all of them."""
     from tqdm.auto import tqdm
 
     check_video_shape(frames, height, width)
@@ -126,24 +134,34 @@ def synthesize(model: str | Path, prompts: list[str], out_dir: str | Path, *, st
                               width=width, seed=seed, max_text_len=max_text_len, dtype=dtype,
                               negative_prompt=negative_prompt, transformer=transformer)
     encode = partial(encode_prompts, pipe.tokenizer, pipe.text_encoder, max_len=max_text_len)
-    with ShardWriter(out_dir, shard_size, header) as writer:  # checks the header of an existing cache
+    many = world_size > 1
+    writer = ShardWriter(part_dir(out_dir, rank, world_size) if many else out_dir, shard_size, header)
+    with writer:  # checks the header of an existing cache
         check_prompts_unchanged(out_dir, prompts)
         null = encode([negative_prompt])[0]
-        write_null_embedding(out_dir, null, negative_prompt, dtype)
-        done = writer.done_ids()
-        todo = [i for i in range(len(prompts)) if item_id(i) not in done]
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="teacher samples", unit="video",
-                   disable=not progress)
-        for start in range(0, len(todo), batch_size):
-            indices = todo[start:start + batch_size]
-            embeds = encode([prompts[i] for i in indices])
-            latents = sample_latents(pipe, pad_embeddings(embeds, max_text_len), pad_embeddings([null], max_text_len),
-                                     indices, seed=seed, steps=steps, guidance=guidance, frames=frames,
-                                     height=height, width=width)
-            for i, z, e in zip(indices, latents, embeds):
-                writer.add(item_id(i), z, e, prompts[i].strip())
-            bar.update(len(indices))
+        if rank == 0:
+            write_null_embedding(out_dir, null, negative_prompt, dtype)
+        done = done_everywhere(out_dir)
+        groups = [list(c) for c in chunks_of(len(prompts), shard_size, rank, world_size)] if many \
+            else [list(range(len(prompts)))]
+        todo = [[i for i in group if item_id(i) not in done] for group in groups]
+        mine, left = sum(map(len, groups)), sum(map(len, todo))
+        bar = tqdm(total=mine, initial=mine - left, desc="teacher samples", unit="video",
+                   disable=not progress or rank != 0)
+        for group in todo:
+            for start in range(0, len(group), batch_size):
+                indices = group[start:start + batch_size]
+                embeds = encode([prompts[i] for i in indices])
+                latents = sample_latents(pipe, pad_embeddings(embeds, max_text_len),
+                                         pad_embeddings([null], max_text_len), indices, seed=seed, steps=steps,
+                                         guidance=guidance, frames=frames, height=height, width=width)
+                for i, z, e in zip(indices, latents, embeds):
+                    writer.add(item_id(i), z, e, prompts[i].strip())
+                bar.update(len(indices))
+            if many:
+                writer.flush()   # one shard per chunk: the joined index keeps the prompts' order
         bar.close()
+    join_parts(out_dir, [item_id(i) for i in range(len(prompts))], rank, world_size, barrier)
     del pipe
     free_memory()
     return out_dir
