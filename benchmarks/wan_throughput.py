@@ -45,6 +45,10 @@ Setup, as the official recipe trains (``wan1.3b_stage1`` / ``wan1.3b_stage2`` pr
   timing       median of ``--repeats`` (default 3) after ``--warmup`` (default 1), ``torch.cuda.synchronize``
                around each; peak memory = ``torch.cuda.max_memory_allocated`` over the timed steps (reset
                after warm-up, so weights, optimizer states and EMA are in it).
+  --fsdp       the base and its adapters sharded by anystep's FSDP2 path (``train.parallel=fsdp``:
+               ``fully_shard`` per block and root, bf16 gathered weights, fp32 reduction) in one process: what
+               the sharding machinery costs in time and memory beside the unsharded rows (with W processes the
+               weights per process shrink W-fold; one GPU cannot show that). Rows say "(FSDP2, 1 process)".
   sizes        81x480x832 first; on ``torch.OutOfMemoryError`` the measurement is retried at 49, 33 and 17
                frames, then the same at 240x416 (``--sizes`` to choose); the table's size column says which
                size each row was measured at.
@@ -80,6 +84,8 @@ from diffusers import AnyFlowTransformer3DModel, WanTransformer3DModel
 from anystep.backward_simulation import RolloutPlan
 from anystep.models.roles import SharedBase
 from anystep.models.wan import _SHARED_KEYS
+from anystep.train import sharding
+from anystep.train.distributed import Processes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # _common, also when loaded as a module (gpu_check)
 from _common import make_method, pin_plan, random_world, step_times, trainer_for, with_section
@@ -385,6 +391,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls/steps")
     ap.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device, TFLOP/s")
+    ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 in one process (train.parallel=fsdp)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: forward, stage1, stage2")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return _checked(ap, ap.parse_args(argv))
@@ -438,7 +445,14 @@ class Bench:
         return random_world((f, self.cfg["in_channels"], h, w), self.args.text_len, self.cfg["text_dim"], self.device)
 
     def shared(self, roles: Sequence[str]) -> SharedBase:
-        return build_shared(self.cfg, self.device, self.dtype, self.args.rank, roles, self.checkpointing)
+        shared = build_shared(self.cfg, self.device, self.dtype, self.args.rank, roles, self.checkpointing)
+        if self.args.fsdp:   # every role's view over the one base, sharded as a training run shards it
+            views = {name: shared.role(name) for name in (*roles, "teacher")}
+            sharding.shard_roles(views, Processes(), self.device, bf16=True)
+        return shared
+
+    def label(self, name: str) -> str:
+        return f"{name} (FSDP2, 1 process)" if self.args.fsdp else name
 
     def fallback(self, name: str, run: Callable[[VideoSize], dict[str, Any]], shared: SharedBase):
         return with_fallback(name, self.args.sizes, run, shared, self.device, self.patch)
@@ -458,7 +472,8 @@ def print_header(b: Bench) -> None:
           f"{b.device_name}; base {a.base_dtype}, LoRA r = alpha = {a.rank} (fp32, AdamW, EMA), "
           f"gradient checkpointing {'on' if b.checkpointing else 'off'}, bf16 autocast, text {a.text_len} "
           f"tokens; forward/Stage-1 batch {a.batch}, Stage-2 data batch {b.stage2_batch} with DMD batch "
-          f"{b.dmd_batch}, rollout plan fixed at N={a.plan.n}, k={a.plan.k}; peak "
+          f"{b.dmd_batch}, rollout plan fixed at N={a.plan.n}, k={a.plan.k}; "
+          f"{'FSDP2-sharded in one process; ' if a.fsdp else ''}peak "
           f"{'n/a' if b.peak is None else f'{b.peak:g} TFLOP/s bf16 dense'}", flush=True)
 
 
@@ -471,9 +486,9 @@ def measure_forwards(b: Bench, shared: SharedBase, counter: ForwardCounter) -> N
                                  b.args.warmup, b.args.repeats)
             return {"seconds": statistics.median(times), "flops": counter.call_flops(counter.calls[-1])}
         size, res = b.fallback(f"forward {role}", run, shared)
-        b.add(size, f"forward {role}, no grad (s)", res.get("seconds"))
-        b.add(size, f"forward {role} (TFLOP)", res["flops"] / 1e12 if res else None)
-        b.add(size, f"forward {role} MFU (%)", b.mfu(res["flops"], res["seconds"]) if res else None)
+        b.add(size, b.label(f"forward {role}, no grad (s)"), res.get("seconds"))
+        b.add(size, b.label(f"forward {role} (TFLOP)"), res["flops"] / 1e12 if res else None)
+        b.add(size, b.label(f"forward {role} MFU (%)"), b.mfu(res["flops"], res["seconds"]) if res else None)
 
 
 def report_steps(b: Bench, name: str, size: VideoSize | None, res: dict[str, Any]) -> None:
@@ -489,7 +504,7 @@ def measure_stage1(b: Bench, shared: SharedBase, counter: ForwardCounter) -> Non
     def run(size: VideoSize) -> dict[str, Any]:
         method = make_method("stage1", {"student": shared.role("student")}, b.world(size), b.args.batch)
         return time_steps(method, "stage1", counter, b.device, b.args.warmup, b.args.repeats)
-    report_steps(b, "Stage 1", *b.fallback("Stage 1", run, shared))
+    report_steps(b, b.label("Stage 1"), *b.fallback("Stage 1", run, shared))
 
 
 def forward_and_stage1(b: Bench) -> None:
@@ -518,7 +533,7 @@ def stage2(b: Bench) -> None:
         roles = {name: shared.role(name) for name in ("student", "critic", "teacher")}
         method = pin_plan(make_method("stage2", roles, b.world(size), b.stage2_batch, stage2=section), b.args.plan)
         return time_steps(method, "stage2", counter, b.device, b.args.warmup, b.args.repeats)
-    report_steps(b, "Stage 2", *b.fallback("Stage 2", run, shared))
+    report_steps(b, b.label("Stage 2"), *b.fallback("Stage 2", run, shared))
     counter.remove()
 
 
@@ -533,9 +548,34 @@ def write_json(b: Bench) -> None:
     print(f"wrote {a.json}")
 
 
+@contextlib.contextmanager
+def one_process_group(device: torch.device, wanted: bool):
+    """A process group of one (FSDP2 needs one), left again at the end when this made it."""
+    import torch.distributed as dist
+
+    made = wanted and not dist.is_initialized()
+    if made:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if made:
+            dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark; prints the table and returns its rows (dicts: device, size, metric, value)."""
     b = setup(argv)
+    with one_process_group(b.device, b.args.fsdp):
+        return _run(b)
+
+
+def _run(b: Bench) -> list[dict[str, Any]]:
     print_header(b)
     forward_and_stage1(b)
     free_memory(None, b.device)        # the Stage-1 base is gone before the Stage-2 base is built

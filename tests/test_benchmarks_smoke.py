@@ -63,6 +63,18 @@ def test_tiny_cpu_run_prints_forward_stage1_stage2_rows(bench, capsys, tmp_path)
     assert saved["rows"] == rows and saved["config"]["plan"] == [4, 1]
 
 
+def test_tiny_cpu_run_with_fsdp_times_the_sharded_steps(bench, capsys):
+    """``--fsdp``: the same steps with the base and adapters sharded by anystep's FSDP2 path (a group of one
+    process, left again at the end)."""
+    import torch.distributed as dist
+
+    rows = bench.main(["--size", "tiny", "--device", "cpu", "--repeats", "1", "--fsdp", "--skip", "forward"])
+    values = {r["metric"]: r["value"] for r in rows}
+    assert values["Stage 1 (FSDP2, 1 process) step (s)"] > 0 and values["Stage 2 (FSDP2, 1 process) step (s)"] > 0
+    assert 44 <= values["Stage 2 (FSDP2, 1 process) sample-forwards/step (backward = 3)"] <= 48
+    assert "FSDP2-sharded in one process" in capsys.readouterr().out and not dist.is_initialized()
+
+
 def test_forward_flops_match_torch_flop_counter(bench):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode

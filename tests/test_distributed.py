@@ -150,7 +150,35 @@ def test_a_batch_that_does_not_split_is_a_config_error(gmm_teacher, tmp_path):
               progress=False)
 
 
+def test_the_parallelism_is_chosen_by_size_and_what_fsdp_cannot_run_is_refused(monkeypatch, gmm_teacher, tmp_path):
+    from torch import nn
+
+    from anystep import build
+    from anystep.train.distributed import Processes
+    two, cfg = Processes(0, 2, 0), resolve("gmm_stage1", [f"model.init={gmm_teacher}"])
+    roles = {"student": nn.Linear(4, 4), "teacher": nn.Linear(4, 4)}
+    assert build._parallel(cfg, roles, two) == "ddp"            # auto: 40 parameters
+    monkeypatch.setattr(build, "FSDP_FROM", 40)
+    assert build._parallel(cfg, roles, two) == "fsdp"           # auto: from FSDP_FROM parameters on
+    monkeypatch.setattr(build, "is_causal", lambda m: True)
+    build._parallel(resolve("shapes_far_stage1", ["train.parallel=fsdp"]), roles, two)   # teacher forcing: runs
+    with pytest.raises(ConfigError, match="causal"):
+        build._parallel(resolve("shapes_far_stage2", ["train.parallel=fsdp"]), roles, two)
+    monkeypatch.undo()
+    jvp = resolve("gmm_stage1", [f"model.init={gmm_teacher}", "train.parallel=fsdp", "stage1.derivative=jvp"])
+    with pytest.raises(ConfigError, match="jvp"):
+        build._parallel(jvp, roles, two)
+    with pytest.raises(ConfigError, match="launch with torchrun"):
+        train(resolve("gmm_stage1", [*FAST, "train.steps=1", "train.parallel=fsdp", f"model.init={gmm_teacher}",
+                                     f"train.out_dir={tmp_path / 'r'}"]), progress=False)
+
+
 # ---------------------------------------------------------------------------------------------- torchrun
+def _one(argv: list[str]) -> list[str]:
+    """The overrides of a ``--config PRESET ...`` command line for the one-process reference run."""
+    return [a for a in argv[2:] if not a.startswith("train.parallel=")]
+
+
 def torchrun(nproc: int, *argv: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node=nproc -m anystep ARGV`` on the CPU (gloo), one thread each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -165,22 +193,44 @@ def torchrun(nproc: int, *argv: str, env: dict | None = None, check: bool = True
 
 
 @pytest.mark.slow
-def test_two_gmm_processes_train_what_one_does_stage1_and_stage2(gmm_teacher, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gmm_processes_train_what_one_does_stage1_and_stage2(parallel, gmm_teacher, tmp_path):
     """Stage 1 with the rebalance on (its diffusion mean summed over both processes) and Stage 2 (DMD against
-    the exact teacher, a critic, the co-trained loss): 2 processes x 4 rows = 1 process x 8 rows."""
-    s1 = ["--config", "gmm_stage1", f"model.init={gmm_teacher}", "train.steps=6", "train.batch_size=8", *FAST]
-    train(resolve("gmm_stage1", [*s1[2:], f"train.out_dir={tmp_path / 's1_one'}"]), progress=False)
+    the exact teacher, a critic, the co-trained loss): 2 processes x 4 rows = 1 process x 8 rows, replicated
+    or sharded (FSDP2)."""
+    s1 = ["--config", "gmm_stage1", f"model.init={gmm_teacher}", "train.steps=6", "train.batch_size=8", *FAST,
+          f"train.parallel={parallel}"]
+    train(resolve("gmm_stage1", [*_one(s1), f"train.out_dir={tmp_path / 's1_one'}"]), progress=False)
     torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 's1_two'}")
     assert_same_run(tmp_path / "s1_one", tmp_path / "s1_two")
     s2 = ["--config", "gmm_stage2", f"model.init={tmp_path / 's1_one'}", "train.steps=4", "train.batch_size=8",
-          "stage2.dmd_batch_size=4", *FAST]
-    train(resolve("gmm_stage2", [*s2[2:], f"train.out_dir={tmp_path / 's2_one'}"]), progress=False)
+          "stage2.dmd_batch_size=4", *FAST, f"train.parallel={parallel}"]
+    train(resolve("gmm_stage2", [*_one(s2), f"train.out_dir={tmp_path / 's2_one'}"]), progress=False)
     out = torchrun(2, "stage2", *s2, f"train.out_dir={tmp_path / 's2_two'}")
     assert_same_run(tmp_path / "s2_one", tmp_path / "s2_two", roles=("student", "critic", "student_ema"),
                     max_abs=2 * 5e-5 * 4)   # 2 lr x steps
     # rank 0 alone wrote: one metrics file with one row per logged step, one config, checkpoints complete
     assert len(_losses(tmp_path / "s2_two")) == 4 and (tmp_path / "s2_two" / "config.yaml").is_file()
     assert out.stdout.count("s2_two") <= out.stdout.count("\n") + 1
+
+
+@pytest.mark.slow
+def test_two_sharded_processes_train_a_causal_student_in_stage1_as_one_process_does(tmp_path):
+    s1 = ["--config", "shapes_far_stage1", "train.steps=3", "train.batch_size=4", *FAST, "train.parallel=fsdp"]
+    train(resolve("shapes_far_stage1", [*_one(s1), f"train.out_dir={tmp_path / 'one'}"]), progress=False)
+    torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'two'}")
+    assert_same_run(tmp_path / "one", tmp_path / "two", max_abs=1e-5)
+
+
+@pytest.mark.slow
+def test_the_rebalance_mean_is_global_with_one_row_per_process(gmm_teacher, tmp_path):
+    """2 processes x 1 row: one holds the diffusion sample, the other a non-diffusion one, which is rebalanced
+    to the first's loss (summed over the processes); without the sum it would use its running mean."""
+    s1 = ["--config", "gmm_stage1", f"model.init={gmm_teacher}", "train.steps=6", "train.batch_size=2",
+          "stage1.rebalance_power=1", *FAST]
+    train(resolve("gmm_stage1", [*_one(s1), f"train.out_dir={tmp_path / 'one'}"]), progress=False)
+    torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'two'}")
+    assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow
@@ -195,9 +245,12 @@ def test_two_processes_with_accumulation_train_what_one_process_does(gmm_teacher
 
 
 @pytest.mark.slow
-def test_a_killed_rank_stops_the_job_and_a_resume_on_one_process_finishes_the_same_run(gmm_teacher, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_killed_rank_stops_the_job_and_a_resume_on_one_process_finishes_the_same_run(parallel, gmm_teacher,
+                                                                                        tmp_path):
+    """The checkpoint of a sharded run holds whole tensors: one process, or two sharded ones, resume it."""
     s1 = ["--config", "gmm_stage1", f"model.init={gmm_teacher}", "train.steps=8", "train.batch_size=8",
-          "train.threads=1", "train.log_every=1", "train.checkpoint_every=4"]
+          "train.threads=1", "train.log_every=1", "train.checkpoint_every=4", f"train.parallel={parallel}"]
     torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'whole'}")
     killed = torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'killed'}",
                       env={"ANYSTEP_FAULT": "mid_step:6@1"}, check=False)
@@ -206,7 +259,7 @@ def test_a_killed_rank_stops_the_job_and_a_resume_on_one_process_finishes_the_sa
     ckpts = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.startswith("step"))
     assert ckpts == ["step_000004"] and (tmp_path / "killed" / "checkpoints" / "step_000004" / "COMPLETE").exists()
     shutil.copytree(tmp_path / "killed", tmp_path / "killed_2")
-    train(resolve("gmm_stage1", [*s1[2:], f"train.out_dir={tmp_path / 'killed'}"]), resume=True, progress=False)
+    train(resolve("gmm_stage1", [*_one(s1), f"train.out_dir={tmp_path / 'killed'}"]), resume=True, progress=False)
     assert_same_run(tmp_path / "whole", tmp_path / "killed", roles=("student", "student_ema"))
     torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'killed_2'}", "--resume")    # and on 2 processes
     assert_same_run(tmp_path / "whole", tmp_path / "killed_2", roles=("student", "student_ema"))
@@ -230,20 +283,21 @@ WAN = ["model.lora_rank=4", "model.lora_alpha=8", "model.base_dtype=float32", "t
 
 
 @pytest.mark.slow
-def test_two_tiny_wan_processes_train_what_one_does_stage1_and_stage2(tiny_wan, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_tiny_wan_processes_train_what_one_does_stage1_and_stage2(parallel, tiny_wan, tmp_path):
     """The real path (LoRA on a frozen Wan base, latents from the cache, each process reading its rows):
     2 processes x 2 rows = 1 process x 4 rows, Stage 1 and Stage 2 (teacher: the raw model)."""
     _, world = tiny_wan
     s1 = ["--config", "wan1.3b_stage1", *world, *WAN, "train.steps=3", "optim.student.lr=1e-3",
-          "optim.student.warmup_steps=1"]
+          "optim.student.warmup_steps=1", f"train.parallel={parallel}"]
     one = ["train.micro_batch_size=4"]
-    train(resolve("wan1.3b_stage1", [*s1[2:], *one, f"train.out_dir={tmp_path / 's1_one'}"]), progress=False)
+    train(resolve("wan1.3b_stage1", [*_one(s1), *one, f"train.out_dir={tmp_path / 's1_one'}"]), progress=False)
     torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 's1_two'}")
     assert_same_run(tmp_path / "s1_one", tmp_path / "s1_two", max_abs=2 * 1e-3 * 3)
     s2 = ["--config", "wan1.3b_stage2", *world, *WAN, "train.steps=2", "stage2.rollout_steps=[2,4]",
           "stage2.dmd_batch_size=4", "stage2.teacher=null", "optim.student.lr=1e-3", "optim.critic.lr=1e-3",
-          f"model.init={tmp_path / 's1_one'}"]
-    train(resolve("wan1.3b_stage2", [*s2[2:], *one, f"train.out_dir={tmp_path / 's2_one'}"]), progress=False)
+          f"model.init={tmp_path / 's1_one'}", f"train.parallel={parallel}"]
+    train(resolve("wan1.3b_stage2", [*_one(s2), *one, f"train.out_dir={tmp_path / 's2_one'}"]), progress=False)
     torchrun(2, "stage2", *s2, f"train.out_dir={tmp_path / 's2_two'}")
     assert_same_run(tmp_path / "s2_one", tmp_path / "s2_two", roles=("student", "critic"), max_abs=2 * 1e-3 * 2)
 

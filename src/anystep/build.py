@@ -24,6 +24,7 @@ from .models import zoo
 from .models.architectures import CausalModelConfig
 from .models.far import causal_student_network
 from .models.roles import RoleView, SharedBase
+from .train import sharding
 from .train.checkpoint import load_module
 from .train.distributed import SINGLE, Processes
 from .train.loop import Trainer
@@ -206,11 +207,54 @@ def build_trainer(cfg: RunConfig, progress: bool = True, processes: Processes = 
     _check_chunks(roles.get("student"), world)
     method = spec.make(Parts(roles, world, cfg.train.batch_size, cfg.train.seed, cfg.sections))
     files = {"config.yaml": to_yaml(cfg), ARCHITECTURE: _architecture(method.roles, cfg)}
+    if _parallel(cfg, roles, processes) == "fsdp":   # after describing them: FSDP2 renames the classes
+        sharding.shard_roles(roles, processes, device, bf16=cfg.train.mixed_precision == "bf16")
     return Trainer(method, steps=cfg.train.steps, out_dir=cfg.train.out_dir, optim=dict(cfg.optim),
                    ema={spec.product: cfg.ema}, seed=cfg.train.seed, log_every=cfg.train.log_every,
                    checkpoint_every=cfg.train.checkpoint_every, keep_checkpoints=cfg.train.keep_checkpoints,
                    files=files, progress=progress, mixed_precision=cfg.train.mixed_precision, processes=processes,
                    accumulation=accumulation)
+
+
+FSDP_FROM = 4e9   # train.parallel=auto shards the networks from this many parameters on
+
+
+def _parallel(cfg: RunConfig, roles: dict[str, Any], processes: Processes) -> str:
+    """'ddp' or 'fsdp' for this run (one process: 'ddp', nothing to share); a ConfigError for what FSDP2 does
+    not run here yet."""
+    mode = cfg.train.parallel
+    if not processes.many:
+        if mode == "fsdp":
+            raise ConfigError("train.parallel=fsdp shards over several processes: launch with torchrun")
+        return "ddp"
+    unsupported = _not_shardable(cfg, roles)
+    if mode == "auto":
+        big = sum(p.numel() for p in _networks(roles)) >= FSDP_FROM
+        return "fsdp" if big and unsupported is None else "ddp"
+    if mode == "fsdp" and unsupported is not None:
+        raise ConfigError(f"train.parallel=fsdp does not run {unsupported} yet: use train.parallel=ddp")
+    return mode
+
+
+def _not_shardable(cfg: RunConfig, roles: dict[str, Any]) -> str | None:
+    """What of this run FSDP2 cannot shard here (None: all of it)."""
+    student = roles.get("student")
+    if student is not None and is_causal(student) and cfg.spec.name != "stage1":
+        return ("a causal (FAR) student outside Stage 1 (its KV-cache rollout calls the network's parts outside "
+                "its forward)")
+    if "stage1" in cfg.sections and cfg.sections["stage1"].derivative == "jvp":
+        return "stage1.derivative=jvp"
+    return None
+
+
+def _networks(roles: dict[str, Any]):
+    """Every parameter of the roles' networks, each once (LoRA views share their base)."""
+    seen = {}
+    for module in roles.values():
+        if isinstance(module, nn.Module):
+            root = module.shared.base if isinstance(module, RoleView) else module
+            seen.update({id(p): p for p in root.parameters()})
+    return seen.values()
 
 
 def _check_chunks(student: Any, world: Any) -> None:

@@ -76,6 +76,14 @@ class Processes:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all(self, flag: torch.Tensor) -> bool:
+        """Whether ``flag`` (a boolean scalar tensor) holds on every process."""
+        if not self.many:
+            return bool(flag)
+        value = flag.detach().to(torch.int32).reshape(1)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
     def sum_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Sum the gradients of ``params`` over the processes, in place. Every process must hold gradients for
         the same parameters (a RuntimeError names the mismatch)."""

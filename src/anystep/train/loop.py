@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..global_batch import parts_of
+from . import sharding
 from .checkpoint import (
     CheckpointError,
     fault_point,
@@ -65,8 +66,9 @@ class EMA:
         return state
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Whole saved tensors (cut to this process's shards when the parameters are sharded)."""
         for n in self.params:
-            self.params[n] = state[n].float().clone()
+            self.params[n] = sharding.like(state[n].float(), self.params[n]).clone()
 
 
 class MetricsLog:
@@ -174,11 +176,15 @@ class TrainConfig:
     threads: int | None = None         # torch.set_num_threads; None leaves torch's default
     device: str = "auto"               # 'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
     mixed_precision: str = "fp32"      # 'fp32' (none) or 'bf16' (autocast; weights, EMA, optimizer stay fp32)
+    parallel: str = "auto"             # under torchrun: 'ddp' (replicas), 'fsdp' (FSDP2 shards), 'auto' (fsdp
+                                       # from 4B parameters on, else ddp)
     gradient_checkpointing: bool = False   # recompute transformer blocks in backward
 
     def __post_init__(self):
         if self.mixed_precision not in ("fp32", "bf16"):
             raise ValueError(f"train.mixed_precision must be 'fp32' or 'bf16', got {self.mixed_precision!r}")
+        if self.parallel not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be 'auto', 'ddp' or 'fsdp', got {self.parallel!r}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -238,6 +244,7 @@ class Trainer:
         self.files, self.progress, self.mixed_precision = dict(files or {}), progress, mixed_precision
         self.processes = processes
         self.parts = parts_of(processes.rank, processes.world_size, accumulation)
+        self.sharded = sharding.sharded(p for m in method.roles.values() for p in m.parameters())
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         self.optimizers, self.schedulers = {}, {}
@@ -253,14 +260,19 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save(self) -> Path:
-        """Rank 0 writes the checkpoint; every process returns its path once it is complete."""
-        if self.processes.main:
-            self.last_checkpoint = self._write_checkpoint()
+        """Rank 0 writes the checkpoint (sharded tensors gathered whole by every process first); every process
+        returns its path once it is complete."""
+        if self.processes.main or self.sharded:
+            weights, state = self._snapshot()
+            if self.processes.main:
+                self.last_checkpoint = save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.files,
+                                                       self.keep)
         self.processes.barrier()
         self.last_checkpoint = Path(self.processes.broadcast(str(self.last_checkpoint)))
         return self.last_checkpoint
 
-    def _write_checkpoint(self) -> Path:
+    def _snapshot(self) -> tuple[dict, dict]:
+        """The weights (roles and EMAs) and the trainer state, whole (a collective when sharded)."""
         weights = {role: m.state_dict() for role, m in self.method.roles.items()}
         for role, ema in self.emas.items():
             weights[f"{role}_ema"] = ema.state_dict_for(self.method.roles[role])
@@ -272,7 +284,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "method": self.method.state_dict(),
         }
-        return save_checkpoint(self.checkpoint_dir, self.step, weights, state, self.files, self.keep)
+        return (sharding.full(weights), sharding.full(state)) if self.sharded else (weights, state)
 
     def resume(self, path: str | Path | None = None) -> int:
         """Restore everything from a checkpoint (default: this run's newest complete one), then apply this run's
@@ -280,13 +292,17 @@ class Trainer:
         CheckpointError when it does not fit this run. Returns the step."""
         ckpt = find_checkpoint(path or self.checkpoint_dir)
         for role, module in self.method.roles.items():
-            load_module(module, ckpt / f"{role}.safetensors")
+            if self.sharded:
+                sharding.load_whole(module, fitting_tensors(ckpt / f"{role}.safetensors", module.state_dict()))
+            else:
+                load_module(module, ckpt / f"{role}.safetensors")
         for role, ema in self.emas.items():
             ema.load(fitting_tensors(ckpt / f"{role}_ema.safetensors", self.method.roles[role].state_dict()))
         state = load_trainer_state(ckpt)
         try:
             for k, o in self.optimizers.items():
-                o.load_state_dict(state["optimizers"][k])
+                saved = state["optimizers"][k]
+                o.load_state_dict(sharding.shard_optimizer_state(o, saved) if self.sharded else saved)
             for k, s in self.schedulers.items():
                 s.load_state_dict(state["schedulers"][k])
             self.generator.set_state(state["generator"])
@@ -319,9 +335,10 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             terms, phase_stats = self._backward(phase, module)
             params = [p for p in module.parameters() if p.requires_grad]
-            self.processes.sum_gradients(params)
+            if not self.sharded:   # FSDP2 has reduced them in the backward passes
+                self.processes.sum_gradients(params)
             clip = self.optim[phase.role].grad_clip
-            gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+            gnorm = sharding.whole(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
             gnorm = self._checked_grad_norm(phase.role, terms, gnorm)
             opt.step()
             fault_point("mid_step", self.step + 1)
@@ -363,9 +380,10 @@ class Trainer:
     def _check_weights(self) -> None:
         """NonFiniteLossError when a trained weight of a role is NaN or infinite (one host sync per role)."""
         for role, module in self.method.roles.items():
-            params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-            if not torch.stack([torch.isfinite(p).all() for p in params.values()]).all():
-                bad = next(n for n, p in params.items() if not torch.isfinite(p).all())
+            params = {n: sharding.local(p) for n, p in module.named_parameters() if p.requires_grad}
+            finite = torch.stack([torch.isfinite(p).all() for p in params.values()]).all()
+            if not self.processes.all(finite):
+                bad = next((n for n, p in params.items() if not torch.isfinite(p).all()), "on another process")
                 raise NonFiniteLossError(f"step {self.step}: weights of role {role!r} are not finite (e.g. {bad}) "
                                          f"after the optimizer step; {self._stopped()}")
 
