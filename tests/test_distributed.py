@@ -160,11 +160,6 @@ def test_the_parallelism_is_chosen_by_size_and_what_fsdp_cannot_run_is_refused(m
     assert build._parallel(cfg, roles, two) == "ddp"            # auto: 40 parameters
     monkeypatch.setattr(build, "FSDP_FROM", 40)
     assert build._parallel(cfg, roles, two) == "fsdp"           # auto: from FSDP_FROM parameters on
-    monkeypatch.setattr(build, "is_causal", lambda m: True)
-    build._parallel(resolve("shapes_far_stage1", ["train.parallel=fsdp"]), roles, two)   # teacher forcing: runs
-    with pytest.raises(ConfigError, match="causal"):
-        build._parallel(resolve("shapes_far_stage2", ["train.parallel=fsdp"]), roles, two)
-    monkeypatch.undo()
     jvp = resolve("gmm_stage1", [f"model.init={gmm_teacher}", "train.parallel=fsdp", "stage1.derivative=jvp"])
     with pytest.raises(ConfigError, match="jvp"):
         build._parallel(jvp, roles, two)
@@ -215,11 +210,18 @@ def test_two_gmm_processes_train_what_one_does_stage1_and_stage2(parallel, gmm_t
 
 
 @pytest.mark.slow
-def test_two_sharded_processes_train_a_causal_student_in_stage1_as_one_process_does(tmp_path):
+def test_two_sharded_processes_train_a_causal_student_as_one_process_does(tmp_path):
+    """A causal (FAR) student under FSDP2: teacher forcing (Stage 1), then Stage 2's chunk-by-chunk rollout
+    against its KV cache."""
     s1 = ["--config", "shapes_far_stage1", "train.steps=3", "train.batch_size=4", *FAST, "train.parallel=fsdp"]
     train(resolve("shapes_far_stage1", [*_one(s1), f"train.out_dir={tmp_path / 'one'}"]), progress=False)
     torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'two'}")
     assert_same_run(tmp_path / "one", tmp_path / "two", max_abs=1e-5)
+    s2 = ["--config", "shapes_far_stage2", f"model.init={tmp_path / 'one'}", "train.steps=2", "train.batch_size=4",
+          "stage2.dmd_batch_size=2", *FAST, "train.parallel=fsdp"]
+    train(resolve("shapes_far_stage2", [*_one(s2), f"train.out_dir={tmp_path / 's2_one'}"]), progress=False)
+    torchrun(2, "stage2", *s2, f"train.out_dir={tmp_path / 's2_two'}")
+    assert_same_run(tmp_path / "s2_one", tmp_path / "s2_two", roles=("student", "critic"), max_abs=1e-5)
 
 
 @pytest.mark.slow

@@ -238,10 +238,6 @@ def _parallel(cfg: RunConfig, roles: dict[str, Any], processes: Processes) -> st
 
 def _not_shardable(cfg: RunConfig, roles: dict[str, Any]) -> str | None:
     """What of this run FSDP2 cannot shard here (None: all of it)."""
-    student = roles.get("student")
-    if student is not None and is_causal(student) and cfg.spec.name != "stage1":
-        return ("a causal (FAR) student outside Stage 1 (its KV-cache rollout calls the network's parts outside "
-                "its forward)")
     if "stage1" in cfg.sections and cfg.sections["stage1"].derivative == "jvp":
         return "stage1.derivative=jvp"
     return None

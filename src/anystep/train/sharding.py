@@ -26,13 +26,14 @@ from .distributed import Processes
 
 
 def _roots(roles: dict[str, Any]) -> list[nn.Module]:
-    """The distinct networks behind the roles (LoRA views share one base)."""
+    """The distinct networks behind the roles: a wrapper's transformer (every path calls its forward, the
+    causal rollout's KV-cache steps too), a LoRA view's shared base, else the module itself."""
     roots: dict[int, nn.Module] = {}
     for module in roles.values():
         if not isinstance(module, nn.Module):
             continue    # an exact teacher (a plain function)
         shared = getattr(module, "shared", None)
-        root = shared.base if shared is not None else module
+        root = shared.base if shared is not None else getattr(module, "transformer", module)
         roots.setdefault(id(root), root)
     return list(roots.values())
 
