@@ -29,6 +29,19 @@ def chunks_of(count: int, shard_size: int, rank: int, world_size: int) -> list[r
     return [range(s, min(s + shard_size, count)) for k, s in enumerate(starts) if k % world_size == rank]
 
 
+def share_of_work(ids: list[str], shard_size: int, rank: int, world_size: int,
+                  done: set[str]) -> tuple[list[list[int]], int]:
+    """The positions of the items process ``rank`` writes that are not ``done``, in groups that each end a
+    shard (its chunks; one group for one process), and how many items are its share in all."""
+    chunks = chunks_of(len(ids), shard_size, rank, world_size) if world_size > 1 else [range(len(ids))]
+    return [[i for i in chunk if ids[i] not in done] for chunk in chunks], sum(map(len, chunks))
+
+
+def writer_dir(out_dir: str | Path, rank: int, world_size: int) -> Path:
+    """Where process ``rank`` writes: the cache itself for one process, else its part."""
+    return part_dir(out_dir, rank, world_size) if world_size > 1 else Path(out_dir)
+
+
 def indexes(out_dir: Path) -> list[tuple[Path, dict]]:
     """Every index of the cache: the top-level one (when present) and each part's."""
     found = [(out_dir, read_index(out_dir))] if (out_dir / INDEX).is_file() else []

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..models.folder import require_local_folder
-from .cache_parts import chunks_of, done_everywhere, join_parts, part_dir
+from .cache_parts import done_everywhere, join_parts, share_of_work, writer_dir
 from .latent_cache import ShardWriter, read_index, torch_dtype, write_null_embedding
 from .text import WAN_NEGATIVE_PROMPT, encode_prompts
 from .video_io import (
@@ -132,19 +132,14 @@ def cache_videos(model: str | Path, source: str | Path, out_dir: str | Path, *, 
                           max_text_len=max_text_len, dtype=dtype, negative_prompt=negative_prompt,
                           videos=source)
     many = world_size > 1
-    with torch.no_grad(), ShardWriter(part_dir(out_dir, rank, world_size) if many else out_dir, shard_size,
-                                      header) as writer:
+    with torch.no_grad(), ShardWriter(writer_dir(out_dir, rank, world_size), shard_size, header) as writer:
         null = encode_prompts(tokenizer, text_encoder, [negative_prompt], max_text_len)[0]
         if rank == 0:
             write_null_embedding(out_dir, null, negative_prompt, dtype)
-        done = done_everywhere(out_dir)
-        groups = [items[c.start:c.stop] for c in chunks_of(len(items), shard_size, rank, world_size)] if many \
-            else [items]
-        todo = [[it for it in group if it.id not in done] for group in groups]
-        mine, left = sum(map(len, groups)), sum(map(len, todo))
-        bar = tqdm(total=mine, initial=mine - left, desc="caching videos", unit="video",
+        todo, mine = share_of_work([it.id for it in items], shard_size, rank, world_size, done_everywhere(out_dir))
+        bar = tqdm(total=mine, initial=mine - sum(map(len, todo)), desc="caching videos", unit="video",
                    disable=not progress or rank != 0)
-        for group in todo:
+        for group in ([items[i] for i in positions] for positions in todo):
             for start in range(0, len(group), batch_size):
                 kept, videos = decode_batch(group[start:start + batch_size], writer, frames, height, width, prep)
                 if kept:

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import UsageError
 from ..models.folder import require_local_folder
-from .cache_parts import chunks_of, done_everywhere, indexes, join_parts, part_dir
+from .cache_parts import done_everywhere, indexes, join_parts, share_of_work, writer_dir
 from .encode import free_memory, latent_shape
 from .latent_cache import LatentCache, ShardWriter, torch_dtype, write_null_embedding
 from .text import WAN_NEGATIVE_PROMPT, encode_prompts, pad_embeddings
@@ -134,19 +134,14 @@ def synthesize(model: str | Path, prompts: list[str], out_dir: str | Path, *, st
                               width=width, seed=seed, max_text_len=max_text_len, dtype=dtype,
                               negative_prompt=negative_prompt, transformer=transformer)
     encode = partial(encode_prompts, pipe.tokenizer, pipe.text_encoder, max_len=max_text_len)
-    many = world_size > 1
-    writer = ShardWriter(part_dir(out_dir, rank, world_size) if many else out_dir, shard_size, header)
-    with writer:  # checks the header of an existing cache
+    many, ids = world_size > 1, [item_id(i) for i in range(len(prompts))]
+    with ShardWriter(writer_dir(out_dir, rank, world_size), shard_size, header) as writer:  # checks the header
         check_prompts_unchanged(out_dir, prompts)
         null = encode([negative_prompt])[0]
         if rank == 0:
             write_null_embedding(out_dir, null, negative_prompt, dtype)
-        done = done_everywhere(out_dir)
-        groups = [list(c) for c in chunks_of(len(prompts), shard_size, rank, world_size)] if many \
-            else [list(range(len(prompts)))]
-        todo = [[i for i in group if item_id(i) not in done] for group in groups]
-        mine, left = sum(map(len, groups)), sum(map(len, todo))
-        bar = tqdm(total=mine, initial=mine - left, desc="teacher samples", unit="video",
+        todo, mine = share_of_work(ids, shard_size, rank, world_size, done_everywhere(out_dir))
+        bar = tqdm(total=mine, initial=mine - sum(map(len, todo)), desc="teacher samples", unit="video",
                    disable=not progress or rank != 0)
         for group in todo:
             for start in range(0, len(group), batch_size):
@@ -161,7 +156,7 @@ def synthesize(model: str | Path, prompts: list[str], out_dir: str | Path, *, st
             if many:
                 writer.flush()   # one shard per chunk: the joined index keeps the prompts' order
         bar.close()
-    join_parts(out_dir, [item_id(i) for i in range(len(prompts))], rank, world_size, barrier)
+    join_parts(out_dir, ids, rank, world_size, barrier)
     del pipe
     free_memory()
     return out_dir
