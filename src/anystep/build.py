@@ -207,7 +207,9 @@ def build_trainer(cfg: RunConfig, progress: bool = True, processes: Processes = 
     _check_chunks(roles.get("student"), world)
     method = spec.make(Parts(roles, world, cfg.train.batch_size, cfg.train.seed, cfg.sections))
     files = {"config.yaml": to_yaml(cfg), ARCHITECTURE: _architecture(method.roles, cfg)}
-    if _parallel(cfg, roles, processes) == "fsdp":   # after describing them: FSDP2 renames the classes
+    fsdp = _parallel(cfg, roles, processes) == "fsdp"
+    _speed_levers(roles, cfg.train, fsdp)
+    if fsdp:   # after describing them: FSDP2 renames the classes
         sharding.shard_roles(roles, processes, device, bf16=cfg.train.mixed_precision == "bf16")
     return Trainer(method, steps=cfg.train.steps, out_dir=cfg.train.out_dir, optim=dict(cfg.optim),
                    ema={spec.product: cfg.ema}, seed=cfg.train.seed, log_every=cfg.train.log_every,
@@ -272,6 +274,37 @@ def _place(module: Any, device: torch.device, checkpointing: bool) -> None:
             module.shared.enable_gradient_checkpointing()
         elif hasattr(module, "transformer"):
             module.transformer.enable_gradient_checkpointing()
+
+
+def _transformers(roles: dict[str, Any]) -> list[nn.Module]:
+    """The distinct diffusers transformers behind the roles (LoRA views share one base)."""
+    found: dict[int, nn.Module] = {}
+    for module in roles.values():
+        t = module.shared.base if isinstance(module, RoleView) else getattr(module, "transformer", None)
+        if isinstance(t, nn.Module):
+            found.setdefault(id(t), t)
+    return list(found.values())
+
+
+def _speed_levers(roles: dict[str, Any], train: Any, fsdp: bool) -> None:
+    """``train.attention_backend`` and ``train.compile`` on every transformer of the run (numerics unchanged, to
+    float tolerance); a ConfigError where a lever cannot apply."""
+    if train.attention_backend == "auto" and train.compile == "none":
+        return
+    transformers = _transformers(roles)
+    if not transformers:
+        raise ConfigError("train.attention_backend / train.compile act on Wan-family transformers; this run's "
+                          "networks have none")
+    if any(getattr(t.config, "chunk_partition", None) is not None for t in transformers):
+        raise ConfigError("train.attention_backend / train.compile do not apply to a causal (FAR) model yet (its "
+                          "attention is anystep's own processor)")
+    if fsdp and train.compile != "none":
+        raise ConfigError("train.compile=blocks has not run with train.parallel=fsdp here: use one of the two")
+    for t in transformers:
+        if train.attention_backend != "auto":
+            t.set_attention_backend(train.attention_backend)
+        if train.compile == "blocks":
+            t.compile_repeated_blocks(fullgraph=False)
 
 
 def _architecture(roles: dict[str, nn.Module], cfg: RunConfig) -> str:

@@ -135,6 +135,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 1000
     grad_clip: float = 1.0           # max gradient norm; 0 = no clipping
+    fused: bool = False              # torch's fused AdamW kernel (one kernel for all parameters); False: foreach
 
     def __post_init__(self):
         if not self.lr > 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
@@ -179,10 +180,24 @@ class TrainConfig:
     parallel: str = "auto"             # under torchrun: 'ddp' (replicas), 'fsdp' (FSDP2 shards), 'auto' (fsdp
                                        # from 4B parameters on, else ddp)
     gradient_checkpointing: bool = False   # recompute transformer blocks in backward
+    attention_backend: str = "auto"    # diffusers' attention dispatcher backend of Wan transformers ('native',
+                                       # '_native_flash', '_native_cudnn', '_native_efficient', '_native_math',
+                                       # 'flash', ...); 'auto': diffusers' default (torch SDPA, which picks one)
+    compile: str = "none"              # 'blocks': torch.compile each transformer block (diffusers'
+                                       # compile_repeated_blocks); 'none': eager
 
     def __post_init__(self):
         if self.mixed_precision not in ("fp32", "bf16"):
             raise ValueError(f"train.mixed_precision must be 'fp32' or 'bf16', got {self.mixed_precision!r}")
+        if self.compile not in ("none", "blocks"):
+            raise ValueError(f"train.compile must be 'none' or 'blocks', got {self.compile!r}")
+        if self.attention_backend != "auto":
+            from diffusers.models.attention_dispatch import AttentionBackendName
+
+            names = [b.value for b in AttentionBackendName]
+            if self.attention_backend not in names:
+                raise ValueError(f"train.attention_backend must be 'auto' or one of diffusers' {names}, got "
+                                 f"{self.attention_backend!r}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
             raise ValueError(f"train.parallel must be 'auto', 'ddp' or 'fsdp', got {self.parallel!r}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
@@ -435,5 +450,6 @@ def _adamw(role: str, module: torch.nn.Module, o: OptimConfig):
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"role {role!r} has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                            fused=True if o.fused else None)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(o.warmup_steps))
