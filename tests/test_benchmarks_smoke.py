@@ -75,6 +75,17 @@ def test_tiny_cpu_run_with_fsdp_times_the_sharded_steps(bench, capsys):
     assert "FSDP2-sharded in one process" in capsys.readouterr().out and not dist.is_initialized()
 
 
+def test_anystep_speedup_times_both_pipelines_on_a_tiny_cpu_run(tmp_path):
+    """``benchmarks/anystep_speedup.py``: WanPipeline at 50 steps x CFG against AnyFlowPipeline at 1/2/4/8."""
+    speedup = _load("anystep_speedup")
+    rows = speedup.main(["--size", "tiny", "--device", "cpu", "--json", str(tmp_path / "s.json")])
+    assert [(r["pipeline"], r["transformer calls"]) for r in rows] == [
+        ("WanPipeline", 100), ("AnyFlowPipeline", 1), ("AnyFlowPipeline", 2), ("AnyFlowPipeline", 4),
+        ("AnyFlowPipeline", 8)]
+    assert all(r["denoise (s)"] > 0 and r["end to end (s)"] > 0 for r in rows)
+    assert rows[0]["speed-up, denoise"] == 1.0 and json.loads((tmp_path / "s.json").read_text())["rows"] == rows
+
+
 def test_forward_flops_match_torch_flop_counter(bench):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
