@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -262,7 +263,8 @@ def cmd_train(args) -> int:
         return 0
     ckpt = train(cfg, resume=args.resume_from or args.resume, progress=not args.no_progress,
                  resume_if_present=args.resume_if_present, overwrite=args.overwrite)
-    print(f"done: checkpoint {ckpt}")
+    if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 speaks for all
+        print(f"done: checkpoint {ckpt}")
     return 0
 
 
