@@ -182,6 +182,8 @@ def torchrun(nproc: int, *argv: str, env: dict | None = None, check: bool = True
     if "ANYSTEP_FAULT" not in (env or {}):
         full_env.pop("ANYSTEP_FAULT", None)
     out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600, check=False)
+    if out.returncode and "address already in use" in out.stderr.lower():   # the launcher's free-port race:
+        out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600, check=False)  # again
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
