@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 import torch
+from diffusers import ModelMixin
 from torch import nn
 
 from .causal import is_causal
@@ -23,7 +24,7 @@ from .lineage import ARCHITECTURE, Lineage, Run, open_run, resolve_lineage
 from .models import zoo
 from .models.architectures import CausalModelConfig
 from .models.far import causal_student_network
-from .models.roles import RoleView, SharedBase
+from .models.roles import RoleView, SharedBase, networks
 from .train import sharding
 from .train.checkpoint import load_module
 from .train.distributed import SINGLE, Processes
@@ -231,7 +232,7 @@ def _parallel(cfg: RunConfig, roles: dict[str, Any], processes: Processes) -> st
         return "ddp"
     unsupported = _not_shardable(cfg, roles)
     if mode == "auto":
-        big = sum(p.numel() for p in _networks(roles)) >= FSDP_FROM
+        big = sum(p.numel() for net in networks(roles.values()) for p in net.parameters()) >= FSDP_FROM
         return "fsdp" if big and unsupported is None else "ddp"
     if mode == "fsdp" and unsupported is not None:
         raise ConfigError(f"train.parallel=fsdp does not run {unsupported} yet: use train.parallel=ddp")
@@ -243,16 +244,6 @@ def _not_shardable(cfg: RunConfig, roles: dict[str, Any]) -> str | None:
     if "stage1" in cfg.sections and cfg.sections["stage1"].derivative == "jvp":
         return "stage1.derivative=jvp"
     return None
-
-
-def _networks(roles: dict[str, Any]):
-    """Every parameter of the roles' networks, each once (LoRA views share their base)."""
-    seen = {}
-    for module in roles.values():
-        if isinstance(module, nn.Module):
-            root = module.shared.base if isinstance(module, RoleView) else module
-            seen.update({id(p): p for p in root.parameters()})
-    return seen.values()
 
 
 def _check_chunks(student: Any, world: Any) -> None:
@@ -276,22 +267,12 @@ def _place(module: Any, device: torch.device, checkpointing: bool) -> None:
             module.transformer.enable_gradient_checkpointing()
 
 
-def _transformers(roles: dict[str, Any]) -> list[nn.Module]:
-    """The distinct diffusers transformers behind the roles (LoRA views share one base)."""
-    found: dict[int, nn.Module] = {}
-    for module in roles.values():
-        t = module.shared.base if isinstance(module, RoleView) else getattr(module, "transformer", None)
-        if isinstance(t, nn.Module):
-            found.setdefault(id(t), t)
-    return list(found.values())
-
-
 def _speed_levers(roles: dict[str, Any], train: Any, fsdp: bool) -> None:
     """``train.attention_backend`` and ``train.compile`` on every transformer of the run (numerics unchanged, to
     float tolerance); a ConfigError where a lever cannot apply."""
     if train.attention_backend == "auto" and train.compile == "none":
         return
-    transformers = _transformers(roles)
+    transformers = [n for n in networks(roles.values()) if isinstance(n, ModelMixin)]
     if not transformers:
         raise ConfigError("train.attention_backend / train.compile act on Wan-family transformers; this run's "
                           "networks have none")

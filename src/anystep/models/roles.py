@@ -27,7 +27,7 @@ The switch here sets only the LoRA layers' active-adapter and disabled flags.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -386,3 +386,17 @@ class CausalRoleView(RoleView):
 
     def cache(self):
         return self._causal.cache()
+
+
+def networks(roles: Iterable[object]) -> list[nn.Module]:
+    """The distinct networks behind a run's roles, each once: a LoRA view's shared base, a wrapper's
+    ``transformer`` (every call of the wrapper, the causal KV-cache rollout's too, goes through its forward), else
+    the module itself; a role that is a plain function (an exact teacher) has none."""
+    found: dict[int, nn.Module] = {}
+    for module in roles:
+        if isinstance(module, RoleView):
+            found.setdefault(id(module.shared.base), module.shared.base)
+        elif isinstance(module, nn.Module):
+            net = getattr(module, "transformer", module)
+            found.setdefault(id(net), net)
+    return list(found.values())

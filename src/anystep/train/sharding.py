@@ -22,20 +22,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..models.roles import networks
 from .distributed import Processes
-
-
-def _roots(roles: dict[str, Any]) -> list[nn.Module]:
-    """The distinct networks behind the roles: a wrapper's transformer (every path calls its forward, the
-    causal rollout's KV-cache steps too), a LoRA view's shared base, else the module itself."""
-    roots: dict[int, nn.Module] = {}
-    for module in roles.values():
-        if not isinstance(module, nn.Module):
-            continue    # an exact teacher (a plain function)
-        shared = getattr(module, "shared", None)
-        root = shared.base if shared is not None else getattr(module, "transformer", module)
-        roots.setdefault(id(root), root)
-    return list(roots.values())
 
 
 def _mesh(processes: Processes, device: torch.device):
@@ -55,7 +43,7 @@ def shard_roles(roles: dict[str, Any], processes: Processes, device: torch.devic
     mesh = _mesh(processes, device)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    for root in _roots(roles):
+    for root in networks(roles.values()):
         for name, child in root.named_modules():
             if name.split(".")[-1] == "blocks" and isinstance(child, nn.ModuleList):
                 for block in child:
