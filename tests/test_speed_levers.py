@@ -39,16 +39,22 @@ def assert_close_runs(a, b, rel: float, atol: float) -> None:
 
 def test_fused_adamw_takes_the_foreach_steps(tmp_path):
     steps = ["train.steps=8", "train.batch_size=64", "optim.teacher.warmup_steps=2"]
+    fused_cfg = resolve("gmm_teacher", [*steps, "optim.teacher.fused=true"])
+    assert build_trainer(fused_cfg, progress=False).optimizers["teacher"].defaults["fused"]   # the kernel runs
     plain = _run("gmm_teacher", tmp_path / "plain", *steps)
     fused = _run("gmm_teacher", tmp_path / "fused", *steps, "optim.teacher.fused=true")
     assert_close_runs(plain, fused, rel=1e-5, atol=1e-6)
 
 
 def test_attention_backend_is_applied_and_changes_nothing(tmp_path):
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry.get_active_backend()[0]
     cfg = resolve("shapes_stage1", ["train.attention_backend=_native_math", "train.steps=1"])
     transformer = build_trainer(cfg, progress=False).method.roles["student"].transformer
     backends = {m.processor._attention_backend for m in transformer.modules() if hasattr(m, "processor")}
     assert {str(getattr(b, "value", b)) for b in backends} == {"_native_math"}
+    assert _AttentionBackendRegistry.get_active_backend()[0] == default   # models built later keep the default
     steps = ["train.steps=3", "train.batch_size=4"]
     assert_close_runs(_run("shapes_stage1", tmp_path / "auto", *steps),
                       _run("shapes_stage1", tmp_path / "math", *steps, "train.attention_backend=_native_math"),

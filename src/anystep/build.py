@@ -281,11 +281,24 @@ def _speed_levers(roles: dict[str, Any], train: Any, fsdp: bool) -> None:
                           "attention is anystep's own processor)")
     if fsdp and train.compile != "none":
         raise ConfigError("train.compile=blocks has not run with train.parallel=fsdp here: use one of the two")
-    for t in transformers:
-        if train.attention_backend != "auto":
-            t.set_attention_backend(train.attention_backend)
-        if train.compile == "blocks":
+    if train.attention_backend != "auto":
+        _set_attention_backend(transformers, train.attention_backend)
+    if train.compile == "blocks":
+        for t in transformers:
             t.compile_repeated_blocks(fullgraph=False)
+
+
+def _set_attention_backend(transformers: list[nn.Module], backend: str) -> None:
+    """``backend`` on these transformers' attention processors only: diffusers' ``set_attention_backend`` also
+    makes it the process-wide default, which would reach every model built later in the process."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = _AttentionBackendRegistry.get_active_backend()[0]
+    try:
+        for t in transformers:
+            t.set_attention_backend(backend)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(default)
 
 
 def _architecture(roles: dict[str, nn.Module], cfg: RunConfig) -> str:
