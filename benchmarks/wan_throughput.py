@@ -449,6 +449,8 @@ class Bench:
         if self.args.fsdp:   # every role's view over the one base, sharded as a training run shards it
             views = {name: shared.role(name) for name in (*roles, "teacher")}
             sharding.shard_roles(views, Processes(), self.device, bf16=True)
+            if not sharding.sharded(shared.parameters()):
+                raise RuntimeError("--fsdp: the base was not sharded")
         return shared
 
     def label(self, name: str) -> str:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from anystep import rng
 from anystep import time as T
+from anystep.build import build_trainer
 from anystep.config import ConfigError, resolve
 from anystep.errors import UsageError
 from anystep.global_batch import Part, parts_of
@@ -139,7 +140,9 @@ def test_gradient_accumulation_trains_what_one_batch_trains(preset, extra, gmm_t
               *([] if role == "teacher" else [f"model.init={gmm_teacher}"])]
     one, acc = tmp_path / "one", tmp_path / "acc"
     train(resolve(preset, [*common, f"train.out_dir={one}"]), progress=False)
-    train(resolve(preset, [*common, f"train.out_dir={acc}", "train.micro_batch_size=4"]), progress=False)
+    accumulated = resolve(preset, [*common, f"train.out_dir={acc}", "train.micro_batch_size=4"])
+    assert len(build_trainer(accumulated, progress=False).parts) == 2    # two micro-batches do run
+    train(accumulated, progress=False)
     assert_same_run(one, acc, roles=(role,))
 
 
@@ -169,6 +172,9 @@ def test_the_parallelism_is_chosen_by_size_and_what_fsdp_cannot_run_is_refused(m
 
 
 # ---------------------------------------------------------------------------------------------- torchrun
+SHOWN = {"ddp": "2 processes, networks replicated", "fsdp": "2 processes, networks sharded (FSDP2)"}
+
+
 def _one(argv: list[str]) -> list[str]:
     """The overrides of a ``--config PRESET ...`` command line for the one-process reference run."""
     return [a for a in argv[2:] if not a.startswith("train.parallel=")]
@@ -198,17 +204,19 @@ def test_two_gmm_processes_train_what_one_does_stage1_and_stage2(parallel, gmm_t
     s1 = ["--config", "gmm_stage1", f"model.init={gmm_teacher}", "train.steps=6", "train.batch_size=8", *FAST,
           f"train.parallel={parallel}"]
     train(resolve("gmm_stage1", [*_one(s1), f"train.out_dir={tmp_path / 's1_one'}"]), progress=False)
-    torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 's1_two'}")
+    out = torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 's1_two'}")
+    assert SHOWN[parallel] in out.stdout    # the mode asked for is the one that ran
     assert_same_run(tmp_path / "s1_one", tmp_path / "s1_two")
     s2 = ["--config", "gmm_stage2", f"model.init={tmp_path / 's1_one'}", "train.steps=4", "train.batch_size=8",
           "stage2.dmd_batch_size=4", *FAST, f"train.parallel={parallel}"]
     train(resolve("gmm_stage2", [*_one(s2), f"train.out_dir={tmp_path / 's2_one'}"]), progress=False)
     out = torchrun(2, "stage2", *s2, f"train.out_dir={tmp_path / 's2_two'}")
+    assert SHOWN[parallel] in out.stdout
     assert_same_run(tmp_path / "s2_one", tmp_path / "s2_two", roles=("student", "critic", "student_ema"),
                     max_abs=2 * 5e-5 * 4)   # 2 lr x steps
     # rank 0 alone wrote: one metrics file with one row per logged step, one config, checkpoints complete
     assert len(_losses(tmp_path / "s2_two")) == 4 and (tmp_path / "s2_two" / "config.yaml").is_file()
-    assert out.stdout.count("s2_two") <= out.stdout.count("\n") + 1
+    assert out.stdout.count("done: checkpoint") == 1 and out.stdout.count(SHOWN[parallel]) == 1
 
 
 @pytest.mark.slow
@@ -217,12 +225,12 @@ def test_two_sharded_processes_train_a_causal_student_as_one_process_does(tmp_pa
     against its KV cache."""
     s1 = ["--config", "shapes_far_stage1", "train.steps=3", "train.batch_size=4", *FAST, "train.parallel=fsdp"]
     train(resolve("shapes_far_stage1", [*_one(s1), f"train.out_dir={tmp_path / 'one'}"]), progress=False)
-    torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'two'}")
+    assert SHOWN["fsdp"] in torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'two'}").stdout
     assert_same_run(tmp_path / "one", tmp_path / "two", max_abs=1e-5)
     s2 = ["--config", "shapes_far_stage2", f"model.init={tmp_path / 'one'}", "train.steps=2", "train.batch_size=4",
           "stage2.dmd_batch_size=2", *FAST, "train.parallel=fsdp"]
     train(resolve("shapes_far_stage2", [*_one(s2), f"train.out_dir={tmp_path / 's2_one'}"]), progress=False)
-    torchrun(2, "stage2", *s2, f"train.out_dir={tmp_path / 's2_two'}")
+    assert SHOWN["fsdp"] in torchrun(2, "stage2", *s2, f"train.out_dir={tmp_path / 's2_two'}").stdout
     assert_same_run(tmp_path / "s2_one", tmp_path / "s2_two", roles=("student", "critic"), max_abs=1e-5)
 
 
@@ -244,7 +252,8 @@ def test_two_processes_with_accumulation_train_what_one_process_does(gmm_teacher
     s1 = ["--config", "gmm_stage1", f"model.init={gmm_teacher}", "train.steps=5", "train.batch_size=8",
           "stage1.rebalance_power=0", *FAST]
     train(resolve("gmm_stage1", [*s1[2:], f"train.out_dir={tmp_path / 'one'}"]), progress=False)
-    torchrun(2, "stage1", *s1, "train.micro_batch_size=2", f"train.out_dir={tmp_path / 'two'}")
+    out = torchrun(2, "stage1", *s1, "train.micro_batch_size=2", f"train.out_dir={tmp_path / 'two'}")
+    assert "replicated, 2 micro-batch(es) per process" in out.stdout
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
@@ -255,7 +264,7 @@ def test_a_killed_rank_stops_the_job_and_a_resume_on_one_process_finishes_the_sa
     """The checkpoint of a sharded run holds whole tensors: one process, or two sharded ones, resume it."""
     s1 = ["--config", "gmm_stage1", f"model.init={gmm_teacher}", "train.steps=8", "train.batch_size=8",
           "train.threads=1", "train.log_every=1", "train.checkpoint_every=4", f"train.parallel={parallel}"]
-    torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'whole'}")
+    assert SHOWN[parallel] in torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'whole'}").stdout
     killed = torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 'killed'}",
                       env={"ANYSTEP_FAULT": "mid_step:6@1"}, check=False)
     assert killed.returncode != 0
@@ -296,13 +305,13 @@ def test_two_tiny_wan_processes_train_what_one_does_stage1_and_stage2(parallel, 
           "optim.student.warmup_steps=1", f"train.parallel={parallel}"]
     one = ["train.micro_batch_size=4"]
     train(resolve("wan1.3b_stage1", [*_one(s1), *one, f"train.out_dir={tmp_path / 's1_one'}"]), progress=False)
-    torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 's1_two'}")
+    assert SHOWN[parallel] in torchrun(2, "stage1", *s1, f"train.out_dir={tmp_path / 's1_two'}").stdout
     assert_same_run(tmp_path / "s1_one", tmp_path / "s1_two", max_abs=2 * 1e-3 * 3)
     s2 = ["--config", "wan1.3b_stage2", *world, *WAN, "train.steps=2", "stage2.rollout_steps=[2,4]",
           "stage2.dmd_batch_size=4", "stage2.teacher=null", "optim.student.lr=1e-3", "optim.critic.lr=1e-3",
           f"model.init={tmp_path / 's1_one'}", f"train.parallel={parallel}"]
     train(resolve("wan1.3b_stage2", [*_one(s2), *one, f"train.out_dir={tmp_path / 's2_one'}"]), progress=False)
-    torchrun(2, "stage2", *s2, f"train.out_dir={tmp_path / 's2_two'}")
+    assert SHOWN[parallel] in torchrun(2, "stage2", *s2, f"train.out_dir={tmp_path / 's2_two'}").stdout
     assert_same_run(tmp_path / "s2_one", tmp_path / "s2_two", roles=("student", "critic"), max_abs=2 * 1e-3 * 2)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -263,7 +262,9 @@ def cmd_train(args) -> int:
         return 0
     ckpt = train(cfg, resume=args.resume_from or args.resume, progress=not args.no_progress,
                  resume_if_present=args.resume_if_present, overwrite=args.overwrite)
-    if os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 speaks for all
+    from .train.distributed import main_process
+
+    if main_process():   # under torchrun, rank 0 speaks for all
         print(f"done: checkpoint {ckpt}")
     return 0
 

@@ -39,6 +39,10 @@ def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True, *, 
     with distributed.session(cfg.train.device) as processes, _locked(out, processes.main):
         start = processes.decide(lambda: _prepare(out, resume, resume_if_present, overwrite))
         trainer = build_trainer(cfg, progress, processes)
+        if processes.many and processes.main:
+            print(f"{processes.world_size} processes, networks "
+                  f"{'sharded (FSDP2)' if trainer.sharded else 'replicated'}, {len(trainer.parts)} micro-batch(es) "
+                  "per process and step", flush=True)
         if overwrite and processes.main:
             clear_run_folder(out)
         processes.barrier()

@@ -138,6 +138,11 @@ def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return out
 
 
+def main_process() -> bool:
+    """Whether this is the process that speaks for a run: rank 0 of a launcher's, or the only one."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def launched() -> bool:
     """Whether this process was started by ``torchrun`` (or another launcher setting ``WORLD_SIZE``)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
