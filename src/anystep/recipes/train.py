@@ -37,20 +37,27 @@ def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True, *, 
     resolve_lineage(cfg)      # a lineage that does not fit fails before the run folder is touched
     out = Path(cfg.train.out_dir)
     with distributed.session(cfg.train.device) as processes, _locked(out, processes.main):
-        start = processes.decide(lambda: _prepare(out, resume, resume_if_present, overwrite))
-        trainer = build_trainer(cfg, progress, processes)
-        if processes.many and processes.main:
-            print(f"{processes.world_size} processes, networks "
-                  f"{'sharded (FSDP2)' if trainer.sharded else 'replicated'}, {len(trainer.parts)} micro-batch(es) "
-                  "per process and step", flush=True)
-        if overwrite and processes.main:
-            clear_run_folder(out)
-        processes.barrier()
-        if start is not None:
-            trainer.resume(start)
-        if processes.main:
-            write_text_atomic(out / "config.yaml", to_yaml(cfg))
-        last = trainer.fit()
+        return _train(cfg, out, processes, resume, progress, resume_if_present, overwrite)
+
+
+def _train(cfg: RunConfig, out: Path, processes, resume, progress: bool, resume_if_present: bool,
+           overwrite: bool) -> Path:
+    """Build the trainer, resume it if asked, train; the trainer is gone when this returns (before the
+    process group is left)."""
+    start = processes.decide(lambda: _prepare(out, resume, resume_if_present, overwrite))
+    trainer = build_trainer(cfg, progress, processes)
+    if processes.many and processes.main:
+        print(f"{processes.world_size} processes, networks "
+              f"{'sharded (FSDP2)' if trainer.sharded else 'replicated'}, {len(trainer.parts)} micro-batch(es) "
+              "per process and step", flush=True)
+    if overwrite and processes.main:
+        clear_run_folder(out)
+    processes.barrier()
+    if start is not None:
+        trainer.resume(start)
+    if processes.main:
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
+    last = trainer.fit()
     return last if last is not None else trainer.last_checkpoint
 
 

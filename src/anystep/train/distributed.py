@@ -18,6 +18,7 @@ benchmarks). The frozen base is never reduced: only the parameters that require 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -164,6 +165,20 @@ def session(device: str = "auto") -> Iterator[Processes]:
         dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield Processes(rank, world, local)
-    finally:
+    except BaseException:
         if joined:
             dist.destroy_process_group()
+        raise
+    if joined:
+        _leave()
+
+
+def _leave() -> None:
+    """Leave the process group after a run that ended well: what still refers to it (sharded modules, their
+    pending work) is freed first and every process waits for the others, so none tears down its connections
+    while a peer still uses them; a process that exits holding gloo's work aborts ("terminate called without
+    an active exception")."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
