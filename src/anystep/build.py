@@ -19,6 +19,7 @@ from torch import nn
 from .causal import is_causal
 from .config import ConfigError, RunConfig, to_yaml
 from .errors import UsageError
+from .evaluate.sweep import Sampler
 from .kinds import FRESH_OR_INIT, INIT_STUDENT, STUDENT_OF_TEACHER, Parts, RoleSpec, no_grad_frozen
 from .lineage import ARCHITECTURE, Lineage, Run, open_run, resolve_lineage
 from .models import zoo
@@ -29,6 +30,7 @@ from .train import sharding
 from .train.checkpoint import load_module
 from .train.distributed import SINGLE, Processes
 from .train.loop import Trainer
+from .train.validation import Validation
 from .worlds import OnDevice, make_world
 
 
@@ -216,7 +218,28 @@ def build_trainer(cfg: RunConfig, progress: bool = True, processes: Processes = 
                    ema={spec.product: cfg.ema}, seed=cfg.train.seed, log_every=cfg.train.log_every,
                    checkpoint_every=cfg.train.checkpoint_every, keep_checkpoints=cfg.train.keep_checkpoints,
                    files=files, progress=progress, mixed_precision=cfg.train.mixed_precision, processes=processes,
-                   accumulation=accumulation)
+                   accumulation=accumulation, validation=build_validation(cfg, roles, world, processes),
+                   product=spec.product)
+
+
+def build_validation(cfg: RunConfig, roles: dict[str, Any], world: Any, processes: Processes = SINGLE):
+    """The run's validation during training (None when ``validation.every`` is 0): its product sampled its
+    kind's way, judged by its world's judge (on the real path: against the teacher's many-step samples)."""
+    if cfg.validation.every == 0:
+        return None
+    spec = cfg.spec
+    guidance = cfg.sweep.student_guidance if spec.product == "student" else cfg.sweep.teacher_guidance
+    sampler = Sampler(f"{spec.product} (EMA)", roles[spec.product], guidance, spec.sampler)
+    return Validation(cfg.validation, sampler, world, cfg.sweep, _judge_maker(cfg, roles, world),
+                      cfg.train.out_dir, guidance=spec.guidance(cfg), main=processes.main)
+
+
+def _judge_maker(cfg: RunConfig, roles: dict[str, Any], world: Any):
+    """How validation gets its judge: the world's own (the toy worlds) or, on the real path, a judge against
+    the teacher's many-step samples (made once per run, kept in the run folder)."""
+    if world.judge() is not None:
+        return lambda ev: world.judge()
+    raise ConfigError(f"the {world.name!r} world has no judge for validation; set validation.every=0")
 
 
 FSDP_FROM = 4e9   # train.parallel=auto shards the networks from this many parameters on

@@ -1,8 +1,8 @@
 """A run's configuration, composed from its components' configs: YAML presets, dotted overrides, strict parsing.
 
 A run's config holds the sections its kind uses and nothing else (:mod:`anystep.kinds`): the common ``world``,
-``model``, ``train``, ``optim`` (one optimizer per trained role), ``ema`` (of the trained product) and
-``sweep``, and the kind's own (``stage1``, ``stage2``, ...). Every section's dataclass lives beside its component
+``model``, ``train``, ``optim`` (one optimizer per trained role), ``ema`` (of the trained product), ``sweep``
+and ``validation`` (the sweep during training), and the kind's own (``stage1``, ``stage2``, ...). Every section's dataclass lives beside its component
 and carries the official defaults; a kind may start one from other defaults (Stage 2's optimizer). An unknown
 key, a section the kind does not read, or a world section of another world is an error that names it: nothing
 typed is silently ignored. ``resolve(preset, ["train.steps=100", ...])`` returns a :class:`RunConfig`;
@@ -26,6 +26,7 @@ from .evaluate.sweep import SweepConfig
 from .kinds import Kind, kind
 from .models.architectures import FAMILIES, TRANSFORMER_FAMILIES, CausalModelConfig
 from .train.loop import EMAConfig, OptimConfig, TrainConfig
+from .train.validation import ValidationConfig
 from .worlds import WORLDS
 
 
@@ -95,6 +96,7 @@ class RunConfig(_Sections):
     optim: dict[str, OptimConfig]
     ema: EMAConfig
     sweep: SweepConfig
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     sections: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -103,7 +105,7 @@ class RunConfig(_Sections):
         return kind(self.kind)
 
 
-COMMON = ("kind", "world", "model", "train", "optim", "ema", "sweep")
+COMMON = ("kind", "world", "model", "train", "optim", "ema", "sweep", "validation")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,6 +125,7 @@ def parse_run(data: dict[str, Any]) -> RunConfig:
                     optim=_parse_optim(data.get("optim"), spec),
                     ema=_build(EMAConfig, _merged(spec.ema, data.get("ema"), "ema"), "ema"),
                     sweep=_build(SweepConfig, data.get("sweep"), "sweep"),
+                    validation=_build(ValidationConfig, data.get("validation"), "validation"),
                     sections={name: _build(type(make()), _merged(make(), data.get(name), name), name)
                               for name, make in spec.sections.items()})
     _check_run(cfg)

@@ -36,6 +36,8 @@ from .checkpoint import (
 )
 from .distributed import SINGLE, Processes
 from .method import Method
+from .validation import Validation
+from .validation import summary as validation_summary
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,13 +92,19 @@ class MetricsLog:
             self.tb = None
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        row = {"step": step, **values}
-        self.rows.append(row)
+        """A row for ``step``; a second call for the same step adds its values to that row (validation after
+        the step's losses)."""
         new = [k for k in values if k not in self.fields]
-        if new:
-            self.fields += sorted(new)
+        self.fields += sorted(new)
+        if self.rows and int(self.rows[-1]["step"]) == step:
+            self.rows[-1].update(values)
+            self._write_all()
+        elif new:
+            self.rows.append({"step": step, **values})
             self._write_all()
         else:
+            row = {"step": step, **values}
+            self.rows.append(row)
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, self.fields).writerow(row)
         if self.tb is not None:
@@ -243,13 +251,13 @@ class Trainer:
     ``optim``: an :class:`OptimConfig` for every role of the method; ``ema``: the roles whose EMA is kept;
     ``files``: text files written into every checkpoint (the run's config, the networks' descriptions);
     ``processes``: this process's place among a run's processes; ``accumulation``: micro-batches per process
-    and optimizer step."""
+    and optimizer step; ``validation``: samples and judges the EMA of role ``product`` when it is due."""
 
     def __init__(self, method: Method, *, steps: int, out_dir: str | Path, optim: dict[str, OptimConfig],
                  ema: dict[str, EMAConfig] | None = None, seed: int = 0, log_every: int = 10,
                  checkpoint_every: int = 500, keep_checkpoints: int = 2, files: dict[str, str] | None = None,
                  progress: bool = True, mixed_precision: str = "fp32", processes: Processes = SINGLE,
-                 accumulation: int = 1):
+                 accumulation: int = 1, validation: Validation | None = None, product: str | None = None):
         if set(optim) != set(method.roles):
             raise ValueError(f"optimizer settings for roles {sorted(optim)}, but the method trains {sorted(method.roles)}")
         if mixed_precision not in ("fp32", "bf16"):
@@ -258,6 +266,9 @@ class Trainer:
         self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep_checkpoints
         self.files, self.progress, self.mixed_precision = dict(files or {}), progress, mixed_precision
         self.processes = processes
+        self.validation, self.product = validation, product
+        if validation is not None and product not in method.roles:
+            raise ValueError(f"validation samples a trained role; {product!r} is not one of {sorted(method.roles)}")
         self.parts = parts_of(processes.rank, processes.world_size, accumulation)
         self.sharded = sharding.sharded(p for m in method.roles.values() for p in m.parameters())
         self.generator = torch.Generator().manual_seed(seed)
@@ -441,8 +452,44 @@ class Trainer:
                 bar.set_postfix(shown, refresh=False)
             if saving:
                 last = self.save()
+            if self.validation is not None and self.validation.due(self.step, self.steps):
+                values = self._validate(bar)
+                if log is not None:
+                    log.log(self.step, values)
         bar.close()
         return last
+
+    def _validate(self, bar) -> dict[str, float]:
+        """Validation of the product's EMA (every process samples; rank 0 judges, writes and returns the
+        scalars), then the training weights back."""
+        with self.ema_weights(self.product) as module:
+            device = next(iter(module.parameters())).device
+            with self._autocast(module):
+                values, picture = self.validation(self.step, device)
+        if values:
+            bar.write(f"validation at step {self.step}: "
+                      f"{validation_summary(values, self.validation.judge.primary_metric, self.validation.cfg.steps)}"
+                      f"; {picture}")
+        return values
+
+    @contextlib.contextmanager
+    def ema_weights(self, role: str):
+        """``role``'s module with its EMA weights in eval mode; its own weights and mode come back after."""
+        module, ema = self.method.roles[role], self.emas.get(role)
+        params = dict(module.named_parameters())
+        kept = {n: params[n].detach().clone() for n in (ema.params if ema else {})}
+        training = module.training
+        with torch.no_grad():
+            for n in kept:
+                params[n].copy_(ema.params[n].to(params[n].dtype))
+        module.eval()
+        try:
+            yield module
+        finally:
+            module.train(training)
+            with torch.no_grad():
+                for n, v in kept.items():
+                    params[n].copy_(v)
 
 
 def _adamw(role: str, module: torch.nn.Module, o: OptimConfig):
