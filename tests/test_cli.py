@@ -249,7 +249,7 @@ def test_a_run_config_holds_the_sections_its_kind_reads(capsys):
     assert main(["stage2", "--dry-run", "optim.critic.lr=1e-4"]) == 0
     saved = yaml.safe_load(capsys.readouterr().out)
     assert saved["optim"]["critic"]["lr"] == 1e-4 and saved["optim"]["student"]["lr"] == 2e-5   # the preset's
-    assert set(saved) == {"kind", "world", "model", "train", "optim", "ema", "sweep", "stage1", "stage2"}
+    assert set(saved) == {"kind", "world", "model", "train", "optim", "ema", "sweep", "validation", "stage1", "stage2"}
     assert set(saved["world"]) == {"name", "shapes", "text"}
     assert main(["stage2", "--dry-run", "optim.lr=1e-3"]) == 2
     assert "unknown config key 'optim.student.lr'" not in capsys.readouterr().err

@@ -35,7 +35,7 @@ def test_validation_writes_pictures_metrics_and_the_step_rows(tmp_path, capsys):
     assert rows[0]["val/N1/total"] == "" and rows[1]["loss/stage1"] == ""
     assert float(rows[1]["val/N2/total"]) == pytest.approx(report_of(run, 3)["rows"][1]["total"])
     assert float(rows[2]["val/N1/total"]) == pytest.approx(report["rows"][0]["total"]) and rows[2]["loss/stage1"]
-    assert float(rows[2]["val/seconds"]) > 0
+    assert float(rows[2]["time/validation_sec"]) > 0
     assert "validation at step 4: total: N=1" in capsys.readouterr().out
 
 

@@ -8,7 +8,7 @@ world's judge scores each N: the exact judges of the toy worlds, the teacher-agr
 metrics on the real path, against the teacher's many-step samples made once per run. Each validation writes
 ``validation/step_XXXXXX/`` in the run folder: ``metrics.json`` (a row per N), a labelled picture (rows: N,
 columns: prompts) and, on the real path, nothing more; its scalars ``val/N{n}/{metric}`` and its cost
-``val/seconds`` join the run's metrics.
+``time/validation_sec`` join the run's metrics.
 
 Under ``torchrun`` every process samples the same rows (the networks may be sharded: their forward passes are
 collective) and rank 0 judges and writes. The sampling settings (shift, the teacher's CFG scale and steps, a CLIP
@@ -100,11 +100,11 @@ class Validation:
             "higher_is_better": judge.higher_is_better, "seconds": seconds, "picture": picture.name,
             "sampler": self.sampler.name, "num_samples": self.cfg.num_samples}, indent=1))
         stats = {f"val/N{r['N']}/{k}": float(v) for r in rows for k, v in r.items() if k != "N"}
-        stats["val/seconds"] = seconds
+        stats["time/validation_sec"] = seconds
         return stats, picture
 
 
 def summary(stats: dict[str, float], primary: str, steps: tuple[int, ...]) -> str:
     """One line for the log: the primary metric at each N and what the validation cost."""
     figures = ", ".join(f"N={n} {stats[f'val/N{n}/{primary}']:.4g}" for n in steps if f"val/N{n}/{primary}" in stats)
-    return f"{primary}: {figures} ({stats['val/seconds']:.1f} s)"
+    return f"{primary}: {figures} ({stats['time/validation_sec']:.1f} s)"
