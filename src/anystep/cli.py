@@ -420,11 +420,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv``; ``key=value`` overrides may stand anywhere on a training or demo command line."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    overrides = [e for e in extras if "=" in e and not e.startswith("-")]
-    if len(overrides) != len(extras) or (overrides and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(e for e in extras if e not in overrides or not hasattr(args, 'overrides'))}")
-    if overrides:
-        args.overrides = [*args.overrides, *overrides]
+    # argparse gives its positional list one run of overrides (the first, or none); the rest come back as extras
+    takes = hasattr(args, "overrides")
+    unknown = [e for e in extras if not (takes and "=" in e and not e.startswith("-"))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see anystep {args.command} --help)")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
     return args
 
 
