@@ -242,8 +242,8 @@ class Model:
 
     @property
     def content(self) -> str:
-        """What its samples are: 'videos' (pixels in [-1, 1], a world whose judge shows videos) or 'latents'."""
-        return "videos" if self.judge is not None and self.judge.picture == "video" else "latents"
+        """What its samples are: 'videos' (pixels in [-1, 1]) or 'latents', as its world says."""
+        return self.world.content
 
     def _eval_set(self, n: int | None, seed: int, prompts: Sequence[str] | None, noise: torch.Tensor | None,
                   cond: Any) -> EvalSet:
