@@ -87,6 +87,44 @@ def test_a_kind_is_a_command_from_its_table_entry_alone(monkeypatch, capsys):
     assert cfg["kind"] == "velocity" and cfg["teacher"]["shift"] == 2.0 and list(cfg["optim"]) == ["teacher"]
 
 
+@pytest.mark.parametrize("argv", [
+    ["stage1", "--config", "gmm_stage1", "--no-progress", "train.steps=10"],       # issue 16's command
+    ["stage1", "train.steps=10", "--config", "gmm_stage1", "--no-progress"],
+    ["stage1", "--no-progress", "train.steps=3", "--config", "gmm_stage1", "train.steps=10"],
+    ["stage1", "--config=gmm_stage1", "train.seed=4", "--resume-from", "somewhere", "train.steps=10", "--no-progress"],
+])
+def test_overrides_stand_anywhere_in_order(argv):
+    from anystep.cli import parse
+
+    args = parse(argv)
+    assert (args.command, args.config, args.no_progress) == ("stage1", "gmm_stage1", True)
+    assert args.overrides[-1] == "train.steps=10"        # the last of a repeated key wins: order is kept
+    assert resolve(args.config, args.overrides).train.steps == 10
+
+
+def test_overrides_anywhere_reach_the_config(capsys):
+    assert main(["stage1", "--config", "gmm_stage1", "train.seed=4", "--dry-run", "train.steps=10",
+                 "--no-progress", "optim.student.lr=1e-3"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["train"]["seed"], cfg["train"]["steps"], cfg["optim"]["student"]["lr"]) == (4, 10, 1e-3)
+    assert main(["demo", "--dry-run", "train.threads=1", "--budget", "5,4,3,2", "--no-baselines",
+                 "train.seed=7"]) == 0
+    docs = [yaml.safe_load(d.split("\n", 1)[1]) for d in capsys.readouterr().out.split("\n# ")]
+    assert [(d["train"]["threads"], d["train"]["seed"]) for d in docs] == [(1, 7), (1, 7)]
+
+
+@pytest.mark.parametrize("argv, bad", [
+    (["demo", "--quick", "x=y"], "--quick"),                    # no such flag: refused, not taken as an override
+    (["stage1", "--dry-run", "train.steps=3", "--nope"], "--nope"),
+    (["sample", "run", "--steps", "2", "train.steps=3"], "train.steps=3"),   # sample takes no overrides
+])
+def test_unknown_arguments_are_named(argv, bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"unrecognized arguments: {bad}" in err and f"anystep {argv[0]} --help" in err
+
+
 def test_bad_step_lists_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "x", "--steps", "0,2"])

@@ -5,7 +5,7 @@
     2 machinery: the generic training loop and checkpoints, the sweep engine and pictures
     3 run kinds (each a method and its config)
     4 the assembly: config composition, lineage, building roles and trainers
-    5 recipes (what a command does, callable from Python)
+    5 recipes (what a command does, callable from Python) and the Python API (a trained run to call and sample)
     6 the command line
 
 Imports inside a function count as much as top-level ones.
@@ -22,7 +22,7 @@ LAYERS = [
     ("train", "evaluate"),
     ("kinds",),
     ("config", "configs", "lineage", "build"),
-    ("recipes",),
+    ("recipes", "api"),
     ("cli", "__main__", "__init__"),
 ]
 ROOT = Path(anystep.__file__).parent

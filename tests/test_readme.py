@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from anystep.config import ConfigError, load_preset, preset_names, resolve
 from anystep.kinds import all_kinds
@@ -102,3 +103,22 @@ def test_every_preset_parses():
         if data.get("world", {}).get("name") == "wan":
             continue          # needs a local model folder (tests/test_wan_chain.py runs those presets)
         resolve(name)
+
+
+def test_python_api_example_runs_as_written(tmp_path, monkeypatch):
+    """The 'Python API' block, on a tiny Stage-1 -> Stage-2 chain from the shipped teacher where the demo writes
+    its runs (a few seconds)."""
+    from anystep.recipes import train
+
+    monkeypatch.chdir(tmp_path)
+    tiny = ["train.batch_size=2", "train.steps=1", "optim.student.warmup_steps=1"]
+    train(resolve("shapes_stage1", [*tiny, "train.out_dir=runs/demo/stage1"]), progress=False)
+    train(resolve("shapes_stage2", [*tiny, "train.out_dir=runs/demo/stage2", "model.init=runs/demo/stage1",
+                                    "stage2.dmd_batch_size=2"]), progress=False)
+    block = re.search(r"```python\n(.*?)```", _section("Python API"), re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md (Python API)", "exec"), namespace)  # noqa: S102
+    one, back, eight = namespace["one"], namespace["back"], namespace["eight"]
+    assert one.x.shape[0] == 4 and namespace["red"].labels == ["a red disk moving left"] * 2
+    assert torch.allclose(one.noise - namespace["u"], one.x, atol=1e-5)
+    assert torch.equal(back.x, eight.x) and back.labels == eight.labels and back.settings["steps"] == "8"

@@ -80,6 +80,25 @@ def test_export_is_the_stage2_students_ema(chain):
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
 
 
+def test_the_python_api_samples_and_saves_real_path_latents(chain, tmp_path):
+    """anystep.load on a wan student: its flow map on your own noise and prompt embeddings, saved as latents;
+    samples drawn for raw embeddings cannot be judged (they are for your own metric)."""
+    import anystep
+    from anystep.errors import UsageError
+
+    model = anystep.load(str(chain["stage2"]))
+    x, _, _, text = _inputs(model.config)
+    s = model.sample(steps=1, noise=x, cond=text)
+    with torch.no_grad():   # N = 1: one jump from t = 1000 to r = 0
+        u = model.network(x, torch.full((2,), 1000.0), torch.zeros(2), text)
+    assert torch.allclose(s.x, x - u, atol=1e-5)
+    assert (s.content, s.labels, s.meta) == ("latents", None, None)   # raw embeddings: no prompts known
+    back = anystep.load_samples(s.save(tmp_path / "wan.safetensors"))
+    assert torch.equal(back.x, s.x) and torch.equal(back.cond, text) and back.content == "latents"
+    with pytest.raises(UsageError, match="no judge|raw cond"):
+        model.score(s)
+
+
 def test_bf16_base_keeps_float32_adapters(chain):
     cfg = resolve(str(chain["stage2"] / "config.yaml"), ["train.steps=1"])
     assert cfg.model.base_dtype == "bfloat16"      # the preset's (official bf16 parameters)

@@ -6,7 +6,7 @@
     anystep stage2   [--config P] [key=value ...]     Stage 2: on-policy flow-map distillation (DMD)
     anystep consistency [--config P] [key=value ...]  baseline: consistency distillation
     anystep cbs      [--config P] [key=value ...]     baseline: consistency backward simulation + DMD
-    anystep sample   RUN --steps N                    sample at any N (causal: --given-frames for I2V/V2V)
+    anystep sample   RUN --steps N [--save F.safetensors]  sample at any N (causal: --given-frames for I2V/V2V)
     anystep sweep    RUN [RUN ...] --steps 1,2,4,...  metrics vs N: table, plot, video grid
 
   the real Wan2.1 path (local diffusers folders; nothing is downloaded):
@@ -50,7 +50,8 @@ DESCRIPTIONS = {
     """,
     "sample": """
         Sample a trained student (flow-map Euler) or teacher (Euler + CFG) at N steps; writes mp4,
-        GIF and a PNG strip (gmm: a scatter plot).
+        GIF and a PNG strip (gmm: a scatter plot), and with --save FILE.safetensors the samples
+        themselves (latents or videos, their prompts / labels, the settings) to judge elsewhere.
     """,
     "sweep": """
         Sample the runs at every N with the same noises and prompts, score with the world's exact
@@ -152,7 +153,12 @@ def _sample_parser(sub) -> None:
     s.add_argument("--guidance", type=float, default=None,
                    help="CFG scale (default: 1 for a student, whose guidance is fused; the run's "
                         "sweep.teacher_guidance, 3, for a teacher)")
-    s.add_argument("--out", default="samples/sample", help="output path stem (default samples/sample)")
+    s.add_argument("--out", default="samples/sample", help="picture path stem (default samples/sample)")
+    s.add_argument("--save", default=None, metavar="FILE.safetensors",
+                   help="also save the samples (gmm: latents; shapes: videos in [-1, 1]) with their noises, "
+                        "conditions, prompts / labels and the settings (metadata) as one safetensors file; "
+                        "read it back with anystep.load_samples(FILE)")
+    s.add_argument("--no-picture", action="store_true", help="write no picture (with --save: the file only)")
     s.add_argument("--given-frames", type=int, default=0, metavar="K",
                    help="causal students: condition on the first K real frames (whole chunks; 1 = I2V, more = "
                         "V2V) and generate the rest")
@@ -288,9 +294,11 @@ def cmd_demo(args) -> int:
 def cmd_sample(args) -> int:
     from .recipes import sample_run
 
-    path = sample_run(args.checkpoint, args.steps, prompts=args.prompt, num=args.num, seed=args.seed,
-                      guidance=args.guidance, given_frames=args.given_frames, out=args.out)
-    print(f"wrote {path}" + (" (+ .gif, .png strip)" if path.suffix == ".mp4" else ""))
+    paths = sample_run(args.checkpoint, args.steps, prompts=args.prompt, num=args.num, seed=args.seed,
+                       guidance=args.guidance, given_frames=args.given_frames,
+                       out=None if args.no_picture else args.out, save=args.save)
+    for path in paths:
+        print(f"wrote {path}" + (" (+ .gif, .png strip)" if path.suffix == ".mp4" else ""))
     return 0
 
 
@@ -412,11 +420,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv``; ``key=value`` overrides may stand anywhere on a training or demo command line."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    overrides = [e for e in extras if "=" in e and not e.startswith("-")]
-    if len(overrides) != len(extras) or (overrides and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(e for e in extras if e not in overrides or not hasattr(args, 'overrides'))}")
-    if overrides:
-        args.overrides = [*args.overrides, *overrides]
+    # argparse gives its positional list one run of overrides (the first, or none); the rest come back as extras
+    takes = hasattr(args, "overrides")
+    unknown = [e for e in extras if not (takes and "=" in e and not e.startswith("-"))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see anystep {args.command} --help)")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
     return args
 
 

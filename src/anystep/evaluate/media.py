@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(videos: torch.Tensor) -> np.ndarray:
@@ -20,13 +21,49 @@ def _upscale(frames: np.ndarray, scale: int) -> np.ndarray:
     return frames.repeat(scale, axis=-3).repeat(scale, axis=-2)
 
 
-def grid_frames(rows: dict[str, torch.Tensor], scale: int = 4, pad: int = 2, label_width: int = 110,
+def label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The grids' font: Pillow's bundled default (FreeType, 10 px, when Pillow has FreeType)."""
+    return ImageFont.load_default()
+
+
+def text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
+    """The rendered width of ``text`` in pixels (its ink box from the origin: ``ImageDraw.textbbox``)."""
+    return math.ceil(draw.textbbox((0, 0), text, font=font)[2]) if text else 0
+
+
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels, broken between words (a word wider than a line is
+    broken between characters): every character is kept, in order."""
+    lines: list[str] = []
+    for word in text.split():
+        joined = f"{lines[-1]} {word}" if lines else word
+        if lines and text_width(draw, joined, font) <= width:
+            lines[-1] = joined
+            continue
+        while len(word) > 1 and text_width(draw, word, font) > width:
+            cut = 1
+            while cut + 1 < len(word) and text_width(draw, word[:cut + 1], font) <= width:
+                cut += 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    return lines
+
+
+def grid_frames(rows: dict[str, torch.Tensor], scale: int = 4, pad: int = 2, label_width: int | None = None,
                 columns: list[str] | None = None) -> np.ndarray:
-    """One frame sequence (F, H', W', 3) showing each row's clips side by side, labelled on the left."""
+    """One frame sequence (F, H', W', 3) showing each row's clips side by side, labelled on the left and titled
+    above. Labels are never cut: the label column is as wide as the widest row label (``label_width``: at
+    least that), and column titles wrap onto as many lines as they need within their column."""
     names = list(rows)
     vids = {k: _upscale(to_uint8(v), scale) for k, v in rows.items()}
     n, f, h, w, _ = next(iter(vids.values())).shape
-    head = 12 if columns else 0
+    font, draw = label_font(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = _line_height(draw, font)
+    widest = max(text_width(draw, name, font) for name in names) + 2 * LABEL_MARGIN
+    label_width = max(label_width or 0, widest)
+    titles = [wrap_text(draw, col, font, max(w - TITLE_GAP, 1)) for col in columns or []]
+    head = max((len(t) for t in titles), default=0) * line + (pad if titles else 0)
     height = head + len(names) * (h + pad) + pad
     width = label_width + n * (w + pad) + pad
     out = np.full((f, height, width, 3), 255, dtype=np.uint8)
@@ -38,13 +75,23 @@ def grid_frames(rows: dict[str, torch.Tensor], scale: int = 4, pad: int = 2, lab
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     for i, name in enumerate(names):
-        draw.text((3, head + pad + i * (h + pad) + h // 2 - 5), name, fill=(0, 0, 0))
-    for j, col in enumerate(columns or []):
-        draw.text((label_width + pad + j * (w + pad), 1), col[-(w // 6):], fill=(0, 0, 0))
+        draw.text((LABEL_MARGIN, head + pad + i * (h + pad) + (h - line) // 2), name, fill=(0, 0, 0), font=font)
+    for j, lines in enumerate(titles):
+        for k, text in enumerate(lines):
+            draw.text((label_width + pad + j * (w + pad), k * line), text, fill=(0, 0, 0), font=font)
     labels = np.asarray(canvas)
     mask = (out[0] == 255).all(axis=-1)
     out[:, mask] = labels[mask]
     return out
+
+
+LABEL_MARGIN = 3   # pixels left and right of a row label
+TITLE_GAP = 4      # pixels kept free between neighbouring column titles
+
+
+def _line_height(draw: ImageDraw.ImageDraw, font) -> int:
+    """A text line's height: the ink box of tall and descending letters, plus a pixel."""
+    return math.ceil(draw.textbbox((0, 0), "Ag|", font=font)[3]) + 1
 
 
 def write_video(frames: np.ndarray, path: Path, fps: int = 4) -> list[Path]:

@@ -1,56 +1,40 @@
-"""Sample a trained run at any number of steps, and picture the samples."""
+"""Sample a trained run at any number of steps: picture the samples, and save them for judging elsewhere."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
-from ..build import build_world, load_model
-from ..causal import is_causal, sample_causal
+from ..api import check_save_path, load
 from ..errors import UsageError
 from ..evaluate.pictures import save_picture
-from ..evaluate.sweep import Sampler, sample_batched
-from ..worlds.base import EvalSet
 
 
 def sample_run(spec: str, steps: int = 4, *, prompts: Sequence[str] | None = None, num: int = 4, seed: int = 0,
-               guidance: float | None = None, given_frames: int = 0, out: str | Path = "samples/sample") -> Path:
+               guidance: float | None = None, given_frames: int = 0, out: str | Path | None = "samples/sample",
+               save: str | Path | None = None) -> list[Path]:
     """Sample ``spec``'s product at ``steps`` steps from ``num`` fixed noises (random prompts of its world, or
-    ``prompts`` in the shapes world), and write its world's picture of them (a video grid: mp4, GIF, PNG strip;
-    gmm: a scatter). ``guidance``: the CFG scale (default: 1 for a student, whose guidance is fused; the run's
-    ``sweep.teacher_guidance`` for a teacher). ``given_frames``: a causal student generates the rest of the
-    prompts' real clips from their first K frames (whole chunks; 1 = I2V). Returns the picture's path."""
+    ``prompts`` in the shapes world) through :meth:`anystep.api.Model.sample`; write its world's picture of them
+    at ``out`` (a video grid: mp4, GIF, PNG strip; gmm: a scatter; None: no picture) and, with ``save``, the
+    samples, their noises, conditions, labels and settings as a safetensors file (:meth:`~anystep.api.Samples.
+    save`). ``guidance``: the CFG scale (default: a student's fused 1; the run's ``sweep.teacher_guidance`` for
+    a teacher). ``given_frames``: a causal student generates the rest of the prompts' real clips from their
+    first K frames (whole chunks; 1 = I2V). Returns the written paths (the picture's main file first)."""
     if steps < 1:
         raise UsageError(f"--steps must be >= 1, got {steps}")
-    model, cfg, role = load_model(spec)
-    world = build_world(cfg)
-    judge = world.judge()
-    ev = _eval_set(world, num, seed, prompts)
-    name = f"{role} N={steps}"
-    if given_frames:
-        if not is_causal(model) or world.name != "shapes":
-            raise UsageError("--given-frames (I2V / V2V) is for causal students of the shapes world")
-        given = world.world.render(ev.meta)[:, :given_frames]   # the prompts' real first frames
-        x = sample_causal(model, ev.noise, ev.cond, steps, shift=cfg.sweep.shift, given=given)
-        name += f", first {given_frames} frame(s) given"
-    else:
-        w = guidance if guidance is not None else (1.0 if role == "student" else cfg.sweep.teacher_guidance)
-        x = sample_batched(Sampler(role, model, w, cfg.spec.sampler), world.null_cond, ev.noise, ev.cond, steps,
-                           cfg.sweep.shift, seed=seed)
-    return save_picture(judge, {name: x}, ev, Path(out))
-
-
-def _eval_set(world, num: int, seed: int, prompts: Sequence[str] | None) -> EvalSet:
-    ev = world.eval_set(num, seed)
-    if not prompts:
-        return ev
-    if world.name != "shapes":
-        raise UsageError("--prompt is for the shapes world")
-    g = torch.Generator().manual_seed(seed)
-    try:
-        specs = [world.world.sample_specs(1, g, prompt=p)[0] for p in (list(prompts) * num)[:num]]
-    except ValueError as err:
-        raise UsageError(f"--prompt: {err}") from err
-    return EvalSet(ev.noise, world.embed(specs), specs)
+    if out is None and save is None:
+        raise UsageError("nothing to write: give a picture path or a samples file (--save)")
+    if save is not None:
+        check_save_path(save)   # before sampling, which may take long
+    model = load(spec)
+    samples = model.sample(steps, num, seed, prompts=prompts, guidance=guidance, given_frames=given_frames)
+    if out is not None and model.judge is None:
+        raise UsageError(f"the {model.world.name!r} world has no picture of samples; save them instead (--save "
+                         "FILE --no-picture)")
+    written = []
+    if out is not None:
+        name = f"{model.role} N={steps}" + (f", first {given_frames} frame(s) given" if given_frames else "")
+        written.append(save_picture(model.judge, {name: samples.x}, samples.eval_set, Path(out)))
+    if save is not None:
+        written.append(samples.save(save))
+    return written

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..api import load
 from ..build import build_world, load_model
 from ..causal import is_causal
 from ..config import RunConfig
@@ -28,10 +29,10 @@ class SweepResult:
 
 def run_sampler(spec: str) -> tuple[Sampler, RunConfig]:
     """A trained run's product as a sweep row named after its kind: sampled its kind's way (a causal student
-    chunk by chunk), a student with its fused guidance (1), a teacher with the run's ``sweep.teacher_guidance``."""
-    model, cfg, role = load_model(spec)
-    guidance = cfg.sweep.student_guidance if role == "student" else cfg.sweep.teacher_guidance
-    return Sampler(cfg.spec.label, model, guidance, cfg.spec.sampler), cfg
+    chunk by chunk), a student with its fused guidance (1), a teacher with the run's ``sweep.teacher_guidance``
+    (:class:`~anystep.api.Model`'s defaults)."""
+    model = load(spec)
+    return Sampler(model.config.spec.label, model.network, model.guidance, model.sampler), model.config
 
 
 def teacher_sampler(cfg: RunConfig, first: str, teacher: str | None, world: Any) -> Sampler | None:

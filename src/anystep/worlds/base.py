@@ -63,6 +63,7 @@ class World(Protocol):
 
     name: str
     network: str
+    content: str          # what samples are: 'videos' (pixels in [-1, 1]) or 'latents'
     null_cond: Any
 
     @property

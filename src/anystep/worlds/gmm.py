@@ -460,6 +460,7 @@ class GMMData:
     the label ``num_classes`` as the null one, the analytic velocity as the exact teacher."""
 
     name, network = "gmm", "mlp"
+    content = "latents"   # samples are points of the mixture's space
 
     def __init__(self, gmm: GMMConfig | None = None):
         self.world = GMMWorld(gmm)

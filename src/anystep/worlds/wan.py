@@ -25,6 +25,7 @@ class WanData:
     is the null condition (official). No exact teacher and, so far, no judge."""
 
     name, network = "wan", "wan"
+    content = "latents"   # samples are VAE latents (the VAE decodes them to videos)
 
     def __init__(self, wan: WanWorldConfig | None = None):
         self.cfg = wan or WanWorldConfig()

@@ -18,6 +18,7 @@ class ShapesData:
     :class:`~anystep.worlds.shapes.judge.ShapesJudge`."""
 
     name, network = "shapes", "toy_wan"
+    content = "videos"   # samples are clips in pixel space, [-1, 1]
 
     def __init__(self, shapes: ShapesConfig | None = None, text: TextConfig | None = None):
         self.world = ShapesWorld(shapes or ShapesConfig())
