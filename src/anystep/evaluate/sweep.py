@@ -36,10 +36,15 @@ class SweepConfig:
     grid_samples: int | None = None    # samples per row of the picture (None: the judge's choice, 4 clips /
                                        # 1000 points)
     teacher: bool = True               # also sweep the teacher's Euler sampler
+    teacher_steps: int = 50            # wan world: the teacher's Euler steps of the reference the students are
+                                       # judged against (evaluate/real_judge.py)
+    clip: str | None = None            # wan world: a local CLIP folder for the clip_score column (None: no CLIP)
 
     def __post_init__(self):
         if not self.steps or min(self.steps) < 1 or self.num_samples < 1 or not self.shift > 0:
             raise ValueError(f"sweep needs steps >= 1, num_samples >= 1 and shift > 0, got {self}")
+        if self.teacher_steps < 1:
+            raise ValueError(f"sweep.teacher_steps must be >= 1, got {self.teacher_steps}")
 
 
 # How a run's product samples (its kind's ``sampler``): each a function of (model with guidance applied,
