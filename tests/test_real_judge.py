@@ -12,7 +12,7 @@ import torch
 
 from anystep.cli import main
 from anystep.errors import UsageError
-from anystep.evaluate.real_judge import decode_latents, load_vae, reference_judge
+from anystep.evaluate.real_judge import decode_latents, load_vae, reference_judge, sample_reference
 from anystep.evaluate.sweep import Sampler, SweepConfig, sample_batched
 from anystep.evaluate.video_metrics import tiny_clip_folder
 from anystep.models import zoo
@@ -87,6 +87,8 @@ def test_reference_is_the_teachers_euler_sample_made_once_and_cached(tiny, tmp_p
     expected = sample_batched(teacher, world.null_cond, ev.noise, ev.cond, 3, 5.0)
     torch.testing.assert_close(judge.reference, expected)
     assert cache.is_file()
+    one_by_one = sample_reference(world, teacher, ev, 3, 5.0, batch_size=1)   # batching changes nothing
+    torch.testing.assert_close(one_by_one, expected, atol=1e-5, rtol=1e-5)
 
     class Refuses(torch.nn.Module):
         def forward(self, *args):

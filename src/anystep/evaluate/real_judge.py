@@ -104,10 +104,10 @@ class RealJudge:
 
 def reference_judge(world: Any, teacher: Sampler, ev: EvalSet, *, steps: int, shift: float,
                     clip: str | None = None, device: torch.device | str = "cpu", cache: Path | None = None,
-                    progress: bool = False) -> RealJudge:
+                    progress: bool = False, batch_size: int = CHUNK) -> RealJudge:
     """The judge of ``world``'s samples of ``ev``: the teacher's Euler sampler (``teacher``, on ``device``, with
     its CFG scale against ``world.null_cond``) at ``steps`` steps on ``ev`` is the reference; ``clip`` a local
-    CLIP folder for ``clip_score``. With ``cache`` (a safetensors file) the reference is read from it when it
+    CLIP folder for ``clip_score``; ``batch_size`` clips at a time through the teacher, the VAE and CLIP. With ``cache`` (a safetensors file) the reference is read from it when it
     was made for this evaluation set, teacher settings and shift, else sampled and saved there; a cache made
     for anything else is refused."""
     if steps < 1:
@@ -115,23 +115,24 @@ def reference_judge(world: Any, teacher: Sampler, ev: EvalSet, *, steps: int, sh
     key = reference_key(ev, teacher, steps, shift)
     reference = _read_reference(Path(cache), key) if cache is not None and Path(cache).is_file() else None
     if reference is None:
-        reference = sample_reference(world, teacher, ev, steps, shift, device, progress)
+        reference = sample_reference(world, teacher, ev, steps, shift, device, progress, batch_size)
         if cache is not None:
             _write_reference(Path(cache), reference, key)
     vae = load_vae(world.model_folder(), device)
     scorer = video_metrics.ClipScorer(clip, device=device) if clip else None
-    return RealJudge(reference, lambda z: decode_latents(vae, z), scorer)
+    return RealJudge(reference, lambda z: decode_latents(vae, z, batch_size), scorer, batch_size)
 
 
 def sample_reference(world: Any, teacher: Sampler, ev: EvalSet, steps: int, shift: float,
-                     device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
-    """The teacher's samples of ``ev`` at ``steps`` steps (CPU), ``CHUNK`` clips at a time."""
+                     device: torch.device | str = "cpu", progress: bool = False,
+                     batch_size: int = CHUNK) -> torch.Tensor:
+    """The teacher's samples of ``ev`` at ``steps`` steps (on the CPU), ``batch_size`` clips at a time."""
     out = []
-    for i in tqdm(range(0, ev.noise.shape[0], CHUNK), desc=f"teacher reference ({steps} steps)",
+    for i in tqdm(range(0, ev.noise.shape[0], batch_size), desc=f"teacher reference ({steps} steps)",
                   disable=not progress, dynamic_ncols=True):
-        rows = slice(i, i + CHUNK)
+        rows = slice(i, i + batch_size)
         out.append(sample_batched(teacher, world.null_cond, ev.noise[rows], take_rows(ev.cond, rows), steps, shift,
-                                  chunk=CHUNK, device=device))
+                                  chunk=batch_size, device=device))
     return torch.cat(out)
 
 

@@ -9,7 +9,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..build import build_world, load_model
+import torch
+
+from ..build import build_world, load_model, resolve_device
 from ..causal import is_causal
 from ..config import ConfigError, RunConfig, from_dict, resolve, to_dict
 from ..errors import UsageError
@@ -128,19 +130,28 @@ def sweep(runs: Sequence[str], *, labels: Sequence[str] | None = None, teacher: 
     folder = Path(out) if out else _sweep_folder(runs[0])
     judge = world.judge()
     if judge is None and world.name == "wan":   # judged against the teacher's reference (evaluate/real_judge.py)
-        reference = teacher_sampler(cfg, None if exported[0] else runs[0], teacher, world)
+        reference = _on(teacher_sampler(cfg, None if exported[0] else runs[0], teacher, world), config.device)
         judge = reference_judge(world, reference, world.eval_set(config.num_samples, config.seed),
                                 steps=config.teacher_steps, shift=config.shift, clip=config.clip,
-                                cache=folder / "teacher_reference.safetensors", progress=progress)
+                                device=config.device, cache=folder / "teacher_reference.safetensors",
+                                batch_size=config.batch_size, progress=progress)
         if config.teacher:
             samplers.append(reference)
     elif judge is None:
         raise UsageError(f"the {world.name!r} world has no judge to sweep with")
     elif config.teacher:
         samplers.append(teacher_sampler(cfg, runs[0], teacher, world))
+    samplers = [_on(s, config.device) for s in samplers]
     rows = run_sweep(samplers, world, judge, config, folder, guidance=cfg.spec.guidance(cfg),
                      chunk_partition=causal_partition(samplers), progress=progress)
     return SweepResult(rows, folder)
+
+
+def _on(sampler: Sampler, device: str) -> Sampler:
+    """``sampler`` with its model moved to ``device`` (the sweep's; an exact teacher stays where it is)."""
+    if isinstance(sampler.model, torch.nn.Module):
+        sampler.model.to(device)
+    return sampler
 
 
 def sweep_settings(base: SweepConfig, settings: dict[str, Any], world: str) -> SweepConfig:
@@ -156,6 +167,7 @@ def sweep_settings(base: SweepConfig, settings: dict[str, Any], world: str) -> S
     if wan_only and world != "wan":
         raise UsageError(f"sweep.{wan_only[0]} is for the wan world (a student judged against its teacher's "
                          f"samples); the {world!r} world has its own judge")
+    config = replace(config, device=str(resolve_device(config.device)))
     if config.clip is not None and not Path(config.clip).is_dir():
         raise UsageError(f"sweep.clip={config.clip}: no such folder (a local CLIP folder, e.g. "
                          "openai/clip-vit-base-patch32 saved with save_pretrained)")
