@@ -56,7 +56,8 @@ DESCRIPTIONS = {
         Sample the runs at every N with the same noises and prompts, score with the world's exact
         judge, and compare with the teacher's Euler sampler. Wan runs are judged against the
         teacher's sweep.teacher_steps-step samples from the same noises and prompts (latent RMSE,
-        PSNR after decoding), by temporal flicker and, with sweep.clip=CLIP_DIR, the CLIP score.
+        PSNR after decoding), by temporal flicker and, with sweep.clip=CLIP_DIR, the CLIP score; an
+        exported folder takes world.wan.model=WAN_DIR (its teacher) and world.wan.data=CACHE.
     """,
     "cache": """
         Encode (video, caption) pairs with the model folder's VAE (posterior mean, normalised) and
@@ -168,7 +169,8 @@ def _sweep_parser(sub) -> None:
                                                 "sweep.clip=CLIP_DIR: the wan world's)")
     w.add_argument("--steps", type=_parse_steps, default=None, help="comma-separated N (default 1,2,4,8,16,32)")
     w.add_argument("--teacher", default=None, help="teacher checkpoint for the Euler baseline (default: the "
-                                                   "first run's teacher; gmm: the exact teacher)")
+                                                   "first run's teacher; gmm: the exact teacher; wan: the run's "
+                                                   "teacher run, else the base model folder)")
     w.add_argument("--num-samples", type=int, default=None, help="clips / samples scored per N (default: the "
                                                                  "run's sweep.num_samples)")
     w.add_argument("--seed", type=int, default=None, help="seed of the noises and prompts (default: the run's "
