@@ -178,6 +178,18 @@ def test_sweep_of_a_tiny_wan_stage2_run_writes_table_plot_and_grid(tiny, stage2,
     assert "takes sweep.KEY=VALUE overrides" in capsys.readouterr().err
 
 
+def test_sample_a_wan_run_writes_decoded_videos(tiny, stage2):
+    out = tiny["root"] / "samples" / "s2"
+    _run("sample", stage2["run"], "--steps", 2, "--num", 2, "--out", out, progress=True)
+    from PIL import Image
+
+    # the PNG strip: 9 decoded frames (not 3 latent frames of 4 x 4), each a row of 2 clips of 32 x 32 scaled 4x
+    # beside a 110-pixel label column, 2-pixel padding, a 12-pixel caption line and 4-pixel frame separators
+    strip = Image.open(out.with_suffix(".png"))
+    assert out.with_suffix(".mp4").is_file()
+    assert strip.size == (9 * (110 + 2 * (128 + 2) + 2 + 4), 12 + 2 + 128 + 2)
+
+
 def test_sweep_of_the_exported_folder_scores_as_the_run(tiny, stage2, capsys):
     run_out, out = tiny["root"] / "sweep_run", tiny["root"] / "sweep_export"
     common = ["--steps", "1,2", "--num-samples", 2, "sweep.teacher_steps=2"]

@@ -63,16 +63,38 @@ def decode_latents(vae, latents: torch.Tensor, chunk: int = CHUNK) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------- the judge
-class RealJudge:
-    """Scores samples of one evaluation set against the teacher's reference samples of it (module docstring).
-    Its picture is ``"decoded video"``: the grid shows :meth:`decode` of the samples."""
+class DecodedVideos:
+    """How latent samples are pictured: ``"decoded video"``, a grid video of :meth:`decode` of the samples with
+    the captions (``ev.meta``) as column titles."""
 
-    primary_metric, higher_is_better, picture, picture_samples = "teacher_latent_rmse", False, "decoded video", 4
+    picture, picture_samples = "decoded video", 4
+
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor]):
+        self.decode = decode
+
+    def labels(self, ev: EvalSet) -> list[str]:
+        return [str(caption) for caption in ev.meta]
+
+    def marks(self) -> torch.Tensor:
+        return torch.zeros(0, 2, device="cpu")
+
+
+def decoded_videos(world: Any, device: torch.device | str = "cpu", batch_size: int = CHUNK) -> DecodedVideos:
+    """Pictures of ``world``'s latents, decoded by the VAE of its model folder on ``device``."""
+    vae = load_vae(world.model_folder(), device)
+    return DecodedVideos(lambda z: decode_latents(vae, z, batch_size))
+
+
+class RealJudge(DecodedVideos):
+    """Scores samples of one evaluation set against the teacher's reference samples of it (module docstring),
+    pictured decoded."""
+
+    primary_metric, higher_is_better = "teacher_latent_rmse", False
 
     def __init__(self, reference: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor],
                  clip: Callable[[torch.Tensor, list[str]], torch.Tensor] | None = None, chunk: int = CHUNK):
+        super().__init__(decode)
         self.reference = reference.float().cpu()
-        self.decode = decode
         self.clip = clip
         self.chunk = chunk
         self.reference_videos = decode(self.reference)
@@ -95,12 +117,6 @@ class RealJudge:
                 parts.setdefault("clip_score", []).append(self.clip(videos, list(ev.meta[i:i + self.chunk])))
         return {k: float(torch.cat(v).float().mean()) for k, v in parts.items()}
 
-    def labels(self, ev: EvalSet) -> list[str]:
-        return [str(caption) for caption in ev.meta]
-
-    def marks(self) -> torch.Tensor:
-        return torch.zeros(0, 2, device="cpu")
-
 
 def reference_judge(world: Any, teacher: Sampler, ev: EvalSet, *, steps: int, shift: float,
                     clip: str | None = None, device: torch.device | str = "cpu", cache: Path | None = None,
@@ -118,9 +134,8 @@ def reference_judge(world: Any, teacher: Sampler, ev: EvalSet, *, steps: int, sh
         reference = sample_reference(world, teacher, ev, steps, shift, device, progress, batch_size)
         if cache is not None:
             _write_reference(Path(cache), reference, key)
-    vae = load_vae(world.model_folder(), device)
     scorer = video_metrics.ClipScorer(clip, device=device) if clip else None
-    return RealJudge(reference, lambda z: decode_latents(vae, z, batch_size), scorer, batch_size)
+    return RealJudge(reference, decoded_videos(world, device, batch_size).decode, scorer, batch_size)
 
 
 def sample_reference(world: Any, teacher: Sampler, ev: EvalSet, steps: int, shift: float,

@@ -11,6 +11,7 @@ from ..build import build_world, load_model
 from ..causal import is_causal, sample_causal
 from ..errors import UsageError
 from ..evaluate.pictures import save_picture
+from ..evaluate.real_judge import decoded_videos
 from ..evaluate.sweep import Sampler, sample_batched
 from ..worlds.base import EvalSet
 
@@ -27,6 +28,8 @@ def sample_run(spec: str, steps: int = 4, *, prompts: Sequence[str] | None = Non
     model, cfg, role = load_model(spec)
     world = build_world(cfg)
     judge = world.judge()
+    if judge is None:   # the wan world: latents, pictured decoded by the model folder's VAE
+        judge = decoded_videos(world)
     ev = _eval_set(world, num, seed, prompts)
     name = f"{role} N={steps}"
     if given_frames:
