@@ -171,7 +171,7 @@ def _read_reference(path: Path, key: dict[str, str]) -> torch.Tensor:
         if differ:
             raise UsageError(f"the teacher reference {path} was made for another "
                              f"{', '.join(differ)} ({', '.join(f'{k}={saved.get(k)}' for k in differ)}); "
-                             "delete it or give another cache file")
+                             "delete it, or keep the reference elsewhere (another cache file; a sweep: another --out)")
         return f.get_tensor("reference")
 
 
