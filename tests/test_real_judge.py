@@ -203,6 +203,9 @@ def test_sweep_of_the_exported_folder_scores_as_the_run(tiny, stage2, capsys):
     capsys.readouterr()
     assert main(["sweep", str(stage2["export"]), "--no-progress", f"world.wan.data={tiny['cache']}"]) == 2
     assert "world.wan.model" in capsys.readouterr().err
+    assert main(["sweep", str(stage2["export"]), "--no-progress", f"world.wan.data={tiny['cache']}",
+                 f"world.wan.model={stage2['export']}"]) == 2
+    assert "the teacher is a Wan2.1 folder" in capsys.readouterr().err
     assert main(["sweep", str(stage2["run"]), "--no-progress", f"world.wan.data={tiny['cache']}"]) == 2
     assert "for sweeping exported folders" in capsys.readouterr().err
 

@@ -79,7 +79,11 @@ def teacher_sampler(cfg: RunConfig, first: str | None, teacher: str | None, worl
         return Sampler("teacher (exact) Euler", exact, cfg.sweep.teacher_guidance, "euler")
     spec = teacher or (getattr(_run_teacher(first, world), "spec", None) if first is not None else None)
     if spec is None and world.name == "wan":
-        base = zoo.velocity_network("wan", None, {"folder": world.model_folder()}).eval()
+        try:
+            base = zoo.velocity_network("wan", None, {"folder": world.model_folder()}).eval()
+        except TypeError as err:   # an AnyFlow folder: a student, no teacher
+            raise UsageError(f"world.wan.model: {err}; the teacher is a Wan2.1 folder (or name a teacher run with "
+                             "--teacher)") from None
         return Sampler("teacher (base) Euler", base, cfg.sweep.teacher_guidance, "euler")
     if spec is None:
         raise UsageError(f"no teacher run in the model.init chain of {first}: name one with --teacher")
