@@ -10,6 +10,7 @@ steps to ~1e-5; a wrong draw, a missing gradient sum or a mis-scaled loss is off
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -120,6 +121,15 @@ def assert_same_run(a: Path, b: Path, roles=("student",), max_abs: float = 1e-6)
         diff = torch.cat([(wa[k].double() - wb[k].double()).abs().flatten() for k in wa])
         assert float(diff.max()) <= max(max_abs, 1e-6), (role, float(diff.max()))
         assert float((diff > 1e-6).double().mean()) <= 1e-5, (role, int((diff > 1e-6).sum()), diff.numel())
+    va, vb = _validation(a), _validation(b)      # the validation at the end: every process sampled, rank 0 judged
+    assert [r["N"] for r in va] == [r["N"] for r in vb] and va
+    for ra, rb in zip(va, vb):
+        assert rb == pytest.approx(ra, rel=1e-3, abs=1e-4), (ra, rb)
+
+
+def _validation(run: Path) -> list[dict[str, float]]:
+    folders = sorted((run / "validation").iterdir())
+    return json.loads((folders[-1] / "metrics.json").read_text())["rows"]
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,10 @@ DESCRIPTIONS = {
     """,
     "sweep": """
         Sample the runs at every N with the same noises and prompts, score with the world's exact
-        judge, and compare with the teacher's Euler sampler.
+        judge, and compare with the teacher's Euler sampler. Wan runs are judged against the
+        teacher's sweep.teacher_steps-step samples from the same noises and prompts (latent RMSE,
+        PSNR after decoding), by temporal flicker and, with sweep.clip=CLIP_DIR, the CLIP score; an
+        exported folder takes world.wan.model=WAN_DIR (its teacher) and world.wan.data=CACHE.
     """,
     "cache": """
         Encode (video, caption) pairs with the model folder's VAE (posterior mean, normalised) and
@@ -167,10 +170,13 @@ def _sample_parser(sub) -> None:
 def _sweep_parser(sub) -> None:
     w = sub.add_parser("sweep", help="metrics vs number of steps: table, plot and video grid", description=DESCRIPTIONS["sweep"])
     w.add_argument("checkpoint", nargs="+", help="one or more runs (run folders or checkpoints; each is sampled "
-                                                "its kind's way: flow map, or consistency for the baselines)")
+                                                "its kind's way: flow map, or consistency for the baselines), "
+                                                "and sweep.KEY=VALUE overrides (e.g. sweep.teacher_steps=50, "
+                                                "sweep.clip=CLIP_DIR: the wan world's)")
     w.add_argument("--steps", type=_parse_steps, default=None, help="comma-separated N (default 1,2,4,8,16,32)")
     w.add_argument("--teacher", default=None, help="teacher checkpoint for the Euler baseline (default: the "
-                                                   "first run's teacher; gmm: the exact teacher)")
+                                                   "first run's teacher; gmm: the exact teacher; wan: the run's "
+                                                   "teacher run, else the base model folder)")
     w.add_argument("--num-samples", type=int, default=None, help="clips / samples scored per N (default: the "
                                                                  "run's sweep.num_samples)")
     w.add_argument("--seed", type=int, default=None, help="seed of the noises and prompts (default: the run's "
@@ -178,6 +184,7 @@ def _sweep_parser(sub) -> None:
                                                          "metrics' sampling noise")
     w.add_argument("--out", default=None, help="output folder (default: <run>/sweep)")
     w.add_argument("--no-progress", action="store_true")
+    w.set_defaults(overrides=[])   # sweep.KEY=VALUE items anywhere on the line (see parse)
 
 
 def _data_parsers(sub) -> None:
@@ -305,14 +312,34 @@ def cmd_sample(args) -> int:
 def cmd_sweep(args) -> int:
     from .recipes import sweep
 
-    settings = {k: v for k, v in (("steps", args.steps), ("num_samples", args.num_samples), ("seed", args.seed))
-                if v is not None}
-    result = sweep(args.checkpoint, teacher=args.teacher, settings=settings, out=args.out,
+    items = [*args.checkpoint, *args.overrides]
+    runs = [a for a in items if "=" not in a]
+    settings, world = _sweep_overrides([a for a in items if "=" in a])
+    settings.update({k: v for k, v in (("steps", args.steps), ("num_samples", args.num_samples),
+                                       ("seed", args.seed)) if v is not None})
+    if not runs:
+        raise UsageError("anystep sweep needs at least one run folder besides the sweep.KEY=VALUE overrides")
+    result = sweep(runs, teacher=args.teacher, settings=settings, out=args.out, world=world,
                    progress=not args.no_progress)
     picture = next(result.out.glob("grid.*"))
     print(result.table + f"table: {result.out / 'sweep.md'}  plot: {result.out / 'sweep.png'}  samples: "
           f"{result.out / ('grid.mp4' if (result.out / 'grid.mp4').exists() else picture.name)}")
     return 0
+
+
+def _sweep_overrides(items: list[str]) -> tuple[dict, dict]:
+    """``sweep.KEY=VALUE`` items (values as YAML) as the sweep's settings, ``world.wan.KEY=VALUE`` as an exported
+    folder's world; any other key is an error."""
+    from .config import apply_override
+
+    data: dict = {}
+    for item in items:
+        if not item.startswith(("sweep.", "world.wan.")):
+            raise UsageError(f"{item!r}: the sweep command takes sweep.KEY=VALUE overrides (e.g. "
+                             "sweep.teacher_steps=50 sweep.clip=CLIP_DIR) and, for an exported folder, "
+                             "world.wan.model=WAN_DIR world.wan.data=CACHE")
+        apply_override(data, item)
+    return data.get("sweep", {}), data.get("world", {}).get("wan", {})
 
 
 @contextlib.contextmanager

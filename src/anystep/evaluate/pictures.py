@@ -1,5 +1,6 @@
-"""Pictures of samples, as a judge asks for them: a labelled grid video (video worlds) or a scatter of the first
-two coordinates coloured by class, the modes marked (the gmm world)."""
+"""Pictures of samples, as a judge asks for them: a labelled grid video (video worlds; latents decoded by the
+judge first, the real path) or a scatter of the first two coordinates coloured by class, the modes marked (the
+gmm world)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def save_picture(judge: Judge, rows: dict[str, torch.Tensor], ev: EvalSet, path:
     """One picture of ``rows`` (name -> samples of ``ev``), written next to ``path``; returns the main file."""
     if judge.picture == "video":
         return save_video_grid(rows, path, columns=judge.labels(ev))
+    if judge.picture == "decoded video":   # latents: the judge decodes them (the real path's VAE)
+        return save_video_grid({k: judge.decode(v) for k, v in rows.items()}, path, columns=judge.labels(ev))
     if judge.picture == "scatter":
         return save_scatter(rows, ev.meta, judge.marks(), path)
     raise ValueError(f"unknown picture kind {judge.picture!r}")

@@ -36,10 +36,19 @@ class SweepConfig:
     grid_samples: int | None = None    # samples per row of the picture (None: the judge's choice, 4 clips /
                                        # 1000 points)
     teacher: bool = True               # also sweep the teacher's Euler sampler
+    teacher_steps: int = 50            # wan world: the teacher's Euler steps of the reference the students are
+                                       # judged against (evaluate/real_judge.py)
+    clip: str | None = None            # wan world: a local CLIP folder for the clip_score column (None: no CLIP)
+    device: str = "cpu"                # where the samplers (and a VAE, a CLIP) run: cpu, cuda, cuda:N or auto;
+                                       # the judges score CPU copies of the samples
+    batch_size: int = 64               # clips sampled at once (a real Wan clip wants a few)
 
     def __post_init__(self):
         if not self.steps or min(self.steps) < 1 or self.num_samples < 1 or not self.shift > 0:
             raise ValueError(f"sweep needs steps >= 1, num_samples >= 1 and shift > 0, got {self}")
+        if self.teacher_steps < 1 or self.batch_size < 1:
+            raise ValueError(f"sweep.teacher_steps and sweep.batch_size must be >= 1, got {self.teacher_steps} and "
+                             f"{self.batch_size}")
 
 
 # How a run's product samples (its kind's ``sampler``): each a function of (model with guidance applied,
@@ -103,7 +112,8 @@ def run_sweep(samplers: list[Sampler], world: World, judge: Judge, cfg: SweepCon
     bar = tqdm(jobs, desc="sweep", disable=not progress, dynamic_ncols=True)
     for s, n in bar:
         bar.set_postfix_str(f"{s.name} N={n}")
-        x = sample_batched(s, world.null_cond, ev.noise, ev.cond, n, cfg.shift, seed=cfg.seed + n)
+        x = sample_batched(s, world.null_cond, ev.noise, ev.cond, n, cfg.shift, chunk=cfg.batch_size,
+                           seed=cfg.seed + n, device=cfg.device)
         rows.append({"sampler": s.name, "N": n, **judge.score(x, ev, guidance, chunk_partition)})
         grid[f"{s.name} N={n}"] = x[:shown]
     write_table(rows, out / "sweep")

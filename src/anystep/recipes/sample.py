@@ -8,6 +8,7 @@ from pathlib import Path
 from ..api import check_save_path, load
 from ..errors import UsageError
 from ..evaluate.pictures import save_picture
+from ..evaluate.real_judge import decoded_videos
 
 
 def sample_run(spec: str, steps: int = 4, *, prompts: Sequence[str] | None = None, num: int = 4, seed: int = 0,
@@ -28,13 +29,11 @@ def sample_run(spec: str, steps: int = 4, *, prompts: Sequence[str] | None = Non
         check_save_path(save)   # before sampling, which may take long
     model = load(spec)
     samples = model.sample(steps, num, seed, prompts=prompts, guidance=guidance, given_frames=given_frames)
-    if out is not None and model.judge is None:
-        raise UsageError(f"the {model.world.name!r} world has no picture of samples; save them instead (--save "
-                         "FILE --no-picture)")
     written = []
     if out is not None:
+        picture = model.judge or decoded_videos(model.world)   # the wan world: latents decoded by its VAE
         name = f"{model.role} N={steps}" + (f", first {given_frames} frame(s) given" if given_frames else "")
-        written.append(save_picture(model.judge, {name: samples.x}, samples.eval_set, Path(out)))
+        written.append(save_picture(picture, {name: samples.x}, samples.eval_set, Path(out)))
     if save is not None:
         written.append(samples.save(save))
     return written

@@ -35,7 +35,8 @@ class EvalSet:
 @runtime_checkable
 class Judge(Protocol):
     """Scores samples of a world exactly. ``picture`` says how samples are shown: ``"video"`` (a labelled grid
-    video, ``picture_samples`` clips per row) or ``"scatter"`` (the first two coordinates of ``picture_samples``
+    video, ``picture_samples`` clips per row), ``"decoded video"`` (the same of the judge's ``decode(samples)``,
+    for latent samples: the real path) or ``"scatter"`` (the first two coordinates of ``picture_samples``
     samples, coloured by class, :meth:`marks` as crosses)."""
 
     primary_metric: str

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
+from .base import EvalSet
 
 
 @dataclass
@@ -22,7 +23,8 @@ class WanWorldConfig:
 
 class WanData:
     """Latents ``(B, F, C, H, W)`` and prompt embeddings ``(B, max_text_len, D)``; the negative prompt's embedding
-    is the null condition (official). No exact teacher and, so far, no judge."""
+    is the null condition (official). No exact teacher and no judge of its own: a student is judged against its
+    teacher's samples (:func:`anystep.evaluate.real_judge.reference_judge`)."""
 
     name, network = "wan", "wan"
     content = "latents"   # samples are VAE latents (the VAE decodes them to videos)
@@ -68,9 +70,21 @@ class WanData:
     def conditions(self, n: int, generator: torch.Generator, rows: slice = slice(None)) -> torch.Tensor:
         return self.cache.sample_embeddings(n, generator, rows)
 
-    def eval_set(self, n: int, seed: int):
-        raise UsageError("the wan world has no evaluation set yet: export the student with `anystep export` and "
-                         "sample it with diffusers' AnyFlowPipeline")
+    def eval_set(self, n: int, seed: int) -> EvalSet:
+        """The first ``n`` prompts of the cache (its order; cycled when it holds fewer, each repeat with its own
+        noise): their cached embeddings, captions as ``meta``, and noises ``(n, F, C, H, W)`` from a CPU
+        generator seeded by ``seed``."""
+        from ..data.text import pad_embeddings
+
+        if n < 1:
+            raise UsageError(f"the evaluation set needs n >= 1 prompts, got {n}")
+        cache = self.cache
+        if len(cache) == 0:
+            raise UsageError(f"the latent cache {self.cfg.data} holds no items to take prompts from")
+        picks = [i % len(cache) for i in range(n)]
+        cond = pad_embeddings([cache.embedding(i) for i in picks], self.cfg.max_text_len)
+        noise = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed), device="cpu")
+        return EvalSet(noise, cond, [cache.captions[i] for i in picks])
 
     def exact_teacher(self) -> None:
         return None
