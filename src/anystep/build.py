@@ -10,6 +10,7 @@ start; the layout makes them. Every trained network is described in the checkpoi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -230,16 +231,30 @@ def build_validation(cfg: RunConfig, roles: dict[str, Any], world: Any, processe
     spec = cfg.spec
     guidance = cfg.sweep.student_guidance if spec.product == "student" else cfg.sweep.teacher_guidance
     sampler = Sampler(f"{spec.product} (EMA)", roles[spec.product], guidance, spec.sampler)
-    return Validation(cfg.validation, sampler, world, cfg.sweep, _judge_maker(cfg, roles, world),
+    return Validation(cfg.validation, sampler, world, cfg.sweep, _judge_maker(cfg, roles, world, processes),
                       cfg.train.out_dir, guidance=spec.guidance(cfg), main=processes.main)
 
 
-def _judge_maker(cfg: RunConfig, roles: dict[str, Any], world: Any):
+def _judge_maker(cfg: RunConfig, roles: dict[str, Any], world: Any, processes: Processes):
     """How validation gets its judge: the world's own (the toy worlds) or, on the real path, a judge against
-    the teacher's many-step samples (made once per run, kept in the run folder)."""
+    the teacher's Euler + CFG samples at ``sweep.teacher_steps`` (the run's frozen teacher; a teacher run's
+    own EMA at its first validation), made once per run and kept in ``validation/teacher_reference.safetensors``.
+    Every process samples the reference or every process reads it (a sharded teacher's forward passes are
+    collective); rank 0 writes it."""
     if world.judge() is not None:
         return lambda ev: world.judge()
-    raise ConfigError(f"the {world.name!r} world has no judge for validation; set validation.every=0")
+    from .evaluate.real_judge import reference_judge
+
+    teacher = Sampler("teacher Euler", roles.get("teacher", roles[cfg.spec.product]), cfg.sweep.teacher_guidance,
+                      "euler")
+    cache = Path(cfg.train.out_dir) / "validation" / "teacher_reference.safetensors"
+
+    def make(ev):
+        kept = processes.decide(cache.is_file)
+        return reference_judge(world, teacher, ev, steps=cfg.sweep.teacher_steps, shift=cfg.sweep.shift,
+                               clip=cfg.sweep.clip, device=world.device, batch_size=cfg.sweep.batch_size,
+                               cache=cache if kept or processes.main else None)
+    return make
 
 
 FSDP_FROM = 4e9   # train.parallel=auto shards the networks from this many parameters on
