@@ -10,6 +10,7 @@ start; the layout makes them. Every trained network is described in the checkpoi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from diffusers import ModelMixin
 from torch import nn
 
 from .causal import is_causal
-from .config import ConfigError, RunConfig, to_yaml
+from .config import ConfigError, RunConfig, to_dict, to_yaml
 from .errors import UsageError
 from .kinds import FRESH_OR_INIT, INIT_STUDENT, STUDENT_OF_TEACHER, Parts, RoleSpec, no_grad_frozen
 from .lineage import ARCHITECTURE, Lineage, Run, open_run, resolve_lineage
@@ -25,7 +26,7 @@ from .models import zoo
 from .models.architectures import CausalModelConfig
 from .models.far import causal_student_network
 from .models.roles import RoleView, SharedBase, networks
-from .train import sharding
+from .train import sharding, tracking
 from .train.checkpoint import load_module
 from .train.distributed import SINGLE, Processes
 from .train.loop import Trainer
@@ -192,6 +193,7 @@ def build_trainer(cfg: RunConfig, progress: bool = True, processes: Processes = 
     """The method of ``cfg``'s kind with its roles, inside a :class:`~anystep.train.loop.Trainer` (this process's
     part of a run of ``processes.world_size``)."""
     spec, lineage = cfg.spec, resolve_lineage(cfg)
+    tracking.require(cfg.train.tracker)   # not installed: an error now, before anything is built
     try:
         accumulation = cfg.train.accumulation(processes.world_size)
     except ValueError as err:
@@ -216,7 +218,14 @@ def build_trainer(cfg: RunConfig, progress: bool = True, processes: Processes = 
                    ema={spec.product: cfg.ema}, seed=cfg.train.seed, log_every=cfg.train.log_every,
                    checkpoint_every=cfg.train.checkpoint_every, keep_checkpoints=cfg.train.keep_checkpoints,
                    files=files, progress=progress, mixed_precision=cfg.train.mixed_precision, processes=processes,
-                   accumulation=accumulation)
+                   accumulation=accumulation, tracker=_tracker(cfg))
+
+
+def _tracker(cfg: RunConfig) -> tracking.TrackerSettings:
+    """The run's tracker (``train.tracker``), given the resolved config."""
+    t = cfg.train
+    return tracking.TrackerSettings(t.tracker, Path(t.out_dir), to_dict(cfg), t.wandb_project or "anystep",
+                                    t.wandb_mode or "offline")
 
 
 FSDP_FROM = 4e9   # train.parallel=auto shards the networks from this many parameters on
