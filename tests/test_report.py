@@ -29,7 +29,7 @@ CHAIN = {
     "stage1": ("gmm_stage1", "teacher", WARM),
     "stage2": ("gmm_stage2", "stage1", [f"stage2.{o}" for o in DMD]),
     "consistency": ("gmm_consistency", "teacher", WARM),
-    "cbs": ("gmm_cbs", "consistency", [f"cbs.{o}" for o in DMD]),
+    "cbs": ("gmm_cbs", "consistency", [f"cbs.{o}" for o in DMD] + ["train.log_every=2"]),
 }
 
 
@@ -87,7 +87,8 @@ def test_report_of_every_gmm_kind(gmm, kind, capsys):
     for key, value in last.items():
         if key.startswith("loss/"):
             assert f"| `{key}` | {float(value):.6g} |" in text
-    seconds = sum(float(r["time/sec_per_step"]) for r in _metrics(run))    # log_every = 1
+    log_every = int(overrides["train.log_every"])    # each row: the time since the last row / log_every
+    seconds = sum(float(r["time/sec_per_step"]) for r in _metrics(run)) * log_every
     assert f"training time: {seconds:.1f} s for 2 steps, {2 / seconds:.3g} steps/s" in text
     assert "no validation yet" in text
     assert f"checkpoints: `{run / 'checkpoints' / 'step_000002'}` (newest; kept: step_000002, step_000001)" in text
