@@ -108,11 +108,16 @@ def test_the_printed_resume_command_continues_the_run(gmm, tmp_path, monkeypatch
     assert [r["step"] for r in _metrics(run)] == ["1", "2", "3"]
     again = report(run).markdown
     assert "preset: `gmm_stage1`" in again          # the resumed run keeps where it came from
+    origin = yaml.safe_load((run / "origin.yaml").read_text())
+    assert origin["processes"] == 1 and origin["overrides"] == _overrides(gmm, "stage1")
     assert "| `train.steps` | 4000 | 3 |" in again and "3 in the newest checkpoint; 3 planned" in again
     # from another folder, the commands go back to where the run was started (its relative paths hold there)
     started = yaml.safe_load((run / "origin.yaml").read_text())["cwd"]
     monkeypatch.chdir(tmp_path)
     assert f"- resume: `cd {shlex.quote(started)} && anystep stage1 --config {run / 'config.yaml'}" in report(
+        run).markdown
+    (run / "origin.yaml").write_text(yaml.safe_dump({**origin, "processes": 2}))   # as a torchrun run records it
+    assert f"- resume: `cd {shlex.quote(started)} && torchrun --nproc-per-node 2 -m anystep stage1" in report(
         run).markdown
 
 

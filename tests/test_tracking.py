@@ -19,6 +19,7 @@ from anystep.errors import UsageError
 from anystep.evaluate.media import write_video
 from anystep.recipes import build_trainer, train
 from anystep.train import tracking
+from anystep.train.distributed import Processes
 from anystep.train.loop import NonFiniteLossError
 
 TINY = ["world.name=gmm", "train.batch_size=16", "train.log_every=1", "ema.warmup_steps=2",
@@ -100,6 +101,12 @@ def test_the_loop_tells_the_tracker_each_log_checkpoint_and_how_it_ended(tmp_pat
     with pytest.raises(NonFiniteLossError):
         trainer.fit()
     assert Recorder.calls == [("open", 4, 4), ("close", True)]
+    # only rank 0 tracks (here a process told it is rank 1, without the collectives of a real group)
+    Recorder.calls = []
+    quiet = build_trainer(_cfg(tmp_path / "rank1", "train.tracker=none", "train.steps=2"), progress=False)
+    quiet.processes = Processes(rank=1, world_size=1)
+    quiet.fit()
+    assert Recorder.calls == [] and not (tmp_path / "rank1" / "metrics.csv").exists()
 
 
 def test_tracker_none_writes_only_the_run_folder(tmp_path):
