@@ -16,12 +16,40 @@ from ..config import RunConfig, to_yaml
 from ..lineage import resolve_lineage
 from ..train import distributed
 from ..train.checkpoint import (
+    CheckpointError,
     checkpoint_to_resume,
     clean_run_folder,
     clear_run_folder,
     lock_run_folder,
     write_text_atomic,
 )
+
+ORIGIN = "origin.yaml"
+
+
+@dataclass
+class Origin:
+    """Where a run came from, kept in its folder (``origin.yaml``): the preset (a name or YAML file; None: the
+    config defaults) and overrides it was resolved from (None: not recorded), the number of processes and the
+    working directory it started in (relative paths in its config are relative to it)."""
+
+    preset: str | None
+    overrides: list[str] | None
+    processes: int = 1
+    cwd: str = field(default_factory=os.getcwd)
+
+
+def read_origin(out: Path) -> Origin | None:
+    """A run folder's :class:`Origin`, or None when it has none (a run trained before it was recorded); a
+    CheckpointError when the file is not one."""
+    path = Path(out) / ORIGIN
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+        return Origin(**{k: data[k] for k in ("preset", "overrides", "processes", "cwd") if k in data})
+    except (yaml.YAMLError, TypeError) as err:
+        raise CheckpointError(f"corrupt {path}: {err}") from None
 
 
 def train(cfg: RunConfig, resume: bool | str = False, progress: bool = True, *, resume_if_present: bool = False,
@@ -68,30 +96,6 @@ def _train(cfg: RunConfig, out: Path, processes, resume, progress: bool, resume_
             write_text_atomic(out / ORIGIN, yaml.safe_dump(asdict(origin), sort_keys=False))
     last = trainer.fit()
     return last if last is not None else trainer.last_checkpoint
-
-
-ORIGIN = "origin.yaml"
-
-
-@dataclass
-class Origin:
-    """Where a run came from, kept in its folder (``origin.yaml``): the preset (a name or YAML file; None: the
-    config defaults) and overrides it was resolved from (None: not recorded), the number of processes and the
-    working directory it started in (relative paths in its config are relative to it)."""
-
-    preset: str | None
-    overrides: list[str] | None
-    processes: int = 1
-    cwd: str = field(default_factory=os.getcwd)
-
-
-def read_origin(out: Path) -> Origin | None:
-    """A run folder's :class:`Origin`, or None when it has none (a run trained before it was recorded)."""
-    path = Path(out) / ORIGIN
-    if not path.is_file():
-        return None
-    data = yaml.safe_load(path.read_text()) or {}
-    return Origin(**{k: data[k] for k in ("preset", "overrides", "processes", "cwd") if k in data})
 
 
 def _locked(out: Path, main: bool):
