@@ -163,6 +163,8 @@ def test_a_checkpoint_folder_in_its_run_alone_or_shipped(gmm, tmp_path, capsys):
     shipped = report("shipped:shapes_teacher")
     assert shipped.path is None and "world: **shapes**" in shipped.markdown and "kind: **teacher**" in shipped.markdown
     assert _command(shipped.markdown, "sample") == ["sample", "shipped:shapes_teacher", "--steps", "4"]
+    # its network was sized by hand (model.network unset in the defaults): the keys, not a null, are listed
+    assert "| `model.network.layers` | — | 4 |" in shipped.markdown and "`model.network` |" not in shipped.markdown
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no run at" in capsys.readouterr().err
 

@@ -229,6 +229,9 @@ def config_diff(base: RunConfig, run: RunConfig) -> list[tuple[str, Any, Any]]:
     """``(dotted key, base value, run value)`` for every key whose value differs (a key only one side has: the
     other's value is ``_ABSENT``), in key order."""
     a, b = _flatten(to_dict(base)), _flatten(to_dict(run))
+    for one, other in ((a, b), (b, a)):   # an unset section (None) beside a set one: its keys tell the story
+        for key in [k for k, v in one.items() if v is None and any(o.startswith(k + ".") for o in other)]:
+            del one[key]
     keys = sorted(set(a) | set(b))
     return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in keys if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
 
