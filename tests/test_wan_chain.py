@@ -6,6 +6,8 @@ trained teacher, the presets and the errors a user meets first."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from anystep.config import resolve
 from anystep.models.folder import load_transformer
 from anystep.models.tiny_folder import build_tiny_wan_folder, write_tiny_clips
 from anystep.models.wan import student_from_wan, wan_from_student
-from anystep.recipes import build_trainer, load_model, teacher_transformer
+from anystep.recipes import build_trainer, load_model, report, teacher_transformer
 
 pytestmark = pytest.mark.slow     # a chain of real-path runs (cache, teacher, Stage 1, Stage 2, export)
 
@@ -225,6 +227,19 @@ def test_missing_cache_and_toy_export_are_clear_errors(chain, capsys, tmp_path):
     assert "nothing" in capsys.readouterr().err
     assert main(["export", "shipped:shapes_teacher", "--out", str(tmp_path / "x")]) == 2
     assert "world.name=wan" in capsys.readouterr().err
+
+
+def test_report_of_wan_runs_gives_an_export_command_that_works(chain, tmp_path):
+    text = report(chain["stage2"]).markdown
+    assert "world: **wan**" in text and "preset: `wan1.3b_stage2`" in text and "2 in the newest checkpoint" in text
+    argv = shlex.split(re.search(r"^- export: `([^`]*)`", text, re.MULTILINE).group(1))
+    assert argv[:3] == ["anystep", "export", str(chain["stage2"])]
+    argv[argv.index("--out") + 1] = str(tmp_path / "exported")
+    _run(*argv[1:], progress=True)
+    assert json.loads((tmp_path / "exported" / "model_index.json").read_text())["_class_name"] == "AnyFlowPipeline"
+    teacher = report(chain["teacher"]).markdown
+    assert "preset: `wan1.3b_teacher`" in teacher
+    assert "export: not for this run: it is a 'teacher' run sampled by 'euler'" in teacher
 
 
 def test_wan_from_student_refuses_a_flowmap_student():

@@ -18,7 +18,7 @@ from diffusers import ModelMixin
 from torch import nn
 
 from .causal import is_causal
-from .config import ConfigError, RunConfig, to_yaml
+from .config import ConfigError, RunConfig, to_dict, to_yaml
 from .errors import UsageError
 from .evaluate.sweep import Sampler
 from .kinds import FRESH_OR_INIT, INIT_STUDENT, STUDENT_OF_TEACHER, Parts, RoleSpec, no_grad_frozen
@@ -27,7 +27,7 @@ from .models import zoo
 from .models.architectures import CausalModelConfig
 from .models.far import causal_student_network
 from .models.roles import RoleView, SharedBase, networks
-from .train import sharding
+from .train import sharding, tracking
 from .train.checkpoint import load_module
 from .train.distributed import SINGLE, Processes
 from .train.loop import Trainer
@@ -195,6 +195,7 @@ def build_trainer(cfg: RunConfig, progress: bool = True, processes: Processes = 
     """The method of ``cfg``'s kind with its roles, inside a :class:`~anystep.train.loop.Trainer` (this process's
     part of a run of ``processes.world_size``)."""
     spec, lineage = cfg.spec, resolve_lineage(cfg)
+    tracking.require(cfg.train.tracker)   # not installed: an error now, before anything is built
     try:
         accumulation = cfg.train.accumulation(processes.world_size)
     except ValueError as err:
@@ -220,7 +221,7 @@ def build_trainer(cfg: RunConfig, progress: bool = True, processes: Processes = 
                    checkpoint_every=cfg.train.checkpoint_every, keep_checkpoints=cfg.train.keep_checkpoints,
                    files=files, progress=progress, mixed_precision=cfg.train.mixed_precision, processes=processes,
                    accumulation=accumulation, validation=build_validation(cfg, roles, world, processes),
-                   product=spec.product)
+                   product=spec.product, tracker=_tracker(cfg))
 
 
 def build_validation(cfg: RunConfig, roles: dict[str, Any], world: Any, processes: Processes = SINGLE):
@@ -255,6 +256,13 @@ def _judge_maker(cfg: RunConfig, roles: dict[str, Any], world: Any, processes: P
                                clip=cfg.sweep.clip, device=world.device, batch_size=cfg.sweep.batch_size,
                                cache=cache if kept or processes.main else None)
     return make
+
+
+def _tracker(cfg: RunConfig) -> tracking.TrackerSettings:
+    """The run's tracker (``train.tracker``), given the resolved config."""
+    t = cfg.train
+    return tracking.TrackerSettings(t.tracker, Path(t.out_dir), to_dict(cfg), t.wandb_project or "anystep",
+                                    t.wandb_mode or "offline")
 
 
 FSDP_FROM = 4e9   # train.parallel=auto shards the networks from this many parameters on

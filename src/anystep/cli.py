@@ -8,6 +8,8 @@
     anystep cbs      [--config P] [key=value ...]     baseline: consistency backward simulation + DMD
     anystep sample   RUN --steps N [--save F.safetensors]  sample at any N (causal: --given-frames for I2V/V2V)
     anystep sweep    RUN [RUN ...] --steps 1,2,4,...  metrics vs N: table, plot, video grid
+    anystep report   RUN                              what a run did: config diff, progress, losses, validation,
+                                                      files, the commands to resume and export (RUN/report.md)
 
   the real Wan2.1 path (local diffusers folders; nothing is downloaded):
     anystep cache      --model WAN_DIR --videos VIDEOS --out CACHE   videos + captions -> latents + embeddings
@@ -76,6 +78,14 @@ DESCRIPTIONS = {
         The student's EMA weights, LoRA merged (or kept as adapters), with the source folder's VAE,
         text encoder and tokenizer and FlowMapEulerDiscreteScheduler(shift=5): load it with
         AnyFlowPipeline.from_pretrained(DIR) and sample at any number of steps.
+    """,
+    "report": """
+        A run's own report, from its folder alone: kind, world, preset and the config's differences
+        from it; steps done and planned, training time and steps/s; the last losses; the best
+        validation figures per N; where the checkpoints, videos and tracker logs are; and the command
+        lines that resume, sample and export it. Printed, and written as markdown (default
+        RUN/report.md). RUN: a run folder (finished, training or killed), a checkpoint folder, or
+        shipped:<name>.
     """,
     "tiny-wan": """
         A Wan2.1 T2V diffusers folder with every part tiny and random: the whole real path (cache,
@@ -213,6 +223,14 @@ def _data_parsers(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     _cache_args(s)
 
+def _report_parser(sub) -> None:
+    r = sub.add_parser("report", help="what a run did and how to resume and export it (markdown)",
+                       description=DESCRIPTIONS["report"])
+    r.add_argument("run", help="a run folder, a checkpoint folder, or shipped:<name>")
+    r.add_argument("--out", default=None, metavar="FILE",
+                   help="where to write the markdown (default RUN/report.md; a shipped checkpoint's: not written)")
+
+
 def _release_parsers(sub) -> None:
     e = sub.add_parser("export", help="write a trained student as a diffusers AnyFlowPipeline folder", description=DESCRIPTIONS["export"])
     e.add_argument("run", help="a Stage-1 or Stage-2 run (world.name=wan) or one of its checkpoints")
@@ -260,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_parsers(sub)
     _release_parsers(sub)
     _sweep_parser(sub)
+    _report_parser(sub)
     return parser
 
 
@@ -274,7 +293,8 @@ def cmd_train(args) -> int:
         print(to_yaml(cfg), end="")
         return 0
     ckpt = train(cfg, resume=args.resume_from or args.resume, progress=not args.no_progress,
-                 resume_if_present=args.resume_if_present, overwrite=args.overwrite)
+                 resume_if_present=args.resume_if_present, overwrite=args.overwrite, preset=args.config,
+                 overrides=args.overrides)
     from .train.distributed import main_process
 
     if main_process():   # under torchrun, rank 0 speaks for all
@@ -411,6 +431,16 @@ def _load_hint(folder: Path, adapters: bool) -> str:
     return f"from diffusers import {pipeline}; pipe = {load}{lora}"
 
 
+def cmd_report(args) -> int:
+    from .recipes import report
+
+    result = report(args.run, out=args.out)
+    print(result.markdown, end="")
+    if result.path is not None:
+        print(f"\nwritten: {result.path}")
+    return 0
+
+
 def cmd_tiny_wan(args) -> int:
     from .models.tiny_folder import build_tiny_wan_folder
 
@@ -420,8 +450,8 @@ def cmd_tiny_wan(args) -> int:
 
 # ------------------------------------------------------------------------------------------------------ main
 HANDLERS = {"demo": cmd_demo, "sample": cmd_sample, "sweep": cmd_sweep, "cache": cmd_cache,
-            "synthesize": cmd_synthesize, "export": cmd_export, "tiny-wan": cmd_tiny_wan}
-ONE_PROCESS = ("demo", "sample", "sweep", "export", "tiny-wan")   # the others run under torchrun too
+            "synthesize": cmd_synthesize, "export": cmd_export, "tiny-wan": cmd_tiny_wan, "report": cmd_report}
+ONE_PROCESS = ("demo", "sample", "sweep", "export", "tiny-wan", "report")   # the others run under torchrun too
 
 
 def _check_launcher(command: str) -> None:

@@ -62,7 +62,7 @@ def train_chain(stages: list, total: int, threads: int | None, progress: bool) -
     for i, (title, cfg) in stages:
         t0 = time.time()
         print(f"[{i}/{total}] {title}: {cfg.train.steps} steps", flush=True)
-        ckpt = train(cfg, progress=progress, overwrite=True)
+        ckpt = train(cfg, progress=progress, overwrite=True, preset=STAGES[i - 1][1])
         print(f"      [{i}/{total}] done in {time.time() - t0:.0f} s: {ckpt}", flush=True)
 
 

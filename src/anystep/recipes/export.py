@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..build import load_model
+from ..config import RunConfig
 from ..errors import UsageError
 from ..lineage import open_run
 
@@ -19,12 +20,9 @@ def export_run(spec: str, out: str | Path, *, adapters: bool = False, dtype: tor
     from ..export import export_pipeline, export_student
 
     cfg = open_run(spec).config
-    if cfg.world.name != "wan":
-        raise UsageError(f"{spec} is a {cfg.world.name!r}-world run; export writes an AnyFlowPipeline folder (VAE, "
-                         "text encoder, transformer), so it takes runs trained with world.name=wan")
-    if cfg.spec.sampler != "flowmap":
-        raise UsageError(f"{spec} is a {cfg.kind!r} run sampled by {cfg.spec.sampler!r}; AnyFlowPipeline samples "
-                         "flow maps (export a Stage-1 or Stage-2 run)")
+    refusal = not_exportable(cfg)
+    if refusal:
+        raise UsageError(f"{spec} {refusal}")
     student, _, _ = load_model(spec, role="student")
     kwargs = {"shift": shift, "overwrite": overwrite, "dtype": dtype}
     if cfg.model.lora_rank > 0:
@@ -32,6 +30,17 @@ def export_run(spec: str, out: str | Path, *, adapters: bool = False, dtype: tor
     if adapters:
         raise UsageError(f"{spec} is a full fine-tune (model.lora_rank=0): it has no adapters to keep")
     return export_pipeline(student.transformer, cfg.world.wan.model, out, **kwargs)
+
+
+def not_exportable(cfg: RunConfig) -> str | None:
+    """Why a run with config ``cfg`` cannot be exported (a phrase following the run's name), or None when it can."""
+    if cfg.world.name != "wan":
+        return (f"is a {cfg.world.name!r}-world run; export writes an AnyFlowPipeline folder (VAE, text encoder, "
+                "transformer), so it takes runs trained with world.name=wan")
+    if cfg.spec.sampler != "flowmap":
+        return (f"is a {cfg.kind!r} run sampled by {cfg.spec.sampler!r}; AnyFlowPipeline samples flow maps (export "
+                "a Stage-1 or Stage-2 run)")
+    return None
 
 
 def teacher_transformer(spec: str, model_folder: str | None = None):

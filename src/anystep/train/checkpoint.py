@@ -378,7 +378,8 @@ def clean_run_folder(out_dir: str | Path) -> None:
     for folder in (out, root):
         for p in [*folder.glob(".tmp_step_*"), *folder.glob(".trash_*")]:
             shutil.rmtree(p, ignore_errors=True)
-    for p in [*root.glob(".latest.*"), *out.glob(".metrics.csv.*"), *out.glob(".config.yaml.*")]:
+    for p in [*root.glob(".latest.*"), *out.glob(".metrics.csv.*"), *out.glob(".config.yaml.*"),
+              *out.glob(".origin.yaml.*")]:
         p.unlink(missing_ok=True)
     ckpts = complete_checkpoints(root)
     latest = root / "latest"
@@ -387,13 +388,13 @@ def clean_run_folder(out_dir: str | Path) -> None:
 
 
 def clear_run_folder(out_dir: str | Path) -> None:
-    """Start over in ``out_dir``: its checkpoints, metrics, TensorBoard logs and config are deleted (folders
-    renamed away first, so a kill leaves no half-deleted checkpoint)."""
+    """Start over in ``out_dir``: its checkpoints, metrics, validation, tracker logs (TensorBoard, wandb), config,
+    origin and report are deleted (folders renamed away first, so a kill leaves no half-deleted checkpoint)."""
     out = Path(out_dir)
-    for name in (CHECKPOINTS, "tensorboard"):
+    for name in (CHECKPOINTS, "tensorboard", "wandb", "validation"):
         if (out / name).is_dir():
             _discard(out / name)
-    for name in ("metrics.csv", "config.yaml"):
+    for name in ("metrics.csv", "config.yaml", "origin.yaml", "report.md"):
         (out / name).unlink(missing_ok=True)
 
 

@@ -36,6 +36,7 @@ from .checkpoint import (
 )
 from .distributed import SINGLE, Processes
 from .method import Method
+from .tracking import TRACKERS, WANDB_MODES, NoTracker, Tracker, TrackerSettings, open_tracker
 from .validation import Validation
 from .validation import summary as validation_summary
 
@@ -74,10 +75,10 @@ class EMA:
 
 
 class MetricsLog:
-    """Metrics to ``metrics.csv`` (one row per logged step, columns grow as new terms appear), and to
-    TensorBoard when it is installed."""
+    """What a run records: metrics to ``metrics.csv`` (one row per logged step, columns grow as new terms appear)
+    and, with videos and checkpoint paths, to the run's tracker (:mod:`anystep.train.tracking`)."""
 
-    def __init__(self, out_dir: Path, resume_step: int = 0):
+    def __init__(self, out_dir: Path, resume_step: int = 0, tracker: Tracker | None = None):
         self.path = Path(out_dir) / "metrics.csv"
         self.rows: list[dict[str, Any]] = []
         if self.path.exists():
@@ -85,11 +86,7 @@ class MetricsLog:
                 self.rows = [r for r in csv.DictReader(f) if _whole(r) and int(r["step"]) <= resume_step]
         self.fields = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
         self._write_all()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
-        except ImportError:  # tensorboard not installed
-            self.tb = None
+        self.tracker = tracker if tracker is not None else NoTracker()
 
     def log(self, step: int, values: dict[str, float]) -> None:
         """A row for ``step``; a second call for the same step adds its values to that row (validation after
@@ -107,9 +104,21 @@ class MetricsLog:
             self.rows.append(row)
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, self.fields).writerow(row)
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
+        self.tracker.scalars(step, values)
+
+    def video(self, step: int, tag: str, path: Path) -> None:
+        """A video file written for ``step`` (e.g. ``RUN/validation/step_000400/grid.mp4``), to the tracker."""
+        self.tracker.video(step, tag, Path(path))
+
+    def picture(self, step: int, tag: str, path: Path) -> None:
+        """A validation's picture to the tracker: an mp4 as a video, anything else (a PNG scatter) as an image."""
+        (self.tracker.video if Path(path).suffix == ".mp4" else self.tracker.image)(step, tag, Path(path))
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        self.tracker.checkpoint(step, Path(path))
+
+    def close(self, failed: bool = False) -> None:
+        self.tracker.close(failed)
 
     def _write_all(self) -> None:
         """The whole file again, replaced atomically (a kill never loses the rows written before)."""
@@ -193,6 +202,11 @@ class TrainConfig:
                                        # 'flash', ...); 'auto': diffusers' default (torch SDPA, which picks one)
     compile: str = "none"              # 'blocks': torch.compile each transformer block (diffusers'
                                        # compile_repeated_blocks); 'none': eager
+    tracker: str = "tensorboard"       # where rank 0 mirrors metrics, videos, checkpoint paths and the config:
+                                       # 'tensorboard' (RUN/tensorboard), 'wandb' (RUN/wandb; the wandb extra),
+                                       # 'none' (metrics.csv only, always written)
+    wandb_project: str | None = None   # train.tracker=wandb: the project (None: 'anystep')
+    wandb_mode: str | None = None      # train.tracker=wandb: 'offline' (None; `wandb sync` later) or 'online'
 
     def __post_init__(self):
         if self.mixed_precision not in ("fp32", "bf16"):
@@ -206,6 +220,14 @@ class TrainConfig:
             if self.attention_backend not in names:
                 raise ValueError(f"train.attention_backend must be 'auto' or one of diffusers' {names}, got "
                                  f"{self.attention_backend!r}")
+        if self.tracker not in TRACKERS:
+            raise ValueError(f"train.tracker must be one of {list(TRACKERS)}, got {self.tracker!r}")
+        if self.tracker != "wandb":
+            given = [f"train.{k}" for k in ("wandb_project", "wandb_mode") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} apply to train.tracker=wandb, not {self.tracker!r}")
+        if self.wandb_mode not in (None, *WANDB_MODES):
+            raise ValueError(f"train.wandb_mode must be one of {list(WANDB_MODES)}, got {self.wandb_mode!r}")
         if self.parallel not in ("auto", "ddp", "fsdp"):
             raise ValueError(f"train.parallel must be 'auto', 'ddp' or 'fsdp', got {self.parallel!r}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
@@ -251,13 +273,15 @@ class Trainer:
     ``optim``: an :class:`OptimConfig` for every role of the method; ``ema``: the roles whose EMA is kept;
     ``files``: text files written into every checkpoint (the run's config, the networks' descriptions);
     ``processes``: this process's place among a run's processes; ``accumulation``: micro-batches per process
-    and optimizer step; ``validation``: samples and judges the EMA of role ``product`` when it is due."""
+    and optimizer step; ``validation``: samples and judges the EMA of role ``product`` when it is due;
+    ``tracker``: the tracker rank 0 opens for each :meth:`fit` (None: metrics.csv only)."""
 
     def __init__(self, method: Method, *, steps: int, out_dir: str | Path, optim: dict[str, OptimConfig],
                  ema: dict[str, EMAConfig] | None = None, seed: int = 0, log_every: int = 10,
                  checkpoint_every: int = 500, keep_checkpoints: int = 2, files: dict[str, str] | None = None,
                  progress: bool = True, mixed_precision: str = "fp32", processes: Processes = SINGLE,
-                 accumulation: int = 1, validation: Validation | None = None, product: str | None = None):
+                 accumulation: int = 1, validation: Validation | None = None, product: str | None = None,
+                 tracker: TrackerSettings | None = None):
         if set(optim) != set(method.roles):
             raise ValueError(f"optimizer settings for roles {sorted(optim)}, but the method trains {sorted(method.roles)}")
         if mixed_precision not in ("fp32", "bf16"):
@@ -265,7 +289,7 @@ class Trainer:
         self.method, self.steps, self.out_dir, self.optim = method, steps, Path(out_dir), optim
         self.log_every, self.checkpoint_every, self.keep = log_every, checkpoint_every, keep_checkpoints
         self.files, self.progress, self.mixed_precision = dict(files or {}), progress, mixed_precision
-        self.processes = processes
+        self.processes, self.tracker = processes, tracker
         self.validation, self.product = validation, product
         if validation is not None and product not in method.roles:
             raise ValueError(f"validation samples a trained role; {product!r} is not one of {sorted(method.roles)}")
@@ -427,9 +451,25 @@ class Trainer:
 
     def fit(self) -> Path | None:
         """Train up to ``steps``; logs every ``log_every`` steps, saves every ``checkpoint_every`` and at the end,
-        each time after checking the weights. Returns the last checkpoint saved (None when none was)."""
+        each time after checking the weights; rank 0 records to ``metrics.csv`` and the tracker (closed at the
+        end, marked failed when training raised). Returns the last checkpoint saved (None when none was)."""
+        log = self._open_log() if self.processes.main else None
+        try:
+            last = self._fit(log)
+        except BaseException:
+            if log is not None:
+                log.close(failed=True)
+            raise
+        if log is not None:
+            log.close()
+        return last
+
+    def _open_log(self) -> MetricsLog:
+        tracker = open_tracker(self.tracker, self.step) if self.tracker is not None else None
+        return MetricsLog(self.out_dir, self.step, tracker)
+
+    def _fit(self, log: MetricsLog | None) -> Path | None:
         main = self.processes.main
-        log = MetricsLog(self.out_dir, self.step) if main else None
         bar = tqdm(total=self.steps, initial=self.step, disable=not (self.progress and main), desc="train",
                    dynamic_ncols=True)
         last = None
@@ -452,16 +492,19 @@ class Trainer:
                 bar.set_postfix(shown, refresh=False)
             if saving:
                 last = self.save()
+                if log is not None:
+                    log.checkpoint(self.step, last)
             if self.validation is not None and self.validation.due(self.step, self.steps):
-                values = self._validate(bar)
+                values, picture = self._validate(bar)
                 if log is not None:
                     log.log(self.step, values)
+                    log.picture(self.step, "validation", picture)
         bar.close()
         return last
 
-    def _validate(self, bar) -> dict[str, float]:
+    def _validate(self, bar) -> tuple[dict[str, float], Path | None]:
         """Validation of the product's EMA (every process samples; rank 0 judges, writes and returns the
-        scalars), then the training weights back."""
+        scalars and the picture), then the training weights back."""
         with self.ema_weights(self.product) as module:
             device = next(iter(module.parameters())).device
             with self._autocast(module):
@@ -470,7 +513,7 @@ class Trainer:
             bar.write(f"validation at step {self.step}: "
                       f"{validation_summary(values, self.validation.judge.primary_metric, self.validation.cfg.steps)}"
                       f"; {picture}")
-        return values
+        return values, picture
 
     @contextlib.contextmanager
     def ema_weights(self, role: str):
