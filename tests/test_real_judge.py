@@ -5,6 +5,7 @@ the evaluation set, the decoder, the teacher's reference (made once, cached, ref
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -222,3 +223,30 @@ def test_sweep_of_a_causal_tiny_wan_student(tiny):
     assert [(r["sampler"], r["N"]) for r in rows][:2] == [("student", "1"), ("student", "2")]
     assert all(math.isfinite(float(r["teacher_latent_rmse"])) for r in rows[:2])
     assert (out / "grid.mp4").is_file()
+
+
+def test_a_tiny_wan_run_validates_against_its_teacher_as_the_sweep_judges_its_checkpoint(tiny, tmp_path):
+    """Validation during a tiny-Wan Stage-1 run writes its metrics and pictures at the configured steps, and
+    the last one agrees with ``anystep sweep`` of the run's final checkpoint on the same evaluation set (the
+    EMA student loaded from disk, the bare base as teacher: another path to the same numbers; in fp32, as the
+    sweep samples, where the run would validate under its bf16 autocast)."""
+    run = tmp_path / "s1"
+    _run("stage1", "--config", "wan1.3b_stage1", f"world.wan.model={tiny['wan']}", f"world.wan.data={tiny['cache']}",
+         *LORA, "model.base_dtype=float32", "train.mixed_precision=fp32", "train.steps=3", "optim.student.lr=1e-3", "optim.student.warmup_steps=1", "ema.warmup_steps=1",
+         "validation.every=2", "validation.num_samples=2", "validation.steps=[1,2]", "sweep.teacher_steps=4",
+         f"train.out_dir={run}")
+    folder = run / "validation"
+    assert sorted(p.name for p in folder.iterdir()) == ["step_000002", "step_000003", "teacher_reference.safetensors"]
+    report = json.loads((folder / "step_000003" / "metrics.json").read_text())
+    assert report["primary_metric"] == "teacher_latent_rmse" and (folder / "step_000003" / "grid.mp4").is_file()
+    with open(run / "metrics.csv") as f:
+        logged = {r["step"]: r for r in csv.DictReader(f)}
+    assert float(logged["3"]["val/N2/teacher_latent_rmse"]) == pytest.approx(report["rows"][1]["teacher_latent_rmse"])
+    _run("sweep", run, "--steps", "1,2", "--num-samples", 2, "--seed", 4321, "sweep.teacher_steps=4",
+         "--out", tmp_path / "sweep")
+    with open(tmp_path / "sweep" / "sweep.csv") as f:
+        swept = [r for r in csv.DictReader(f) if r["sampler"] == "student"]
+    assert [int(r["N"]) for r in swept] == [1, 2]
+    for row, mine in zip(swept, report["rows"]):
+        for metric in ("teacher_latent_rmse", "teacher_psnr", "flicker"):
+            assert float(row[metric]) == pytest.approx(mine[metric], rel=1e-4, abs=1e-6), metric

@@ -10,6 +10,7 @@ start; the layout makes them. Every trained network is described in the checkpoi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from .causal import is_causal
 from .config import ConfigError, RunConfig, to_dict, to_yaml
 from .errors import UsageError
 from .evaluate.sweep import Sampler
-from .kinds import FRESH_OR_INIT, INIT_STUDENT, STUDENT_OF_TEACHER, Parts, RoleSpec, no_grad_frozen
+from .kinds import FRESH_OR_INIT, INIT_STUDENT, STUDENT_OF_TEACHER, TEACHER, Parts, RoleSpec, no_grad_frozen
 from .lineage import ARCHITECTURE, Lineage, Run, open_run, resolve_lineage
 from .models import zoo
 from .models.architectures import CausalModelConfig
@@ -220,39 +221,42 @@ def build_trainer(cfg: RunConfig, progress: bool = True, processes: Processes = 
                    ema={spec.product: cfg.ema}, seed=cfg.train.seed, log_every=cfg.train.log_every,
                    checkpoint_every=cfg.train.checkpoint_every, keep_checkpoints=cfg.train.keep_checkpoints,
                    files=files, progress=progress, mixed_precision=cfg.train.mixed_precision, processes=processes,
-                   accumulation=accumulation, validation=build_validation(cfg, roles, world, processes),
+                   accumulation=accumulation,
+                   validation=build_validation(cfg, roles, world, processes, lambda: _reference_teacher(layout, roles, device)),
                    product=spec.product, tracker=_tracker(cfg))
 
 
-def build_validation(cfg: RunConfig, roles: dict[str, Any], world: Any, processes: Processes = SINGLE):
+def build_validation(cfg: RunConfig, roles: dict[str, Any], world: Any, processes: Processes = SINGLE,
+                     teacher: Callable[[], Any] | None = None):
     """The run's validation during training (None when ``validation.every`` is 0): its product sampled its
-    kind's way, judged by its world's judge (on the real path: against the teacher's many-step samples)."""
+    kind's way, judged by its world's judge (on the real path: against the many-step samples of ``teacher()``,
+    by default the run's ``teacher`` role)."""
     if cfg.validation.every == 0:
         return None
     spec = cfg.spec
     guidance = cfg.sweep.student_guidance if spec.product == "student" else cfg.sweep.teacher_guidance
     sampler = Sampler(f"{spec.product} (EMA)", roles[spec.product], guidance, spec.sampler)
-    return Validation(cfg.validation, sampler, world, cfg.sweep, _judge_maker(cfg, roles, world, processes),
+    teacher = teacher or (lambda: roles["teacher"])
+    return Validation(cfg.validation, sampler, world, cfg.sweep, _judge_maker(cfg, teacher, world, processes),
                       cfg.train.out_dir, guidance=spec.guidance(cfg), main=processes.main)
 
 
-def _judge_maker(cfg: RunConfig, roles: dict[str, Any], world: Any, processes: Processes):
+def _judge_maker(cfg: RunConfig, teacher: Callable[[], Any], world: Any, processes: Processes):
     """How validation gets its judge: the world's own (the toy worlds) or, on the real path, a judge against
-    the teacher's Euler + CFG samples at ``sweep.teacher_steps`` (the run's frozen teacher; a teacher run's
-    own EMA at its first validation), made once per run and kept in ``validation/teacher_reference.safetensors``.
+    the teacher's Euler + CFG samples at ``sweep.teacher_steps`` (``teacher()``: the run's frozen teacher, a
+    teacher run's own EMA at its first validation), made once per run and kept in ``validation/teacher_reference.safetensors``.
     Every process samples the reference or every process reads it (a sharded teacher's forward passes are
     collective); rank 0 writes it."""
     if world.judge() is not None:
         return lambda ev: world.judge()
     from .evaluate.real_judge import reference_judge
 
-    teacher = Sampler("teacher Euler", roles.get("teacher", roles[cfg.spec.product]), cfg.sweep.teacher_guidance,
-                      "euler")
     cache = Path(cfg.train.out_dir) / "validation" / "teacher_reference.safetensors"
 
     def make(ev):
         kept = processes.decide(cache.is_file)
-        return reference_judge(world, teacher, ev, steps=cfg.sweep.teacher_steps, shift=cfg.sweep.shift,
+        euler = Sampler("teacher Euler", teacher(), cfg.sweep.teacher_guidance, "euler")
+        return reference_judge(world, euler, ev, steps=cfg.sweep.teacher_steps, shift=cfg.sweep.shift,
                                clip=cfg.sweep.clip, device=world.device, batch_size=cfg.sweep.batch_size,
                                cache=cache if kept or processes.main else None)
     return make
@@ -263,6 +267,19 @@ def _tracker(cfg: RunConfig) -> tracking.TrackerSettings:
     t = cfg.train
     return tracking.TrackerSettings(t.tracker, Path(t.out_dir), to_dict(cfg), t.wandb_project or "anystep",
                                     t.wandb_mode or "offline")
+
+
+def _reference_teacher(layout: FullRoles | LoraRoles, roles: dict[str, Any], device: torch.device) -> Any:
+    """The teacher a run's validation measures against on the real path: its ``teacher`` role (Stage 2, the
+    consistency kinds; a teacher run's own), else (Stage 1) the teacher it was made from: the shared base's
+    teacher view of a LoRA run (the bare base, or its teacher adapter: no memory), a copy loaded for a full one."""
+    if "teacher" in roles:
+        return roles["teacher"]
+    if isinstance(layout, LoraRoles):
+        return layout.shared.role("teacher")
+    teacher = layout.make(RoleSpec("teacher", TEACHER, trained=False))
+    _place(teacher, device, checkpointing=False)
+    return no_grad_frozen(teacher)
 
 
 FSDP_FROM = 4e9   # train.parallel=auto shards the networks from this many parameters on
