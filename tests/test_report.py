@@ -90,7 +90,7 @@ def test_report_of_every_gmm_kind(gmm, kind, capsys):
     log_every = int(overrides["train.log_every"])    # each row: the time since the last row / log_every
     seconds = sum(float(r["time/sec_per_step"]) for r in _metrics(run)) * log_every
     assert f"training time: {seconds:.1f} s for 2 steps, {2 / seconds:.3g} steps/s" in text
-    assert "no validation yet" in text
+    assert "1 validation step(s), the latest at step 2; primary metric `fd` (lower is better)" in text  # at the end
     assert f"checkpoints: `{run / 'checkpoints' / 'step_000002'}` (newest; kept: step_000002, step_000001)" in text
     assert f"tensorboard --logdir {run / 'tensorboard'}" in text
     assert "export: not for this run: it is a 'gmm'-world run" in text
@@ -181,6 +181,7 @@ def _validation(run, step, rows, primary="Total", higher=True):
 def test_best_validation_figures_per_n(gmm, tmp_path):
     run = tmp_path / "s2"
     shutil.copytree(gmm / "stage2", run)
+    shutil.rmtree(run / "validation")   # the run's own (at its last step), replaced by these
     _validation(run, 2, [{"N": 1, "Total": 0.50, "Quality": 0.7}, {"N": 4, "Total": 0.90, "Quality": 0.95}])
     newest = _validation(run, 4, [{"N": 1, "Total": 0.60, "Quality": 0.6}, {"N": 4, "Total": 0.80, "Quality": 0.9},
                                   {"N": 2, "Total": float("nan")}])
@@ -201,7 +202,7 @@ def test_best_validation_figures_per_n(gmm, tmp_path):
 
 def test_report_of_shapes_runs(tmp_path):
     t, s = tmp_path / "t", tmp_path / "s"
-    tiny = ["train.batch_size=4", "train.steps=2", "train.log_every=1", "train.tracker=none"]
+    tiny = ["train.batch_size=4", "train.steps=2", "train.log_every=1", "train.tracker=none", "validation.every=0"]
     shapes_net = ["model.network.heads=2", "model.network.head_dim=8", "model.network.layers=1",
                   "model.network.ffn_dim=16", "optim.teacher.warmup_steps=1"]
     assert main(["teacher", "--no-progress", f"train.out_dir={t}", *tiny, *shapes_net]) == 0
@@ -210,4 +211,5 @@ def test_report_of_shapes_runs(tmp_path):
         text = report(run).markdown
         assert f"kind: **{kind}**" in text and "world: **shapes**" in text and f"preset: `shapes_{kind}`" in text
         assert "2 in the newest checkpoint; 2 planned" in text and "tracker: none" in text
+        assert "no validation yet" in text
         assert "| `train.tracker` | tensorboard | none |" in text

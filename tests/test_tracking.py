@@ -23,7 +23,8 @@ from anystep.train.distributed import Processes
 from anystep.train.loop import NonFiniteLossError
 
 TINY = ["world.name=gmm", "train.batch_size=16", "train.log_every=1", "ema.warmup_steps=2",
-        "model.network.hidden=32", "model.network.depth=1", "optim.teacher.warmup_steps=2", "optim.teacher.lr=1e-3"]
+        "model.network.hidden=32", "model.network.depth=1", "optim.teacher.warmup_steps=2", "optim.teacher.lr=1e-3",
+        "validation.every=0"]   # validation's records: test_validation_goes_to_the_tracker
 
 
 def _cfg(out, *extra):
@@ -75,6 +76,9 @@ class Recorder:
     def video(self, step, tag, path):
         Recorder.calls.append(("video", step, tag))
 
+    def image(self, step, tag, path):
+        Recorder.calls.append(("image", step, tag, path.name))
+
     def checkpoint(self, step, path):
         Recorder.calls.append(("checkpoint", step, path.name))
 
@@ -107,6 +111,25 @@ def test_the_loop_tells_the_tracker_each_log_checkpoint_and_how_it_ended(tmp_pat
     quiet.processes = Processes(rank=1, world_size=1)
     quiet.fit()
     assert Recorder.calls == [] and not (tmp_path / "rank1" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("world, picture", [
+    (["world.name=gmm", "model.network.hidden=32", "model.network.depth=1", "validation.num_samples=64"],
+     ("image", "grid.png")),
+    (["world.name=shapes", "validation.num_samples=2"], ("video", None))])
+def test_validation_goes_to_the_tracker(world, picture, tmp_path, monkeypatch):
+    """A validation's scalars join its step's, its picture follows: the gmm scatter as an image, a video
+    world's grid as a video."""
+    monkeypatch.setitem(tracking.TRACKERS, "none", Recorder)
+    Recorder.calls = []
+    overrides = [a for a in TINY if not a.startswith(("validation.", "world.", "model.network."))]
+    train(resolve(None, ["kind=teacher", f"train.out_dir={tmp_path}", *overrides, *world, "train.tracker=none",
+                         "train.steps=2", "validation.every=2", "validation.steps=[1,2]"]), progress=False)
+    logged = [c for c in Recorder.calls if c[0] == "scalars"]
+    assert [c[1] for c in logged] == [1, 2, 2] and all(k.startswith(("val/N", "time/")) for k in logged[2][2])
+    shown = [c for c in Recorder.calls if c[0] in ("image", "video")]
+    assert len(shown) == 1 and shown[0][:3] == (picture[0], 2, "validation")
+    assert picture[1] is None or shown[0][3] == picture[1]
 
 
 def test_tracker_none_writes_only_the_run_folder(tmp_path):
