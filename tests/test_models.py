@@ -93,3 +93,25 @@ def test_toy_flowmap_net_equals_its_velocity_net_at_r_equals_t():
     assert (student(x, t, t * 0.1, labels) - before).abs().max() > 0
     with pytest.raises(ValueError, match="shape"):
         student(torch.randn(5, 8), t, t, labels)
+
+
+def test_zero_init_delta_starts_as_the_velocity_network_for_every_r():
+    """``model.delta_init=zero`` (the paper's Fig. 7 baseline): at the start the student is the velocity
+    network at every r, not only at r = t, and its delta branch is the part that changes under training; the
+    official copy depends on r from the start."""
+    from anystep.models import zoo
+    torch.manual_seed(0)
+    vel = ToyFlowMapNet((2, 1, 2, 2), 4, hidden=32, depth=2)
+    x, t, labels = torch.randn(5, 2, 1, 2, 2), torch.rand(5) * 1000, torch.tensor([0, 1, 2, 3, 4])
+    r = t * torch.rand(5)
+    zero = zoo.zero_init_delta(zoo.student_from(vel, gate_value=0.25))
+    assert (zero(x, t, r, labels) - vel(x, t, t, labels)).abs().max() < 1e-5
+    assert (zoo.student_from(vel, gate_value=0.25)(x, t, r, labels) - vel(x, t, t, labels)).abs().max() > 1e-3
+    loss = zero(x, t, r, labels).square().mean()
+    loss.backward()
+    assert zero.delta_embedder.linear_2.weight.grad.abs().sum() > 0         # it trains
+    wan = _perturbed_wan(torch.float64)
+    student = zoo.zero_init_delta(zoo.student_from(WanVelocity(wan), gate_value=0.25).double())
+    xw, tw, text = _inputs(torch.float64)
+    rw = tw * 0.3
+    assert (student(xw, tw, rw, text) - WanVelocity(wan)(xw, tw, tw, text)).abs().max() < 1e-6

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from diffusers import FlowMapEulerDiscreteScheduler
@@ -128,3 +130,16 @@ def test_bucket_ratios_beyond_one_or_negative_are_refused(diffusion, consistency
         assign_buckets(4, diffusion, consistency)
     with pytest.raises(ValueError, match="bucket ratios"):
         Stage1Config(diffusion_ratio=diffusion, consistency_ratio=consistency)
+
+
+def test_normal_loss_weight_is_the_normal_density_on_the_shifted_grid():
+    """The time-sampler ablation's Normal(0.5, 0.25) weight (paper Fig. 6b): on grid points the weight ratio of
+    two sigmas is the ratio of the density there, by hand; the table sums to 1000 like beta08's."""
+    g, w = T.weight_table("normal")
+    assert abs(w.sum().item() - 1000) < 1e-9
+    assert abs(g[w.argmax()].item() / 1000 - 0.5) < 0.01
+    at = {s: T.loss_weight(torch.tensor([s * 1000.0]), "normal").item() for s in (0.25, 0.5, 0.75)}
+    for s in (0.25, 0.75):   # exp(-0.5 ((s - 0.5) / 0.25)^2) = exp(-0.5) relative to the peak
+        assert abs(at[s] / at[0.5] - math.exp(-0.5)) < 0.01, s
+    beta = T.loss_weight(torch.tensor([250.0, 500.0]), "beta08")
+    assert not torch.allclose(beta, torch.tensor([at[0.25], at[0.5]]))

@@ -107,3 +107,26 @@ def test_stage2_resume_equals_an_uninterrupted_run(tmp_path):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert not (straight / "critic_ema.safetensors").exists()
+
+
+def test_the_ablation_switches_train_and_are_checked(tmp_path):
+    """The paper's ablations as switches (issue 17): ``stage1.weight_type=normal`` (Fig. 6b) and
+    ``model.delta_init=zero`` (Fig. 7) train a Stage-1 student that Stage 2 continues: the run's student was
+    built with its time embedder's output layer scaled by 1 / (1 - g) and its delta branch, zero at the start
+    (tests/test_models.py), has moved. Settings that cannot apply are refused."""
+    from anystep.config import ConfigError
+    train(_cfg(tmp_path / "t", "train.steps=2", kind="teacher"), progress=False)
+    init = f"model.init={tmp_path / 't'}"
+    s1 = train(_cfg(tmp_path / "s", "train.steps=3", init, "model.delta_init=zero", "stage1.weight_type=normal",
+                    "validation.every=0"), progress=False)
+    weights = load_tensors(s1 / "student.safetensors")
+    assert weights["delta_embedder.linear_2.weight"].abs().sum() > 0          # zero at the start, trained since
+    teacher = load_tensors(find_checkpoint(tmp_path / "t" / "checkpoints") / "teacher_ema.safetensors")
+    ratio = weights["time_embedder.linear_2.weight"].norm() / teacher["time_embedder.linear_2.weight"].norm()
+    assert abs(float(ratio) - 1 / 0.75) < 0.02                                # 3 steps at lr 1e-3 move it little
+    train(_cfg(tmp_path / "s2", "train.steps=1", f"model.init={tmp_path / 's'}", "stage2.dmd_batch_size=8",
+               "stage2.rollout_steps=[2]", "validation.every=0", kind="stage2"), progress=False)
+    for bad in (["model.delta_init=zero", "kind=teacher"], ["model.delta_init=ones"],
+                ["stage1.weight_type=gaussian"]):
+        with pytest.raises(ConfigError, match="delta_init|weight_type"):
+            resolve(None, [*TINY, *bad])

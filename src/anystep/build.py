@@ -95,7 +95,8 @@ class FullRoles:
         m = self.cfg.model
         if m.causal is not None:
             return zoo.causal_student_from(velocity, m.causal, m.gate_value, m.deltatime_type)
-        return zoo.student_from(velocity, m.gate_value, m.deltatime_type)
+        student = zoo.student_from(velocity, m.gate_value, m.deltatime_type)
+        return zoo.zero_init_delta(student) if m.delta_init == "zero" else student
 
 
 def _default_network(cfg: RunConfig) -> Any:

@@ -43,6 +43,10 @@ class ModelConfig:
     init: str | None = None
     gate_value: float = 0.25          # g in (1 - g) E_t(t) + g E_r(r)
     deltatime_type: str = "r"         # the delta embedder sees r ('r') or t - r ('t-r')
+    # how a Stage-1 student's delta embedder starts: 'copy' of the time embedder (official: interpolated
+    # timestep conditioning) or 'zero' (the paper's Fig. 7 baseline, a zero-initialised r projection added
+    # to the pretrained embedding; full bidirectional students only)
+    delta_init: str = "copy"
     # LoRA roles on one frozen base (Wan/AnyFlow transformers only): > 0 trains peft adapters of this rank
     # (student: attention, FFN and both time MLPs; critic: attention and FFN; teacher = the bare base).
     # Official: 256 (alpha 256). 0 = full fine-tune, the toy presets' choice for a 0.3M-parameter model.
@@ -59,6 +63,8 @@ class ModelConfig:
             raise ValueError(f"model.base_dtype must be 'float32' or 'bfloat16', got {self.base_dtype!r}")
         if self.deltatime_type not in ("r", "t-r"):
             raise ValueError(f"model.deltatime_type must be 'r' or 't-r', got {self.deltatime_type!r}")
+        if self.delta_init not in ("copy", "zero"):
+            raise ValueError(f"model.delta_init must be 'copy' or 'zero', got {self.delta_init!r}")
         if self.lora_rank < 0:
             raise ValueError(f"model.lora_rank must be >= 0, got {self.lora_rank}")
 
@@ -175,6 +181,9 @@ def _check_run(cfg: RunConfig) -> None:
                           "bf16 autocast)")
     if m.base_dtype != "float32" and m.lora_rank == 0:
         raise ConfigError("model.base_dtype applies to the frozen base of LoRA runs (model.lora_rank > 0)")
+    if m.delta_init != "copy" and (cfg.kind != "stage1" or m.lora_rank > 0 or m.causal is not None):
+        raise ConfigError("model.delta_init=zero makes a new Stage-1 student: a full (model.lora_rank=0), "
+                          "bidirectional one")
     if m.causal is not None and not cfg.spec.causal:
         raise ConfigError(f"model.causal is for Stage-1 and Stage-2 runs (a {cfg.kind!r} run's model is "
                           "bidirectional)")

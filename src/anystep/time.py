@@ -156,18 +156,37 @@ def sample_time_pairs(batch: int, shift: float = 5.0, diffusion: float = 0.5, co
 # --------------------------------------------------------------------------------------------------
 # Loss weight
 # --------------------------------------------------------------------------------------------------
-def beta08_table(shift: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official ``beta08`` loss-weight table: on the 1001 shifted grid points ``g_j = time_shift(j/1000)``,
-    ``y = g (1 - g)^0.5`` (an unnormalised Beta(2, 1.5) density in shifted sigma), scaled so that the
-    weights sum to 1000. Returns (grid in timestep units, weights), float64."""
+# The loss weights w(t) of the paper's time-sampler ablation (Fig. 6b), as densities of the shifted sigma g
+# (unnormalised): Beta(2, 1.5), the official 'beta08', and Normal(0.5, 0.25); 'uniform' is no weight.
+WEIGHT_DENSITIES = {
+    "beta08": lambda g: g * (1 - g).clamp_min(0).sqrt(),
+    "normal": lambda g: torch.exp(-0.5 * ((g - 0.5) / 0.25) ** 2),
+}
+
+
+def weight_table(kind: str, shift: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss-weight table as the official ``beta08`` one is made: the density ``WEIGHT_DENSITIES[kind]`` on
+    the 1001 shifted grid points ``g_j = time_shift(j/1000)``, scaled so that the weights sum to 1000.
+    Returns (grid in timestep units, weights), float64."""
     g = time_shift(torch.linspace(0.0, 1.0, 1001, dtype=torch.float64, device=CPU), shift)
-    y = g * (1 - g).clamp_min(0).sqrt()
+    y = WEIGHT_DENSITIES[kind](g)
     return T_MAX * g, y * (1000.0 / y.sum())
 
 
-def beta08_weight(t: torch.Tensor, shift: float = 5.0) -> torch.Tensor:
-    """Nearest-grid lookup of the beta08 weight at timesteps ``t`` (r plays no part), float32, on ``t``'s
+def loss_weight(t: torch.Tensor, kind: str, shift: float = 5.0) -> torch.Tensor:
+    """Nearest-grid lookup of weight ``kind`` at timesteps ``t`` (r plays no part), float32, on ``t``'s
     device."""
-    g, w = (v.to(t.device) for v in beta08_table(shift))
+    g, w = (v.to(t.device) for v in weight_table(kind, shift))
     idx = (t.double()[:, None] - g[None, :]).abs().argmin(dim=1)
     return w[idx].float()
+
+
+def beta08_table(shift: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official ``beta08`` loss-weight table: ``y = g (1 - g)^0.5`` (an unnormalised Beta(2, 1.5) density
+    in shifted sigma) on the shifted grid, summing to 1000 (:func:`weight_table`)."""
+    return weight_table("beta08", shift)
+
+
+def beta08_weight(t: torch.Tensor, shift: float = 5.0) -> torch.Tensor:
+    """The beta08 weight at timesteps ``t`` (:func:`loss_weight`)."""
+    return loss_weight(t, "beta08", shift)

@@ -61,6 +61,30 @@ def student_from(velocity: nn.Module, gate_value: float = 0.25, deltatime_type: 
     raise TypeError(f"no flow-map student for a {type(velocity).__name__}")
 
 
+def zero_init_delta(student: nn.Module) -> nn.Module:
+    """The paper's baseline for interpolated timestep conditioning (Fig. 7): a new, zero-initialised ``r``
+    projection added to the pretrained time embedding, ``e = E(t) + g E'_r(r)`` with ``E'_r``'s output layer
+    zero. In the gated form ``e = (1 - g) E_t(t) + g E_r(r)`` that is ``E_t`` := ``E / (1 - g)`` (its output layer
+    scaled) and ``E_r``'s output layer zeroed: at the start ``e = E(t)`` for every ``r``, the velocity network."""
+    time, delta, gate = _embedders(student)
+    with torch.no_grad():
+        time.linear_2.weight.div_(1 - gate)
+        time.linear_2.bias.div_(1 - gate)
+        delta.linear_2.weight.zero_()
+        delta.linear_2.bias.zero_()
+    return student
+
+
+def _embedders(student: nn.Module) -> tuple[nn.Module, nn.Module, float]:
+    """A flow-map student's time and delta embedders and its gate g."""
+    if isinstance(student, ToyFlowMapNet):
+        return student.time_embedder, student.delta_embedder, student.gate
+    if isinstance(student, AnyFlowStudent):
+        embedder = student.transformer.condition_embedder
+        return embedder.time_embedder, embedder.delta_embedder, float(student.transformer.config.gate_value)
+    raise TypeError(f"no timestep embedders to initialise in a {type(student).__name__}")
+
+
 def causal_student_from(velocity: nn.Module, causal: CausalModelConfig, gate_value: float = 0.25,
                         deltatime_type: str = "r") -> CausalStudent:
     """The causal (FAR) student of a Wan velocity network (official sec. 5: built from the bidirectional

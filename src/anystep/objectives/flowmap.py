@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .. import rng
 from ..flowmap import FlowMap, cat_cond, expand_cond, take_rows
-from ..time import T_MAX, beta08_weight, check_bucket_ratios, sample_time_pairs
+from ..time import T_MAX, check_bucket_ratios, loss_weight, sample_time_pairs
 from .conditioning import drop_condition
 from .flow_matching import noisy
 
@@ -44,7 +44,7 @@ class Stage1Config:
     derivative: str = "central_difference"   # or 'jvp' (departure: exact forward-mode derivative)
     epsilon: float = 5.0                     # central-difference step, timestep units
     fd_boundary: str = "one_sided"           # departure: 'none' steps outside [r, 1000] like the official code
-    weight_type: str = "beta08"              # or 'uniform'
+    weight_type: str = "beta08"              # w(t): Beta(2, 1.5); or 'normal' (0.5, 0.25), 'uniform' (Fig. 6b)
     rebalance_eps: float = 1e-5
     rebalance_power: float = 1.0             # p of the adaptive rebalance; 0 = none (plain MSE); departure when < 1
     time_dtype: str = "float32"              # departure: 'bfloat16' emulates the official bf16 times
@@ -54,7 +54,7 @@ class Stage1Config:
 
     def __post_init__(self):
         choices = {"derivative": ("central_difference", "jvp"), "fd_boundary": ("one_sided", "none"),
-                   "weight_type": ("beta08", "uniform"), "bucket_split": ("stratified", "official"),
+                   "weight_type": ("beta08", "normal", "uniform"), "bucket_split": ("stratified", "official"),
                    "time_dtype": ("float32", "bfloat16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -229,10 +229,11 @@ class Stage1Objective:
                                            cfg.fd_boundary == "one_sided", t > r)
 
     def _weighted(self, losses: torch.Tensor, t: torch.Tensor, pairs) -> torch.Tensor:
-        """The per-sample losses with the beta08 weight and the adaptive rebalance (power > 0)."""
+        """The per-sample losses with the loss weight w(t) (beta08, normal; none when uniform) and the adaptive
+        rebalance (power > 0)."""
         cfg = self.cfg
-        if cfg.weight_type == "beta08":
-            losses = losses * beta08_weight(t, cfg.shift).to(losses)
+        if cfg.weight_type != "uniform":
+            losses = losses * loss_weight(t, cfg.weight_type, cfg.shift).to(losses)
         if cfg.rebalance_power > 0:
             losses = rebalance(losses, pairs.is_diffusion.to(losses.device),
                                self._diffusion_mean(losses.detach(), pairs.is_diffusion), cfg.rebalance_eps,
