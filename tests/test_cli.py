@@ -317,3 +317,11 @@ def test_a_network_other_than_model_init_is_refused_before_training(tmp_path, ca
                  f"model.init={t}", *SHAPES_TINY]) == 2
     assert "'gmm'-world run" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_sweeping_a_teacher_run_alone_gives_its_euler_row_once(tmp_path):
+    """A teacher run's own row is the teacher's Euler sampler with CFG: it is not swept a second time."""
+    from anystep.recipes import sweep
+    result = sweep(["shipped:shapes_teacher"], settings={"steps": (1, 2), "num_samples": 2}, out=tmp_path,
+                   progress=False)
+    assert [(r["sampler"], r["N"]) for r in result.rows] == [("teacher", 1), ("teacher", 2)]

@@ -144,8 +144,8 @@ def sweep(runs: Sequence[str], *, labels: Sequence[str] | None = None, teacher: 
             samplers.append(reference)
     elif judge is None:
         raise UsageError(f"the {world.name!r} world has no judge to sweep with")
-    elif config.teacher:
-        samplers.append(teacher_sampler(cfg, runs[0], teacher, world))
+    elif config.teacher and not (teacher is None and len(runs) == 1 and cfg.kind == "teacher"):
+        samplers.append(teacher_sampler(cfg, runs[0], teacher, world))   # (a teacher run's own row is it)
     samplers = [_on(s, config.device) for s in samplers]
     rows = run_sweep(samplers, world, judge, config, folder, guidance=cfg.spec.guidance(cfg),
                      chunk_partition=causal_partition(samplers), progress=progress)
