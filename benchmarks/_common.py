@@ -128,12 +128,15 @@ def pin_plan(method: Any, plan: RolloutPlan) -> Any:
 # the library's trainer, timed
 # --------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def trainer_for(method: Method, kind_name: str, mixed_precision: str = "fp32") -> Iterator[Trainer]:
-    """anystep's :class:`Trainer` on ``method`` with kind ``kind_name``'s optimizer of every trained role and its
-    product's EMA (as a run of that kind trains), writing nothing (a temporary run folder)."""
+def trainer_for(method: Method, kind_name: str, mixed_precision: str = "fp32",
+                optim: dict[str, Any] | None = None) -> Iterator[Trainer]:
+    """anystep's :class:`Trainer` on ``method`` with kind ``kind_name``'s optimizer of every trained role (with
+    ``optim``'s changes, e.g. ``{"fused": True}``) and its product's EMA (as a run of that kind trains), writing
+    nothing (a temporary run folder)."""
     spec = kind(kind_name)
+    optims = {r: dataclasses.replace(spec.optim[r], **(optim or {})) for r in method.roles}
     with tempfile.TemporaryDirectory() as tmp:
-        yield Trainer(method, steps=1, out_dir=tmp, optim={r: spec.optim[r] for r in method.roles},
+        yield Trainer(method, steps=1, out_dir=tmp, optim=optims,
                       ema={spec.product: spec.ema}, seed=0, progress=False, mixed_precision=mixed_precision)
 
 

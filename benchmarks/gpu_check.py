@@ -1,24 +1,38 @@
-"""The GPU check: anystep's real path run end to end on one device, then the Wan2.1-1.3B throughput, one JSON.
+"""The GPU check: anystep's real path run end to end on one device, then how fast it trains (issue 15), one JSON.
 
     bash benchmarks/gpu_check.sh                         # on a GPU machine (installs carried wheels if needed)
-    python benchmarks/gpu_check.py --device cuda --out gpu_check.json
+    bash benchmarks/gpu_check.sh --parts all-levers,speedup,big --out gpu_check_2.json   # what the budget skipped
+    python benchmarks/gpu_table.py gpu_check.json gpu_check_2.json                       # the README's tables
     python benchmarks/gpu_check.py --device cpu --throughput-size tiny    # the CPU mode the tests run
 
-What it runs, each part timed and recorded as ``ok`` (or its error, and the check goes on to the next part):
+The parts, in this order (``--parts`` chooses), each step recorded as ``ok`` (or its error, and the check goes
+on to the next):
 
-1. **bidirectional chain** on a tiny random Wan2.1 folder (``anystep tiny-wan``), everything on ``--device``:
-   ``anystep cache`` of a few synthetic clips, teacher fine-tune (LoRA, bf16 autocast) -> Stage 1 -> Stage 2
-   (LoRA roles on one frozen base) -> ``anystep export`` -> diffusers' ``AnyFlowPipeline`` at 1 and 4 steps;
-2. **causal chain**: causal Stage 1 -> Stage 2 -> export -> ``AnyFlowFARPipeline`` (T2V and I2V) at 1 and 4
-   steps;
-3. **placement**: after training, every trainable parameter and every optimizer state of each run's roles is
-   on the device (the first GPU run crashed on a tensor made on the CPU);
-4. **throughput**: ``benchmarks/wan_throughput.py --size 1.3b`` (random Wan2.1-1.3B weights at 81x480x832:
-   forward, Stage-1 and Stage-2 step time, peak memory, MFU), its rows copied into the JSON.
+``chains``      the tiny bidirectional chain on a random Wan2.1 folder (``anystep tiny-wan``), everything on
+                ``--device``: ``anystep cache`` of synthetic clips, teacher fine-tune (LoRA, bf16 autocast) ->
+                Stage 1 -> Stage 2 (LoRA roles on one frozen base) -> ``anystep export`` -> diffusers'
+                ``AnyFlowPipeline`` at 1 and 4 steps; the causal chain (Stage 1 -> Stage 2 -> export ->
+                ``AnyFlowFARPipeline``, T2V and I2V); after each, **placement**: every trainable parameter and
+                optimizer state on the device (the first GPU run crashed on a tensor made on the CPU).
+``throughput``  ``wan_throughput.py --size 1.3b --profile``: random Wan2.1-1.3B weights at 81x480x832, no lever:
+                forward, Stage-1 and Stage-2 step time, peak memory, MFU, first-step losses, and one Stage-1 and
+                one Stage-2 step profiled (``step_profile.py``: time per phase x operator class).
+``levers``      Stage 1 with each lever alone (``--levers`` chooses among attention, fused, compile): the CUDA
+                attention backends (flash, cuDNN, memory-efficient), fused AdamW, compiled blocks; each row's
+                first-step loss beside the baseline's is the numerics check (same seed, same batch).
+``all-levers``  Stage 1 and Stage 2 with every lever on, the attention backend the fastest one whose first-step
+                loss matched the baseline's to bf16 tolerance (relative 2e-2).
+``speedup``     ``anystep_speedup.py``: ``AnyFlowPipeline`` at 1/2/4/8 steps against ``WanPipeline`` at 50 steps
+                x CFG 5, denoising loop and end to end.
+``big``         the 14B model on one device with every lever on: Stage 1 and Stage 2 time and peak memory
+                (smaller sizes where 81x480x832 does not fit).
 
-On one H200 the whole check is meant to finish in under 8 minutes (the throughput part is most of it). The
-CPU mode (``--device cpu --throughput-size tiny``) runs the same code in about a minute and is part of the
-test suite, so the script cannot rot between GPU sessions.
+``--budget`` (default 480 s): a part whose estimated H200 time (``PARTS``) no longer fits is skipped and listed
+under "skipped" in the JSON with the command that runs it; the first call fits the chains, the baseline with its
+profile and the levers into about 8 minutes, a second call (``--parts all-levers,speedup,big``) the rest.
+``gpu_table.py`` makes the README's tables from one or more of these JSONs. The CPU mode (``--device cpu
+--throughput-size tiny``) runs the same code in a few minutes and is part of the test suite, so the script cannot
+rot between GPU sessions.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -191,24 +206,175 @@ def causal_chain(root: Path, device: torch.device, check: Check) -> None:
     check.part("AnyFlowFARPipeline at 1 and 4 steps (T2V, I2V)", pipeline)
 
 
-def throughput(size: str, device: torch.device, repeats: int) -> dict[str, Any]:
-    spec = importlib.util.spec_from_file_location("wan_throughput", HERE / "wan_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    rows = module.main(["--size", size, "--device", str(device), "--repeats", str(repeats)])
-    return {"size": size, "rows": rows}
+# --------------------------------------------------------------------------------------------------
+# the speed parts (issue 15): throughput with its profile, each lever on and off, causal, 14B, any-step speed-up
+# --------------------------------------------------------------------------------------------------
+def _module(name: str):
+    """A benchmark script of this folder as a module (loaded once)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _throughput(ctx: Context, *extra: str, size: str | None = None) -> list[dict[str, Any]]:
+    """``wan_throughput.py`` on the device with ``extra`` arguments; its rows."""
+    argv = ["--size", size or ctx.size, "--device", str(ctx.device), "--repeats", str(ctx.repeats), *extra]
+    return _module("wan_throughput").main(argv)
+
+
+def lever_sets(device: torch.device) -> dict[str, list[str]]:
+    """Each speed lever alone, as ``--lever`` settings of wan_throughput (the training config keys). The attention
+    backends are the CUDA ones (flash, cuDNN, memory-efficient); on the CPU, where none runs, the math one stands
+    in so that the CPU mode runs the same code."""
+    backends = (("flash", "_native_flash"), ("cuDNN", "_native_cudnn"), ("efficient", "_native_efficient")) \
+        if device.type == "cuda" else (("math", "_native_math"),)
+    sets = {f"attention {label}": [f"train.attention_backend={name}"] for label, name in backends}
+    sets.update({"fused AdamW": ["optim.fused=true"], "compiled blocks": ["train.compile=blocks"]})
+    return sets
+
+
+def _lever_kind(settings: list[str]) -> str:
+    """The --levers name of a lever setting: attention, fused, compile, ..."""
+    return {"train.attention_backend": "attention", "optim.fused": "fused", "train.compile": "compile"}[
+        settings[0].split("=")[0]]
+
+
+@dataclass
+class Context:
+    """What the parts share: the device, the model size of the throughput parts, repeats, and what earlier parts
+    found (the fastest exact attention backend, for the all-levers rows)."""
+
+    device: torch.device
+    size: str
+    repeats: int
+    root: Path
+    check: Check
+    levers: tuple[str, ...] = ()       # the lever kinds to pull (--levers)
+    found: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def big(self) -> str:
+        return "tiny" if self.size == "tiny" else "14b"
+
+
+def _row(rows: list[dict[str, Any]], metric: str) -> float | None:
+    return next((r["value"] for r in rows if r["metric"] == metric), None)
+
+
+def part_chains(ctx: Context) -> None:
+    bidirectional_chain(ctx.root, ctx.device, ctx.check)
+    causal_chain(ctx.root, ctx.device, ctx.check)
+
+
+def part_throughput(ctx: Context) -> None:
+    """The baseline (no lever): forward, Stage 1, Stage 2, and the profile of one Stage-1 and one Stage-2 step."""
+    def run():
+        folder = ctx.root / "profile"
+        rows = _throughput(ctx, "--profile", str(folder))
+        ctx.found["baseline"] = rows
+        return {"size": ctx.size, "rows": rows, "profile": json.loads((folder / "profile.json").read_text())}
+    ctx.check.part(f"throughput ({ctx.size})", run)
+
+
+def part_levers(ctx: Context) -> None:
+    """Stage 1 with each lever alone (its step time, MFU, peak memory and first-step loss beside the baseline's)."""
+    for name, settings in lever_sets(ctx.device).items():
+        if _lever_kind(settings) not in ctx.levers:
+            continue
+
+        def run(settings=settings):
+            rows = _throughput(ctx, "--skip", "forward,stage2", *(f"--lever={s}" for s in settings))
+            return {"levers": settings, "rows": rows}
+        ok = ctx.check.part(f"lever: {name} ({ctx.size}, Stage 1)", run)
+        if ok and name.startswith("attention"):
+            rows = ctx.check.result["parts"][-1]["rows"]
+            ctx.found.setdefault("attention", []).append((_row(rows, "Stage 1 step (s)"), settings[0], rows))
+
+
+def best_levers(ctx: Context) -> list[str]:
+    """Every lever on, with the attention backend that was fastest in the lever part while giving the baseline's
+    first-step loss to bf16 tolerance (relative 2e-2); none when no backend qualified."""
+    base = _row(ctx.found.get("baseline", []), "Stage 1 first-step loss/stage1")
+    exact = [(t, s) for t, s, rows in ctx.found.get("attention", []) if t is not None and base is not None
+             and abs(_row(rows, "Stage 1 first-step loss/stage1") - base) <= 2e-2 * abs(base)]
+    chosen = [min(exact)[1]] if exact else []
+    rest = [s[0] for s in lever_sets(ctx.device).values() if _lever_kind(s) != "attention"]
+    return [s for s in (*chosen, *rest) if _lever_kind([s]) in ctx.levers]
+
+
+def part_all_levers(ctx: Context) -> None:
+    def run():
+        levers = best_levers(ctx)
+        return {"levers": levers, "rows": _throughput(ctx, "--skip", "forward", *(f"--lever={s}" for s in levers))}
+    ctx.check.part(f"all levers ({ctx.size}, Stage 1 and Stage 2)", run)
+
+
+def part_speedup(ctx: Context) -> None:
+    def run():
+        argv = ["--size", ctx.size, "--device", str(ctx.device)]
+        return {"size": ctx.size, "rows": _module("anystep_speedup").main(argv)}
+    ctx.check.part(f"any-step speed-up ({ctx.size})", run)
+
+
+def part_big(ctx: Context) -> None:
+    """The 14B model on one device (LoRA on a bf16 frozen base), every lever on: Stage 1 and Stage 2 time and peak
+    memory, falling back to fewer frames where a size does not fit."""
+    def run():
+        levers = best_levers(ctx)
+        rows = _throughput(ctx, "--skip", "forward", *(f"--lever={s}" for s in levers), size=ctx.big)
+        return {"size": ctx.big, "levers": levers, "rows": rows}
+    ctx.check.part(f"throughput ({ctx.big}, all levers)", run)
+
+
+LEVER_KINDS = ("attention", "fused", "compile")
+
+
+@dataclass(frozen=True)
+class Part:
+    run: Callable[[Context], None]
+    h200_s: float         # estimated seconds on one H200 (from the measured 1.3B step times), for --budget
+    what: str
+
+
+# The parts in the order they run, the most telling first. The estimates come from the measured 1.3B rows before
+# any lever (forward 0.9 s, Stage 1 5.3 s/step, Stage 2 47.5 s/step) plus model building and compilation.
+PARTS: dict[str, Part] = {
+    "chains": Part(part_chains, 90, "the tiny bidirectional and causal chains, placement, the pipelines"),
+    "throughput": Part(part_throughput, 170, "1.3B baseline: forward, Stage 1, Stage 2, each step profiled"),
+    "levers": Part(part_levers, 140, "Stage 1 with each lever alone (attention backends, fused AdamW, compile)"),
+    "all-levers": Part(part_all_levers, 120, "Stage 1 and Stage 2 with every lever on"),
+    "speedup": Part(part_speedup, 150, "AnyFlowPipeline at 1/2/4/8 steps vs WanPipeline 50 steps x CFG"),
+    "big": Part(part_big, 300, "14B Stage 1 and Stage 2 on one device, every lever on"),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:1, cpu, ...")
     ap.add_argument("--out", default="gpu_check.json", help="the JSON with every part's result")
-    ap.add_argument("--throughput-size", default="1.3b", help="wan_throughput --size (1.3b, 14b, tiny); "
-                                                               "'none' skips the throughput part")
-    ap.add_argument("--repeats", type=int, default=2, help="timed repeats of the throughput part (median)")
+    ap.add_argument("--throughput-size", default="1.3b", choices=("1.3b", "tiny"),
+                    help="model size of the speed parts (tiny: the CPU mode; the 'big' part is then tiny too)")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"comma-separated parts to run, in this order: {', '.join(PARTS)} (default: all)")
+    ap.add_argument("--budget", type=float, default=480.0,
+                    help="seconds: a part whose H200 estimate no longer fits in what is left is skipped and "
+                         "recorded as such (run it later with --parts); 0 = no budget")
+    ap.add_argument("--levers", default=",".join(LEVER_KINDS),
+                    help=f"the levers to pull, comma-separated among {', '.join(LEVER_KINDS)} (default: all)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed repeats of the throughput rows (median)")
     ap.add_argument("--workdir", default=None, help="where the tiny runs go (default: a temporary folder)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown:
+        ap.error(f"unknown part(s) {unknown}; the parts are {list(PARTS)}")
+    args.levers = tuple(v.strip() for v in args.levers.split(",") if v.strip())
+    if set(args.levers) - set(LEVER_KINDS):
+        ap.error(f"--levers takes {', '.join(LEVER_KINDS)}; got {', '.join(args.levers)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -218,13 +384,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("gpu_check: --device cuda but CUDA is not available here (use --device cpu for the "
                          "CPU mode)")
     check = Check(Path(args.out), device)
+    check.result["budget_s"] = args.budget
+    start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.workdir or tmp)
-        bidirectional_chain(root, device, check)
-        causal_chain(root, device, check)
-    if args.throughput_size != "none":
-        check.part(f"throughput ({args.throughput_size})",
-                   lambda: throughput(args.throughput_size, device, args.repeats))
+        ctx = Context(device, args.throughput_size, args.repeats, Path(args.workdir or tmp), check, args.levers)
+        for name in (n for n in PARTS if n in args.parts):
+            left = args.budget - (time.time() - start)
+            if args.budget and device.type == "cuda" and PARTS[name].h200_s > left:
+                check.result.setdefault("skipped", []).append(
+                    f"{name} ({PARTS[name].what}): estimated {PARTS[name].h200_s:.0f} s, {max(left, 0):.0f} s of "
+                    f"the budget left; run it with --parts {name}")
+                print(f"[gpu_check] {name}: skipped (budget)", flush=True)
+                continue
+            PARTS[name].run(ctx)
     check.result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     check.write()
     print(f"[gpu_check] {'all parts ok' if check.result['ok'] else 'SOME PARTS FAILED'}: {args.out}")

@@ -88,6 +88,7 @@ from anystep.train import sharding
 from anystep.train.distributed import Processes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # _common, also when loaded as a module (gpu_check)
+import step_profile
 from _common import make_method, pin_plan, random_world, step_times, trainer_for, with_section
 
 _WAN_COMMON: dict[str, Any] = {"patch_size": (1, 2, 2), "in_channels": 16, "out_channels": 16, "text_dim": 4096,
@@ -334,9 +335,11 @@ def time_forward(view, size: VideoSize, cfg: dict[str, Any], batch: int, text_le
 
 
 def time_steps(method, kind_name: str, counter: ForwardCounter, device: torch.device, warmup: int,
-               repeats: int) -> dict[str, Any]:
-    """Seconds of each timed ``Trainer.train_step`` (the kind's optimizers and EMA, bf16 autocast), the model
-    FLOPs and forward-equivalents counted in them, and the peak memory over them."""
+               repeats: int, optim: dict[str, Any] | None = None,
+               profile: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Seconds of each timed ``Trainer.train_step`` (the kind's optimizers and EMA, bf16 autocast; ``optim``:
+    changes to every role's ``OptimConfig``), the model FLOPs and forward-equivalents counted in them, and the
+    peak memory over them; ``profile(trainer)`` runs once after the timed steps (its result under "profile")."""
     flops, equivalents = [], []
 
     def count() -> None:
@@ -344,15 +347,20 @@ def time_steps(method, kind_name: str, counter: ForwardCounter, device: torch.de
         equivalents.append(counter.forward_equivalents())
         counter.reset()
 
-    with trainer_for(method, kind_name, mixed_precision="bf16") as trainer:
-        step_times(trainer, warmup)
+    with trainer_for(method, kind_name, mixed_precision="bf16", optim=optim) as trainer:
+        first = trainer.train_step() if warmup else {}   # the first step's statistics: the levers' numerics check
+        trainer.step += bool(warmup)
+        step_times(trainer, warmup - 1)
         sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         counter.reset()
         times = step_times(trainer, repeats, sync=lambda: sync(device), after=count)
         peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    return {"times": times, "flops": sum(flops), "equivalents": statistics.median(equivalents), "peak_gib": peak}
+        profiled = profile(trainer) if profile else None
+    losses = {k: float(v) for k, v in first.items() if k.startswith("loss")}
+    return {"times": times, "flops": sum(flops), "equivalents": statistics.median(equivalents), "peak_gib": peak,
+            "profile": profiled, "first_losses": losses}
 
 
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
@@ -393,6 +401,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device, TFLOP/s")
     ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 in one process (train.parallel=fsdp)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: forward, stage1, stage2")
+    ap.add_argument("--lever", action="append", default=[], metavar="KEY=VALUE",
+                    help="a speed lever, named by its training config key (repeatable): "
+                         + ", ".join(f"{k}={v}" for k, (_, v) in LEVERS.items()))
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after the timed steps, profile one Stage-1 and one Stage-2 step (torch.profiler): "
+                         "DIR/profile.json, profile.md (time per phase and operator class), Chrome traces")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     return _checked(ap, ap.parse_args(argv))
 
@@ -408,9 +422,43 @@ def _checked(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.
         ap.error(f"--plan must be N,K with 0 <= K < N: {err}")
     args.sizes = [VideoSize.parse(s) for s in (args.sizes.split(",") if args.sizes else DEFAULT_SIZES[args.size])]
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    try:
+        args.levers = parse_levers(args.lever)
+    except ValueError as err:
+        ap.error(str(err))
     if args.skip - {"forward", "stage1", "stage2"}:
         ap.error(f"--skip takes forward, stage1, stage2; got {sorted(args.skip)}")
     return args
+
+
+# The speed levers this benchmark can pull, by their training config keys: (parser, example value). Each is
+# applied by the library code a training run uses (anystep.build's levers, the kind's OptimConfig).
+LEVERS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "train.attention_backend": (str, "_native_flash"),
+    "train.compile": (str, "blocks"),
+    "optim.fused": (lambda v: {"true": True, "false": False}[v.lower()], "true"),
+}
+
+
+def parse_levers(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` lever settings, checked the way a run's config checks them (``TrainConfig``)."""
+    from anystep.train.loop import TrainConfig
+
+    levers: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in LEVERS:
+            raise ValueError(f"--lever takes KEY=VALUE with KEY one of {list(LEVERS)}; got {item!r}")
+        try:
+            levers[key] = LEVERS[key][0](value)
+        except KeyError as err:
+            raise ValueError(f"--lever {item}: expected true or false") from err
+    TrainConfig(**{k.split(".", 1)[1]: v for k, v in levers.items() if k.startswith("train.")})   # validates
+    return levers
+
+
+def lever_label(levers: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in levers.items()) or "no levers"
 
 
 @dataclass
@@ -422,6 +470,7 @@ class Bench:
     wan_params: int
     device: torch.device
     rows: list[dict[str, Any]] = field(default_factory=list)
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)   # --profile: a breakdown per step kind
 
     def __post_init__(self):
         self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.args.base_dtype]
@@ -451,7 +500,31 @@ class Bench:
             sharding.shard_roles(views, Processes(), self.device, bf16=True)
             if not sharding.sharded(shared.parameters()):
                 raise RuntimeError("--fsdp: the base was not sharded")
+        self.pull_levers(shared, roles)
         return shared
+
+    def pull_levers(self, shared: SharedBase, roles: Sequence[str]) -> None:
+        """The ``train.*`` levers on the base, by the function a training run's builder calls."""
+        from anystep.build import _speed_levers
+        from anystep.train.loop import TrainConfig
+
+        train = {k.split(".", 1)[1]: v for k, v in self.args.levers.items() if k.startswith("train.")}
+        if train:
+            _speed_levers({name: shared.role(name) for name in (*roles, "teacher")}, TrainConfig(**train),
+                          self.args.fsdp)
+
+    @property
+    def optim(self) -> dict[str, Any]:
+        """Changes to every role's ``OptimConfig`` (``optim.*`` levers)."""
+        return {k.split(".", 1)[1]: v for k, v in self.args.levers.items() if k.startswith("optim.")}
+
+    def profiler(self, name: str, shared: SharedBase) -> Callable[[Any], dict[str, Any]] | None:
+        """``--profile``: one step of ``name`` profiled (see step_profile.py), its trace in the profile folder."""
+        if not self.args.profile:
+            return None
+        trace = Path(self.args.profile) / f"{name.lower().replace(' ', '_')}_trace.json"
+        return lambda trainer: step_profile.profile_step(trainer, shared.base, list(shared.base.blocks),
+                                                         self.device, trace)
 
     def label(self, name: str) -> str:
         return f"{name} (FSDP2, 1 process)" if self.args.fsdp else name
@@ -475,7 +548,7 @@ def print_header(b: Bench) -> None:
           f"gradient checkpointing {'on' if b.checkpointing else 'off'}, bf16 autocast, text {a.text_len} "
           f"tokens; forward/Stage-1 batch {a.batch}, Stage-2 data batch {b.stage2_batch} with DMD batch "
           f"{b.dmd_batch}, rollout plan fixed at N={a.plan.n}, k={a.plan.k}; "
-          f"{'FSDP2-sharded in one process; ' if a.fsdp else ''}peak "
+          f"{'FSDP2-sharded in one process; ' if a.fsdp else ''}levers: {lever_label(a.levers)}; peak "
           f"{'n/a' if b.peak is None else f'{b.peak:g} TFLOP/s bf16 dense'}", flush=True)
 
 
@@ -494,18 +567,24 @@ def measure_forwards(b: Bench, shared: SharedBase, counter: ForwardCounter) -> N
 
 
 def report_steps(b: Bench, name: str, size: VideoSize | None, res: dict[str, Any]) -> None:
+    if res.get("profile"):
+        b.profiles[name] = res["profile"]
+        print(step_profile.format_table(res["profile"], f"profile of one {name} step"), flush=True)
     b.add(size, f"{name} step (s)", statistics.median(res["times"]) if res else None)
     b.add(size, f"{name} peak memory (GiB)", res.get("peak_gib"))
     b.add(size, f"{name} sample-forwards/step (backward = 3)", res.get("equivalents"))
     b.add(size, f"{name} model TFLOP/step", res["flops"] / len(res["times"]) / 1e12 if res else None)
     b.add(size, f"{name} MFU (%)", b.mfu(res["flops"], sum(res["times"])) if res else None)
+    for key, value in (res.get("first_losses") or {}).items():   # same seed and batch: equal across levers
+        b.add(size, f"{name} first-step {key}", value)
 
 
 def measure_stage1(b: Bench, shared: SharedBase, counter: ForwardCounter) -> None:
     """The stage1 kind's method (official Stage1Config) on the student adapter."""
     def run(size: VideoSize) -> dict[str, Any]:
         method = make_method("stage1", {"student": shared.role("student")}, b.world(size), b.args.batch)
-        return time_steps(method, "stage1", counter, b.device, b.args.warmup, b.args.repeats)
+        return time_steps(method, "stage1", counter, b.device, b.args.warmup, b.args.repeats, b.optim,
+                          b.profiler("Stage 1", shared))
     report_steps(b, b.label("Stage 1"), *b.fallback("Stage 1", run, shared))
 
 
@@ -534,7 +613,8 @@ def stage2(b: Bench) -> None:
                                real_guidance=3.0)
         roles = {name: shared.role(name) for name in ("student", "critic", "teacher")}
         method = pin_plan(make_method("stage2", roles, b.world(size), b.stage2_batch, stage2=section), b.args.plan)
-        return time_steps(method, "stage2", counter, b.device, b.args.warmup, b.args.repeats)
+        return time_steps(method, "stage2", counter, b.device, b.args.warmup, b.args.repeats, b.optim,
+                          b.profiler("Stage 2", shared))
     report_steps(b, b.label("Stage 2"), *b.fallback("Stage 2", run, shared))
     counter.remove()
 
@@ -544,7 +624,7 @@ def write_json(b: Bench) -> None:
     meta = {"model": a.size, "wan_params": b.wan_params, "base_dtype": a.base_dtype, "rank": a.rank,
             "batch": a.batch, "stage2_batch": b.stage2_batch, "dmd_batch": b.dmd_batch, "text_len": a.text_len,
             "plan": [a.plan.n, a.plan.k], "checkpointing": b.checkpointing, "peak_tflops": b.peak,
-            "repeats": a.repeats, "warmup": a.warmup}
+            "repeats": a.repeats, "warmup": a.warmup, "levers": a.levers}
     with open(a.json, "w") as f:
         json.dump({"config": meta, "rows": b.rows}, f, indent=2)
     print(f"wrote {a.json}")
@@ -585,6 +665,8 @@ def _run(b: Bench) -> list[dict[str, Any]]:
         stage2(b)
         free_memory(None, b.device)
     print_table(b.rows)
+    if b.profiles:
+        print(f"profile: {step_profile.write(b.profiles, Path(b.args.profile))}")
     if b.args.json:
         write_json(b)
     return b.rows

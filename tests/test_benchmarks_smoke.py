@@ -1,6 +1,6 @@
 """Smoke tests of the benchmarks: wan_throughput.py's tiny CPU run, its FLOP formula and its OOM fallback; the
 CPU cost benchmarks' rows at tiny sizes; the official-call-layout row running the library's own Stage-1 loss;
-roles_memory.py's layouts; gpu_check.py's CPU mode."""
+roles_memory.py's layouts; gpu_check.py's CPU mode and gpu_table.py; step_profile.py's breakdown."""
 
 import importlib.util
 import json
@@ -195,18 +195,97 @@ def test_roles_memory_measures_every_layout(capsys):
 @pytest.mark.slow
 def test_gpu_check_cpu_mode_runs_every_part(tmp_path):
     """benchmarks/gpu_check.py --device cpu: the whole check (both tiny chains, placement, the pipelines, the
-    tiny throughput) runs here, so the script is ready whenever a GPU is lent."""
+    tiny throughput with its profile, the levers, every lever on, the speed-up, the 'big' part) runs here, so the
+    script is ready whenever a GPU is lent; gpu_table.py renders its JSON into the README's tables. (The compile
+    lever is left out here for time: tests/test_speed_levers.py runs it.)"""
     module = _load("gpu_check")
     out = tmp_path / "check.json"
     result = module.main(["--device", "cpu", "--throughput-size", "tiny", "--repeats", "1", "--out", str(out),
-                          "--workdir", str(tmp_path / "work")])
+                          "--workdir", str(tmp_path / "work"), "--levers", "attention,fused"])
     saved = json.loads(out.read_text())
     assert saved == result and result["ok"], [p.get("error") for p in result["parts"] if not p["ok"]]
-    names = [p["name"] for p in result["parts"]]
+    parts = {p["name"]: p for p in result["parts"]}
     for part in ("Stage 2 (LoRA roles on one base)", "AnyFlowPipeline at 1 and 4 steps", "causal Stage 2",
-                 "AnyFlowFARPipeline at 1 and 4 steps (T2V, I2V)", "throughput (tiny)"):
-        assert part in names
-    pipeline = next(p for p in result["parts"] if p["name"] == "AnyFlowPipeline at 1 and 4 steps")
-    assert pipeline["N=4"]["shape"] == [1, 17, 32, 32, 3]
-    rows = next(p for p in result["parts"] if p["name"] == "throughput (tiny)")["rows"]
+                 "AnyFlowFARPipeline at 1 and 4 steps (T2V, I2V)", "throughput (tiny)",
+                 "lever: attention math (tiny, Stage 1)", "lever: fused AdamW (tiny, Stage 1)",
+                 "all levers (tiny, Stage 1 and Stage 2)", "any-step speed-up (tiny)", "throughput (tiny, all levers)"):
+        assert part in parts, part
+    assert "lever: compiled blocks (tiny, Stage 1)" not in parts          # --levers leaves it out
+    assert parts["AnyFlowPipeline at 1 and 4 steps"]["N=4"]["shape"] == [1, 17, 32, 32, 3]
+    rows = parts["throughput (tiny)"]["rows"]
     assert any(r["metric"] == "Stage 2 step (s)" and r["value"] > 0 for r in rows)
+    profile = parts["throughput (tiny)"]["profile"]
+    assert set(profile) == {"Stage 1", "Stage 2"} and profile["Stage 1"]["rows"]["recompute"]["linear"] > 0
+    # the math backend stands in for the CUDA ones on the CPU; the fastest exact one joins every other lever
+    assert parts["all levers (tiny, Stage 1 and Stage 2)"]["levers"] == ["train.attention_backend=_native_math",
+                                                                        "optim.fused=true"]
+
+    table = _load("gpu_table").main([str(out)])
+    base_time = next(r["value"] for r in rows if r["metric"] == "Stage 1 step (s)")
+    fused = next(r["value"] for r in parts["lever: fused AdamW (tiny, Stage 1)"]["rows"]
+                 if r["metric"] == "Stage 1 step (s)")
+    assert f"| none (baseline) | {base_time:.4g} |" in table
+    assert f"| optim.fused=true | {fused:.4g} |" in table and f"{base_time / fused:.2f}x" in table
+    for heading in ("### Each lever alone, Stage 1", "### Before and after, every lever on",
+                    "### Where the time goes", "### tiny on one device", "### The any-step speed-up"):
+        assert heading in table, heading
+
+
+def _profiled(checkpointing: bool):
+    """One tiny-Wan LoRA forward + backward of the student under the profiler with step_profile's scopes."""
+    from torch.profiler import profile
+
+    wt, sp = _load("wan_throughput"), _load("step_profile")
+    b = wt.setup(["--size", "tiny", "--device", "cpu", "--base-dtype", "float32"]
+                 + ([] if checkpointing else ["--no-checkpointing"]))
+    shared = b.shared(("student",))
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn((1, 3, 16, 4, 4), generator=g), torch.randn((1, 8, 32), generator=g)
+    t, r = torch.full((1,), 700.0), torch.full((1,), 300.0)
+
+    class NoEMA:
+        emas = {}
+
+    with sp.scopes(shared.base, list(shared.base.blocks), NoEMA()), profile() as prof:
+        shared.role("student")(x, t, r, text).sum().backward()
+    return sp, sp.breakdown(prof.events(), device_time=False)
+
+
+def test_step_profile_puts_recomputation_lora_and_attention_in_their_cells():
+    """The breakdown's cells follow what ran: checkpointing shows up as a recompute phase (the blocks' forward
+    again inside backward: attention, linears and LoRA in it), without it there is none; LoRA linears are split
+    from the base's, in forward and (through autograd's sequence numbers) in backward; nothing is counted twice
+    (the cells add up to the sum of every operator's self time)."""
+    sp, on = _profiled(checkpointing=True)
+    _, off = _profiled(checkpointing=False)
+    assert all(on["rows"]["recompute"][c] > 0 for c in ("attention", "linear", "lora"))
+    assert sum(off["rows"]["recompute"].values()) == 0
+    for result in (on, off):
+        rows = result["rows"]
+        assert rows["forward"]["lora"] > 0 and rows["backward"]["lora"] > 0 and rows["forward"]["attention"] > 0
+        assert rows["backward"]["attention"] > 0 and rows["optimizer"]["linear"] == 0
+        assert abs(sum(sum(r.values()) for r in rows.values()) - result["total_ms"]) < 1e-2
+    assert sp.op_class("aten::_scaled_dot_product_flash_attention_backward") == "attention"
+    assert sp.op_class("aten::addmm") == "linear" and sp.op_class("aten::_local_scalar_dense") == "sync"
+    assert sp.op_class("aten::native_layer_norm") == "norm/elementwise" and sp.op_class("aten::_to_copy") == "copy"
+
+
+def test_wan_throughput_levers_are_checked_and_pulled(bench, capsys):
+    """--lever KEY=VALUE: an unknown key or a bad value is refused by name; a pulled lever reaches the model and
+    the optimizer (the math attention backend on every attention processor, a fused AdamW) and the first-step
+    loss is reported so that levers can be compared at equal numerics."""
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--lever", "train.nonsense=1"])
+    assert "KEY one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--lever", "train.compile=everything"])
+    assert "train.compile must be" in capsys.readouterr().err
+    b = bench.setup(["--size", "tiny", "--device", "cpu", "--lever", "train.attention_backend=_native_math",
+                     "--lever", "optim.fused=true"])
+    shared = b.shared(("student",))
+    backends = {m.processor._attention_backend for m in shared.base.modules() if hasattr(m, "processor")}
+    assert backends == {"_native_math"} and b.optim == {"fused": True}
+    rows = bench.main(["--size", "tiny", "--device", "cpu", "--repeats", "1", "--skip", "forward,stage2",
+                       "--lever", "optim.fused=true"])
+    loss = next(r["value"] for r in rows if r["metric"] == "Stage 1 first-step loss/stage1")
+    assert loss > 0
