@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..global_batch import parts_of
+from ..models.checkpointing import check_levers
 from . import sharding
 from .checkpoint import (
     CheckpointError,
@@ -203,6 +204,12 @@ class TrainConfig:
     parallel: str = "auto"             # under torchrun: 'ddp' (replicas), 'fsdp' (FSDP2 shards), 'auto' (fsdp
                                        # from 4B parameters on, else ddp)
     gradient_checkpointing: bool = False   # recompute transformer blocks in backward
+    checkpoint_fraction: float = 1.0   # with gradient_checkpointing: the share of each transformer's blocks
+                                       # recomputed (the first round(f * num_blocks)); the others keep their
+                                       # activations. 1.0: every block (official)
+    checkpoint_save: str = "none"      # with gradient_checkpointing: 'attention' keeps the attention kernels'
+                                       # outputs of recomputed blocks (backward recomputes the rest, not
+                                       # attention); 'none': the whole block is recomputed (official)
     attention_backend: str = "auto"    # diffusers' attention dispatcher backend of Wan transformers ('native',
                                        # '_native_flash', '_native_cudnn', '_native_efficient', '_native_math',
                                        # 'flash', ...); 'auto': diffusers' default (torch SDPA, which picks one)
@@ -226,6 +233,7 @@ class TrainConfig:
             if self.attention_backend not in names:
                 raise ValueError(f"train.attention_backend must be 'auto' or one of diffusers' {names}, got "
                                  f"{self.attention_backend!r}")
+        self._check_checkpointing()
         if self.tracker not in TRACKERS:
             raise ValueError(f"train.tracker must be one of {list(TRACKERS)}, got {self.tracker!r}")
         if self.tracker != "wandb":
@@ -244,6 +252,18 @@ class TrainConfig:
         for name in ("grad_accumulation", "micro_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1 (or unset), got {getattr(self, name)}")
+
+    def _check_checkpointing(self) -> None:
+        try:
+            check_levers(self.checkpoint_fraction, self.checkpoint_save)
+        except ValueError as err:
+            raise ValueError(f"train.{str(err).replace('checkpoint ', 'checkpoint_', 1)}") from None
+        given = [f"train.{k}={getattr(self, k)}" for k, default in (("checkpoint_fraction", 1.0),
+                                                                     ("checkpoint_save", "none"))
+                 if getattr(self, k) != default]
+        if given and not self.gradient_checkpointing:
+            raise ValueError(f"{' and '.join(given)} shape gradient checkpointing: it needs "
+                             "train.gradient_checkpointing=true")
 
     def accumulation(self, world_size: int = 1) -> int:
         """Micro-batches per process and step on ``world_size`` processes; a ValueError when the global batch
