@@ -143,6 +143,8 @@ def test_config_reaches_the_transformer_and_refuses_what_cannot_act():
     with pytest.raises(ConfigError, match="runs none"):
         build_trainer(resolve("shapes_stage1", [gc, "train.checkpoint_save=attention",
                                                 "train.attention_backend=_native_math"]), progress=False)
+    with pytest.raises(ConfigError, match="causal"):
+        build_trainer(resolve("shapes_far_stage1", [gc, "train.checkpoint_save=attention"]), progress=False)
     with pytest.raises(ConfigError, match="compile"):
         build_trainer(resolve("shapes_stage1", [gc, "train.checkpoint_save=attention", "train.compile=blocks"]),
                       progress=False)

@@ -343,14 +343,20 @@ FUSED_SDPA_BACKENDS = ("auto", "native", "_native_flash", "_native_cudnn", "_nat
 
 def _check_checkpoint_levers(roles: dict[str, Any], train: Any) -> None:
     """A ConfigError where ``train.checkpoint_fraction`` / ``train.checkpoint_save`` cannot act: no transformer
-    blocks in the run, attention that is no fused SDPA kernel, compiled blocks."""
+    blocks in the run; for ``save=attention``, a causal (FAR) model, attention that is no fused SDPA kernel,
+    compiled blocks."""
     given = train.checkpoint_fraction != 1.0 or train.checkpoint_save != "none"
     if not given:
         return
-    if not any(isinstance(n, ModelMixin) for n in networks(roles.values())):
+    transformers = [n for n in networks(roles.values()) if isinstance(n, ModelMixin)]
+    if not transformers:
         raise ConfigError("train.checkpoint_fraction / train.checkpoint_save act on the blocks of Wan-family "
                           "transformers; this run's networks have none")
     if train.checkpoint_save == "attention":
+        if any(getattr(t.config, "chunk_partition", None) is not None for t in transformers):
+            raise ConfigError("train.checkpoint_save=attention does not apply to a causal (FAR) model yet: its "
+                              "attention (anystep's own processor, flex attention on a GPU) is not one of the "
+                              "kept kernels, and its mask cache makes the recomputation differ from the forward")
         if train.attention_backend not in FUSED_SDPA_BACKENDS:
             raise ConfigError(f"train.checkpoint_save=attention keeps the outputs of torch's fused attention "
                               f"kernels; train.attention_backend={train.attention_backend!r} runs none: use one "
