@@ -318,4 +318,4 @@ def test_bidirectional_flow_matching_term_is_added_with_its_probability():
         losses[prob] = objective(student, x0, text, torch.Generator().manual_seed(0))
     (l0, s0), (l1, s1) = losses[0.0], losses[1.0]
     assert "loss/bidirectional" not in s0 and s1["loss/bidirectional"] > 0
-    torch.testing.assert_close(l1 - l0, torch.tensor(s1["loss/bidirectional"]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(l1 - l0, torch.as_tensor(s1["loss/bidirectional"]), atol=1e-6, rtol=1e-5)

@@ -1,6 +1,7 @@
 """The GPU speed levers are switches that leave the numbers as they were (to float tolerance), checked on CPU:
-fused AdamW, diffusers' attention backend, regional torch.compile of the transformer blocks. (Their speed is
-measured on a GPU by the benchmarks; here only that each one is applied and changes nothing it should not.)"""
+fused AdamW, diffusers' attention backend, regional torch.compile of the transformer blocks, selective
+activation checkpointing. (Their speed is measured on a GPU by the benchmarks; here only that each one is
+applied and changes nothing it should not.)"""
 
 from __future__ import annotations
 
@@ -59,6 +60,16 @@ def test_attention_backend_is_applied_and_changes_nothing(tmp_path):
     assert_close_runs(_run("shapes_stage1", tmp_path / "auto", *steps),
                       _run("shapes_stage1", tmp_path / "math", *steps, "train.attention_backend=_native_math"),
                       rel=1e-5, atol=1e-6)
+
+
+def test_selective_checkpointing_trains_as_full_checkpointing(tmp_path):
+    """train.checkpoint_fraction and train.checkpoint_save=attention against the official full checkpointing
+    (tests/test_checkpointing.py counts what each recomputes)."""
+    steps = ["train.steps=2", "train.batch_size=4", "train.gradient_checkpointing=true"]
+    assert_close_runs(_run("shapes_stage1", tmp_path / "full", *steps),
+                      _run("shapes_stage1", tmp_path / "selective", *steps, "train.checkpoint_fraction=0.5",
+                           "train.checkpoint_save=attention"),
+                      rel=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow   # inductor compiles the blocks' forward and backward on the CPU: about a minute

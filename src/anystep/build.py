@@ -26,6 +26,7 @@ from .kinds import FRESH_OR_INIT, INIT_STUDENT, STUDENT_OF_TEACHER, TEACHER, Par
 from .lineage import ARCHITECTURE, Lineage, Run, open_run, resolve_lineage
 from .models import zoo
 from .models.architectures import CausalModelConfig
+from .models.checkpointing import enable_block_checkpointing
 from .models.far import causal_student_network
 from .models.roles import RoleView, SharedBase, networks
 from .train import sharding, tracking
@@ -206,8 +207,10 @@ def build_trainer(cfg: RunConfig, progress: bool = True, processes: Processes = 
     device = resolve_device(cfg.train.device, processes)
     layout = role_layout(cfg, lineage)
     roles = {r.name: layout.make(r) for r in spec.roles}
+    _check_checkpoint_levers(roles, cfg.train)
     for r in spec.roles:
-        _place(roles[r.name], device, cfg.train.gradient_checkpointing)
+        _place(roles[r.name], device, cfg.train.gradient_checkpointing, cfg.train.checkpoint_fraction,
+               cfg.train.checkpoint_save)
         if not r.trained:
             roles[r.name] = no_grad_frozen(roles[r.name])
     world = OnDevice(build_world(cfg), device)
@@ -318,17 +321,49 @@ def _check_chunks(student: Any, world: Any) -> None:
                          "(model.causal.chunk_partition)")
 
 
-def _place(module: Any, device: torch.device, checkpointing: bool) -> None:
+def _place(module: Any, device: torch.device, checkpointing: bool, fraction: float = 1.0,
+           save: str = "none") -> None:
     """Move a role to the training device; gradient checkpointing of its transformer blocks (through the shared
-    base for LoRA views, so the recomputation runs with the forward's adapter)."""
+    base for LoRA views, so the recomputation runs with the forward's adapter): the first ``round(fraction *
+    num_blocks)``, keeping their attention outputs with ``save='attention'``
+    (:mod:`anystep.models.checkpointing`)."""
     if not isinstance(module, nn.Module):
         return
     module.to(device)
     if checkpointing:
         if isinstance(module, RoleView):
-            module.shared.enable_gradient_checkpointing()
+            module.shared.enable_gradient_checkpointing(fraction, save)
         elif hasattr(module, "transformer"):
-            module.transformer.enable_gradient_checkpointing()
+            enable_block_checkpointing(module.transformer, fraction, save)
+
+
+# diffusers' attention backends that run one of torch's fused SDPA kernels (what checkpoint_save=attention keeps)
+FUSED_SDPA_BACKENDS = ("auto", "native", "_native_flash", "_native_cudnn", "_native_efficient")
+
+
+def _check_checkpoint_levers(roles: dict[str, Any], train: Any) -> None:
+    """A ConfigError where ``train.checkpoint_fraction`` / ``train.checkpoint_save`` cannot act: no transformer
+    blocks in the run; for ``save=attention``, a causal (FAR) model, attention that is no fused SDPA kernel,
+    compiled blocks."""
+    given = train.checkpoint_fraction != 1.0 or train.checkpoint_save != "none"
+    if not given:
+        return
+    transformers = [n for n in networks(roles.values()) if isinstance(n, ModelMixin)]
+    if not transformers:
+        raise ConfigError("train.checkpoint_fraction / train.checkpoint_save act on the blocks of Wan-family "
+                          "transformers; this run's networks have none")
+    if train.checkpoint_save == "attention":
+        if any(getattr(t.config, "chunk_partition", None) is not None for t in transformers):
+            raise ConfigError("train.checkpoint_save=attention does not apply to a causal (FAR) model yet: its "
+                              "attention (anystep's own processor, flex attention on a GPU) is not one of the "
+                              "kept kernels, and its mask cache makes the recomputation differ from the forward")
+        if train.attention_backend not in FUSED_SDPA_BACKENDS:
+            raise ConfigError(f"train.checkpoint_save=attention keeps the outputs of torch's fused attention "
+                              f"kernels; train.attention_backend={train.attention_backend!r} runs none: use one "
+                              f"of {list(FUSED_SDPA_BACKENDS)}")
+        if train.compile != "none":
+            raise ConfigError("train.checkpoint_save=attention has not run with train.compile=blocks here: use one "
+                              "of the two")
 
 
 def _speed_levers(roles: dict[str, Any], train: Any, fsdp: bool) -> None:

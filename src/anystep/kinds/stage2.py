@@ -144,7 +144,7 @@ class DistributionMatching(Method):
             x_hat = self.rollout(noise, rcond, plan, generator, part)
         loss = flow_matching_loss(self.roles["critic"], x_hat, rcond, shift=self.cfg.critic_shift, cond_dropout=0.0,
                                   generator=generator, part=part)
-        return {"loss/critic": loss}, {"loss/critic": loss.item()}
+        return {"loss/critic": loss}, {"loss/critic": loss.detach()}
 
     def phases(self, step: int, generator: torch.Generator) -> list[Phase]:
         phases = []

@@ -38,7 +38,7 @@ class TeacherFineTune(Method):
             x0, cond = self.world.batch(self.batch_size, generator, part.rows(self.batch_size))
             loss = flow_matching_loss(self.roles["teacher"], x0, cond, self.world.null_cond, shift=self.cfg.shift,
                                       cond_dropout=self.cfg.cond_dropout, generator=generator, part=part)
-            return {"loss/flow_matching": loss}, {"loss/flow_matching": loss.item()}
+            return {"loss/flow_matching": loss}, {"loss/flow_matching": loss.detach()}
         return [Phase("teacher", run)]
 
 

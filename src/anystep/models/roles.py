@@ -36,8 +36,8 @@ from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, W
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from .checkpointing import BlockCheckpointing
 from .wan import _check_video, anyflow_call, student_from_wan
 
 # Substrings of the nn.Linear names that get LoRA (the official ``filter_learnable_module``).
@@ -243,8 +243,11 @@ class SharedBase(nn.Module):
     def active_adapter(self) -> str | None:
         return self._active
 
-    def enable_gradient_checkpointing(self) -> None:
-        """Checkpoint every block; the recomputation re-activates the adapter its forward ran with."""
+    def enable_gradient_checkpointing(self, fraction: float = 1.0, save: str = "none") -> None:
+        """Checkpoint the base's blocks (:class:`~anystep.models.checkpointing.BlockCheckpointing`: the first
+        ``round(fraction * num_blocks)``, keeping the attention outputs with ``save="attention"``; default: every
+        block, wholly); the recomputation re-activates the adapter its forward ran with."""
+        self._blocks = BlockCheckpointing(self.base.blocks, fraction, save)
         self.base.enable_gradient_checkpointing(self._checkpoint)
 
     def _checkpoint(self, block: nn.Module, *args):
@@ -254,7 +257,7 @@ class SharedBase(nn.Module):
             with self.using(adapter):
                 return block(*a)
 
-        return checkpoint(run, *args, use_reentrant=False)
+        return self._blocks(block, *args, run=run)
 
     # ------------------------------------------------------------------ views and export
     def role(self, name: str) -> RoleView:

@@ -42,7 +42,7 @@ class CausalStage1Objective:
         self.flowmap.load_state_dict(state)
 
     def __call__(self, student: CausalFlowMap, x0: torch.Tensor, text: torch.Tensor,
-                 generator: torch.Generator | None = None, part: Part | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 generator: torch.Generator | None = None, part: Part | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg, b = self.stage1, x0.shape[0]
         partition = student.chunk_partition
         k = draw_num_chunks(len(partition), student.full_chunk_limit, cfg.long_context_ratio, generator)
@@ -54,7 +54,7 @@ class CausalStage1Objective:
         if cfg.bidirectional_prob > 0 and float(rng.uniform((), generator)) < cfg.bidirectional_prob:
             extra = bidirectional_flow_matching(student, x0, text, self.null_cond, cfg, generator, part)
             loss = loss + extra
-            stats["loss/bidirectional"] = extra.item()
+            stats["loss/bidirectional"] = extra.detach()
         return loss, stats
 
 

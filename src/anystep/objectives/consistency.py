@@ -46,4 +46,4 @@ def consistency_distillation_loss(student: FlowMap, teacher: FlowMap, x0: torch.
         target = endpoint(student, x_s, s, cond)
     pred = endpoint(student, x_t, t, cond)
     loss = (pred.float() - target.float()).pow(2).mean()
-    return loss, {"loss/consistency": loss.item()}
+    return loss, {"loss/consistency": loss.detach()}

@@ -61,7 +61,7 @@ def dmd_mse(x_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 def dmd_loss(x_hat: torch.Tensor, critic: FlowMap, teacher: FlowMap, cond: Any, null_cond: Any, *,
              guidance: float = 3.0, shift: float = 5.0, time_range: tuple[float, float] = (0.0, T_MAX),
              generator: torch.Generator | None = None,
-             part: Part | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             part: Part | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """The DMD generator loss for rollout samples ``x_hat`` (B, F, C, H, W; a ``part``'s rows) with gradient. The
     critic and the teacher are velocity models (called with r = t) and run without gradient."""
     b = x_hat.shape[0]
@@ -79,6 +79,6 @@ def dmd_loss(x_hat: torch.Tensor, critic: FlowMap, teacher: FlowMap, cond: Any, 
             x0_real = x0_from_velocity(z, tau, teacher(z, t, t, cond))
         grad = dmd_gradient(x_hat.detach(), x0_fake, x0_real)
     loss = dmd_mse(x_hat, grad)
-    stats = {"loss/dmd": loss.item(), "dmd/grad_abs": grad.abs().mean().item(),
-             "dmd/fake_real_gap": (x0_fake - x0_real).pow(2).mean().sqrt().item()}
+    stats = {"loss/dmd": loss.detach(), "dmd/grad_abs": grad.abs().mean(),
+             "dmd/fake_real_gap": (x0_fake - x0_real).pow(2).mean().sqrt()}
     return loss, stats

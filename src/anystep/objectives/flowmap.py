@@ -124,9 +124,10 @@ def central_difference_and_null(model: FlowMap, x_t: torch.Tensor, v: torch.Tens
                                 one_sided: bool, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dF_c/dt by a difference quotient along the data path, and the unconditional output F_u, in **one**
     batched no-grad call: [null branch (B) | plus points | minus points]. Only samples with ``need`` (t > r;
-    at t = r the derivative is multiplied by 0) get difference points."""
+    at t = r the derivative is multiplied by 0) get difference points; ``need`` is best a host tensor (the drawn
+    pairs'): choosing the rows then does not wait for the device."""
     h_plus, h_minus = fd_steps(t, r, eps, one_sided)
-    idx = torch.nonzero(need).flatten()
+    idx = torch.nonzero(need).flatten().to(x_t.device)
     xs, ts, rs, cs = [], [], [], []
     if null_cond is not None:
         xs.append(x_t), ts.append(t), rs.append(r), cs.append(null_cond)
@@ -173,7 +174,10 @@ def exact_derivative(model: FlowMap, x_t: torch.Tensor, v: torch.Tensor, t: torc
 # ------------------------------------------------------------------------------------------------
 class Stage1Objective:
     """The Stage-1 flow-map loss on a batch of real data. Holds one piece of state: a running mean of the
-    diffusion-bucket loss, the fallback for rebalancing a batch that has no diffusion sample."""
+    diffusion-bucket loss, the fallback for rebalancing a batch that has no diffusion sample (kept on the losses'
+    device, so that updating it never waits for the device; on the host in the state dict).
+
+    Its statistics are detached device tensors: the training loop fetches all of a step's at once."""
 
     def __init__(self, cfg: Stage1Config, null_cond: Any | None = None):
         self.cfg = cfg
@@ -181,13 +185,13 @@ class Stage1Objective:
         self.diffusion_mean_ema = torch.tensor(float("nan"), dtype=torch.float64, device="cpu")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"diffusion_mean_ema": self.diffusion_mean_ema.clone()}
+        return {"diffusion_mean_ema": self.diffusion_mean_ema.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.diffusion_mean_ema = state["diffusion_mean_ema"].clone().double()
 
     def __call__(self, model: FlowMap, x0: torch.Tensor, cond: Any, generator: torch.Generator | None = None,
-                 part: Part | None = None, null: Any | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 part: Part | None = None, null: Any | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """Returns the scalar loss (the mean over ``x0``'s rows, a ``part`` of the global batch) and logged
         statistics. ``null``: the batch's null condition when it is not simply the null condition repeated (the
         causal student's carries the clips' context)."""
@@ -207,26 +211,28 @@ class Stage1Objective:
         v, x_t = eps - x0, noisy(x0, eps, t)
         # 2. the student with grad; the derivative and the null branch without
         u_cond = model(x_t, t, r, cond)
-        dudt, u_null = self._derivative_and_null(model, x_t, v, t, r, cond, null if fuse else None)
+        dudt, u_null = self._derivative_and_null(model, x_t, v, t, r, cond, null if fuse else None,
+                                                 need=pairs.t > pairs.r)
         # 3. fusion and the MeanFlow target
         pred = fuse_guidance(u_cond, u_null, w) if fuse else u_cond
         target = meanflow_target(v.float(), t, r, (dudt / w if fuse else dudt).float()).detach()
         # 4. per-sample loss, beta08 weight, rebalance to the (global) diffusion mean
         losses = (pred.float() - target).pow(2).flatten(1).mean(1)
         loss = self._weighted(losses, t, pairs).mean()
-        return loss, {"loss/stage1": loss.item(), **_bucket_stats(losses.detach(), pairs)}
+        return loss, {"loss/stage1": loss.detach(), **_bucket_stats(losses.detach(), pairs)}
 
     def _derivative_and_null(self, model: FlowMap, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
-                             r: torch.Tensor, cond: Any, null: Any | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """dF_c/dt (central difference of samples with t > r, batched with the null branch in one no-grad call;
-        or the exact JVP) and the null branch's output (None without fusion)."""
+                             r: torch.Tensor, cond: Any, null: Any | None,
+                             need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """dF_c/dt (central difference of the samples with ``need``, t > r on the host, batched with the null
+        branch in one no-grad call; or the exact JVP) and the null branch's output (None without fusion)."""
         cfg = self.cfg
         if cfg.derivative == "jvp":
             with torch.no_grad():
                 u_null = None if null is None else model(x_t, t, r, null)
             return exact_derivative(model, x_t, v, t, r, cond), u_null
         return central_difference_and_null(model, x_t, v, t, r, cond, null, cfg.epsilon,
-                                           cfg.fd_boundary == "one_sided", t > r)
+                                           cfg.fd_boundary == "one_sided", need)
 
     def _weighted(self, losses: torch.Tensor, t: torch.Tensor, pairs) -> torch.Tensor:
         """The per-sample losses with the loss weight w(t) (beta08, normal; none when uniform) and the adaptive
@@ -242,26 +248,29 @@ class Stage1Objective:
 
     def _diffusion_mean(self, losses: torch.Tensor, is_diffusion: torch.Tensor) -> torch.Tensor:
         """Mean weighted loss of the diffusion bucket over all processes (the global batch; with gradient
-        accumulation, the round of micro-batches computed together); the running mean when there is none."""
-        is_diffusion = is_diffusion.to(losses.device)
-        total = torch.stack([losses[is_diffusion].sum(), is_diffusion.sum().to(losses.dtype)]).double()
+        accumulation, the round of micro-batches computed together); the running mean when there is none; the
+        losses themselves (scale 1) when none was ever seen. Chosen on the device (``torch.where``), and the rows
+        picked by the host's ``is_diffusion``: no device sync."""
+        rows = torch.nonzero(is_diffusion).flatten().to(losses.device)
+        count = is_diffusion.sum().to(losses.device, losses.dtype)
+        total = torch.stack([losses[rows].sum(), count]).double()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
-        if total[1] > 0:
-            mean = total[0] / total[1]
-            ema = self.diffusion_mean_ema
-            self.diffusion_mean_ema = mean.cpu() if torch.isnan(ema) else 0.9 * ema + 0.1 * mean.cpu()
-            return mean.to(losses)
-        if torch.isnan(self.diffusion_mean_ema):
-            return losses  # no diffusion sample seen yet: leave the losses as they are (scale 1)
-        return self.diffusion_mean_ema.to(losses)
+        seen = total[1] > 0
+        mean = total[0] / total[1]   # NaN when none; not chosen then
+        ema = self.diffusion_mean_ema.to(total.device)
+        updated = torch.where(torch.isnan(ema), mean, 0.9 * ema + 0.1 * mean)
+        self.diffusion_mean_ema = torch.where(seen, updated, ema)
+        fallback = torch.where(torch.isnan(ema), losses, ema.to(losses))
+        return torch.where(seen, mean.to(losses), fallback)
 
 
-def _bucket_stats(raw: torch.Tensor, pairs) -> dict[str, float]:
-    """The unweighted mean squared error of each bucket present in the batch."""
+def _bucket_stats(raw: torch.Tensor, pairs) -> dict[str, torch.Tensor]:
+    """The unweighted mean squared error of each bucket present in the batch (device tensors; the buckets are
+    the host's, so choosing the rows does not wait for the device)."""
     stats = {}
     for name, k in (("diffusion", 0), ("consistency", 1), ("free", 2)):
         sel = pairs.bucket == k
         if sel.any():
-            stats[f"loss/{name}_mse"] = raw[sel.to(raw.device)].mean().item()
+            stats[f"loss/{name}_mse"] = raw[torch.nonzero(sel).flatten().to(raw.device)].mean()
     return stats

@@ -4,8 +4,14 @@ It knows nothing of the algorithm. A :class:`~anystep.train.method.Method` says,
 *phases* run: a phase names the role whose optimizer steps and returns its loss terms. The loop runs the phase
 on each of this process's micro-batches (parts of the global batch, :mod:`anystep.global_batch`), sums the
 terms and back-propagates each, sums the gradients over the processes (:mod:`anystep.train.distributed`),
-clips, checks that the loss terms and the gradient norm are finite (one host sync), steps, and updates that
-role's EMA; trained weights are checked before every log and checkpoint. Only rank 0 writes.
+clips, checks that the loss terms and the gradient norm are finite, steps, and updates that role's EMA; trained
+weights are checked before every log and checkpoint. Only rank 0 writes.
+
+Host syncs: a phase's statistics stay on the device (detached tensors) until its finiteness check, which
+fetches them with the loss terms and the gradient norm in **one** device->host transfer: one per phase and
+step (Stage 1: one; a Stage-2 generator iteration: two, the student's and the critic's, each before its own
+optimizer step, which the check must precede). The fetched numbers are the ones a ``.item()`` per statistic
+gave (read as float64, averaged over the micro-batches in Python), so nothing logged changes: no switch.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..global_batch import parts_of
+from ..models.checkpointing import check_levers
 from . import sharding
 from .checkpoint import (
     CheckpointError,
@@ -197,6 +204,12 @@ class TrainConfig:
     parallel: str = "auto"             # under torchrun: 'ddp' (replicas), 'fsdp' (FSDP2 shards), 'auto' (fsdp
                                        # from 4B parameters on, else ddp)
     gradient_checkpointing: bool = False   # recompute transformer blocks in backward
+    checkpoint_fraction: float = 1.0   # with gradient_checkpointing: the share of each transformer's blocks
+                                       # recomputed (the first round(f * num_blocks)); the others keep their
+                                       # activations. 1.0: every block (official)
+    checkpoint_save: str = "none"      # with gradient_checkpointing: 'attention' keeps the attention kernels'
+                                       # outputs of recomputed blocks (backward recomputes the rest, not
+                                       # attention); 'none': the whole block is recomputed (official)
     attention_backend: str = "auto"    # diffusers' attention dispatcher backend of Wan transformers ('native',
                                        # '_native_flash', '_native_cudnn', '_native_efficient', '_native_math',
                                        # 'flash', ...); 'auto': diffusers' default (torch SDPA, which picks one)
@@ -220,6 +233,7 @@ class TrainConfig:
             if self.attention_backend not in names:
                 raise ValueError(f"train.attention_backend must be 'auto' or one of diffusers' {names}, got "
                                  f"{self.attention_backend!r}")
+        self._check_checkpointing()
         if self.tracker not in TRACKERS:
             raise ValueError(f"train.tracker must be one of {list(TRACKERS)}, got {self.tracker!r}")
         if self.tracker != "wandb":
@@ -238,6 +252,18 @@ class TrainConfig:
         for name in ("grad_accumulation", "micro_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1 (or unset), got {getattr(self, name)}")
+
+    def _check_checkpointing(self) -> None:
+        try:
+            check_levers(self.checkpoint_fraction, self.checkpoint_save)
+        except ValueError as err:
+            raise ValueError(f"train.{str(err).replace('checkpoint ', 'checkpoint_', 1)}") from None
+        given = [f"train.{k}={getattr(self, k)}" for k, default in (("checkpoint_fraction", 1.0),
+                                                                     ("checkpoint_save", "none"))
+                 if getattr(self, k) != default]
+        if given and not self.gradient_checkpointing:
+            raise ValueError(f"{' and '.join(given)} shape gradient checkpointing: it needs "
+                             "train.gradient_checkpointing=true")
 
     def accumulation(self, world_size: int = 1) -> int:
         """Micro-batches per process and step on ``world_size`` processes; a ValueError when the global batch
@@ -383,13 +409,13 @@ class Trainer:
         for phase in self.method.phases(self.step, self.generator):
             module, opt = self.method.roles[phase.role], self.optimizers[phase.role]
             opt.zero_grad(set_to_none=True)
-            terms, phase_stats = self._backward(phase, module)
+            terms, part_stats = self._backward(phase, module)
             params = [p for p in module.parameters() if p.requires_grad]
             if not self.sharded:   # FSDP2 has reduced them in the backward passes
                 self.processes.sum_gradients(params)
             clip = self.optim[phase.role].grad_clip
             gnorm = sharding.whole(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
-            gnorm = self._checked_grad_norm(phase.role, terms, gnorm)
+            gnorm, phase_stats = self._checked_fetch(phase.role, terms, gnorm, part_stats)
             opt.step()
             fault_point("mid_step", self.step + 1)
             self.schedulers[phase.role].step()
@@ -400,13 +426,14 @@ class Trainer:
             stats[f"lr/{phase.role}"] = self.schedulers[phase.role].get_last_lr()[0]
         return stats
 
-    def _backward(self, phase, module: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]], dict[str, float]]:
+    def _backward(self, phase, module: torch.nn.Module) -> tuple[list[tuple[str, torch.Tensor]],
+                                                                 dict[str, list[float | torch.Tensor]]]:
         """Back-propagate the phase's loss on each of this process's micro-batches, each from the generator
         state the step started with (so each draws the same global batch), scaled to its share of the global
-        mean. Returns every micro-batch's loss terms and the statistics averaged over them."""
+        mean. Returns every micro-batch's loss terms and statistics (numbers or device tensors, not fetched)."""
         start = self.generator.get_state()
         terms: list[tuple[str, torch.Tensor]] = []
-        stats: dict[str, list[float]] = {}
+        stats: dict[str, list[float | torch.Tensor]] = {}
         for part in self.parts:
             self.generator.set_state(start)
             with self._autocast(module):
@@ -416,16 +443,26 @@ class Trainer:
             terms += [(k, v.detach()) for k, v in part_terms.items()]
             for k, v in part_stats.items():
                 stats.setdefault(k, []).append(v)
-        return terms, {k: sum(v) / len(v) for k, v in stats.items()}
+        return terms, stats
 
-    def _checked_grad_norm(self, role: str, terms: list[tuple[str, torch.Tensor]], gnorm: torch.Tensor) -> float:
-        """The gradient norm, read with the loss terms in one host sync; NonFiniteLossError naming the step,
-        role and culprit when any of them is NaN or infinite (before the optimizer steps on them)."""
-        values = torch.stack([v.float().sum() for _, v in terms] + [gnorm.detach().float()]).tolist()
-        for name, value in zip([*(f"loss term {k!r}" for k, _ in terms), "the gradient norm"], values):
+    def _checked_fetch(self, role: str, terms: list[tuple[str, torch.Tensor]], gnorm: torch.Tensor,
+                       stats: dict[str, list[float | torch.Tensor]]) -> tuple[float, dict[str, float]]:
+        """The gradient norm and the phase's statistics (each averaged over the micro-batches that report it),
+        read with the loss terms in one device->host transfer; NonFiniteLossError naming the step, role and
+        culprit when a loss term or the gradient norm is NaN or infinite (before the optimizer steps on them).
+        Each value is read as float64 (exact for float32 and bf16): the numbers a ``.item()`` each would give."""
+        device = gnorm.device
+        tensors = [(k, i) for k, vs in stats.items() for i, v in enumerate(vs) if isinstance(v, torch.Tensor)]
+        values = torch.stack([v.float().sum().double() for _, v in terms] + [gnorm.detach().float().double()]
+                             + [stats[k][i].detach().double().reshape(()).to(device) for k, i in tensors]).tolist()
+        checked, fetched = values[:len(terms) + 1], values[len(terms) + 1:]
+        for name, value in zip([*(f"loss term {k!r}" for k, _ in terms), "the gradient norm"], checked):
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"step {self.step}: {name} of role {role!r} is {value}; {self._stopped()}")
-        return values[-1]
+        numbers = {k: list(vs) for k, vs in stats.items()}
+        for (k, i), value in zip(tensors, fetched):
+            numbers[k][i] = value
+        return checked[-1], {k: sum(vs) / len(vs) for k, vs in numbers.items()}
 
     def _check_weights(self) -> None:
         """NonFiniteLossError when a trained weight of a role is NaN or infinite (one host sync per role)."""

@@ -25,8 +25,12 @@ from ..global_batch import Part
 
 @dataclass
 class Phase:
+    """``run(part)`` returns the part's loss terms and its statistics: numbers, or detached 0-dim tensors left
+    on the device (the loop reads all of a phase's in one transfer; an ``.item()`` here would wait for the
+    device once per statistic and micro-batch)."""
+
     role: str
-    run: Callable[[Part], tuple[dict[str, torch.Tensor], dict[str, float]]]
+    run: Callable[[Part], tuple[dict[str, torch.Tensor], dict[str, float | torch.Tensor]]]
 
 
 @dataclass
