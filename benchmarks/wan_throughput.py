@@ -255,11 +255,12 @@ def wan_on_meta(cfg: dict[str, Any]) -> WanTransformer3DModel:
 
 
 def build_shared(wan_config, device: torch.device, dtype: torch.dtype, rank: int, roles: Sequence[str],
-                 checkpointing: bool) -> SharedBase:
+                 checkpointing: bool, fraction: float = 1.0, save: str = "none") -> SharedBase:
     """The frozen AnyFlow base of a Wan config (random weights, built on ``device`` in ``dtype`` except
     diffusers' keep-in-fp32 modules) in a :class:`SharedBase` with adapters for ``roles`` (fp32: the library
     keeps trainable weights in fp32); what ``SharedBase.from_wan`` makes of a Wan model, without materialising
-    the Wan model."""
+    the Wan model. Gradient checkpointing: the first ``round(fraction * num_blocks)`` blocks, keeping their
+    attention outputs with ``save="attention"`` (``train.checkpoint_fraction`` / ``train.checkpoint_save``)."""
     kwargs = {k: wan_config[k] for k in _SHARED_KEYS}
     with torch.device(device), default_dtype(dtype):
         base = AnyFlowTransformer3DModel(**kwargs, gate_value=0.25, deltatime_type="r")
@@ -273,7 +274,7 @@ def build_shared(wan_config, device: torch.device, dtype: torch.dtype, rank: int
         shared = SharedBase(base, rank=rank, alpha=rank, roles=roles)
     shared.to(device)
     if checkpointing:
-        shared.enable_gradient_checkpointing()
+        shared.enable_gradient_checkpointing(fraction, save)
     return shared
 
 
@@ -423,7 +424,7 @@ def _checked(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.
     args.sizes = [VideoSize.parse(s) for s in (args.sizes.split(",") if args.sizes else DEFAULT_SIZES[args.size])]
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     try:
-        args.levers = parse_levers(args.lever)
+        args.levers = parse_levers(args.lever, not args.no_checkpointing)
     except ValueError as err:
         ap.error(str(err))
     if args.skip - {"forward", "stage1", "stage2"}:
@@ -437,11 +438,14 @@ LEVERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "train.attention_backend": (str, "_native_flash"),
     "train.compile": (str, "blocks"),
     "optim.fused": (lambda v: {"true": True, "false": False}[v.lower()], "true"),
+    "train.checkpoint_fraction": (float, "0.5"),
+    "train.checkpoint_save": (str, "attention"),
 }
 
 
-def parse_levers(items: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` lever settings, checked the way a run's config checks them (``TrainConfig``)."""
+def parse_levers(items: Sequence[str], checkpointing: bool = True) -> dict[str, Any]:
+    """``KEY=VALUE`` lever settings, checked the way a run's config checks them (``TrainConfig``, with
+    gradient checkpointing as ``checkpointing``)."""
     from anystep.train.loop import TrainConfig
 
     levers: dict[str, Any] = {}
@@ -451,10 +455,15 @@ def parse_levers(items: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"--lever takes KEY=VALUE with KEY one of {list(LEVERS)}; got {item!r}")
         try:
             levers[key] = LEVERS[key][0](value)
-        except KeyError as err:
-            raise ValueError(f"--lever {item}: expected true or false") from err
-    TrainConfig(**{k.split(".", 1)[1]: v for k, v in levers.items() if k.startswith("train.")})   # validates
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"--lever {item}: not a value for {key} (e.g. {LEVERS[key][1]})") from err
+    TrainConfig(gradient_checkpointing=checkpointing, **train_levers(levers))   # validates
     return levers
+
+
+def train_levers(levers: dict[str, Any]) -> dict[str, Any]:
+    """The ``train.*`` levers as ``TrainConfig`` fields."""
+    return {k.split(".", 1)[1]: v for k, v in levers.items() if k.startswith("train.")}
 
 
 def lever_label(levers: dict[str, Any]) -> str:
@@ -494,7 +503,9 @@ class Bench:
         return random_world((f, self.cfg["in_channels"], h, w), self.args.text_len, self.cfg["text_dim"], self.device)
 
     def shared(self, roles: Sequence[str]) -> SharedBase:
-        shared = build_shared(self.cfg, self.device, self.dtype, self.args.rank, roles, self.checkpointing)
+        train = train_levers(self.args.levers)
+        shared = build_shared(self.cfg, self.device, self.dtype, self.args.rank, roles, self.checkpointing,
+                              train.get("checkpoint_fraction", 1.0), train.get("checkpoint_save", "none"))
         if self.args.fsdp:   # every role's view over the one base, sharded as a training run shards it
             views = {name: shared.role(name) for name in (*roles, "teacher")}
             sharding.shard_roles(views, Processes(), self.device, bf16=True)
@@ -504,14 +515,17 @@ class Bench:
         return shared
 
     def pull_levers(self, shared: SharedBase, roles: Sequence[str]) -> None:
-        """The ``train.*`` levers on the base, by the function a training run's builder calls."""
-        from anystep.build import _speed_levers
+        """The ``train.*`` levers on the base, checked and pulled by the functions a training run's builder
+        calls (checkpointing levers: in :func:`build_shared`)."""
+        from anystep.build import _check_checkpoint_levers, _speed_levers
         from anystep.train.loop import TrainConfig
 
-        train = {k.split(".", 1)[1]: v for k, v in self.args.levers.items() if k.startswith("train.")}
+        train = train_levers(self.args.levers)
         if train:
-            _speed_levers({name: shared.role(name) for name in (*roles, "teacher")}, TrainConfig(**train),
-                          self.args.fsdp)
+            views = {name: shared.role(name) for name in (*roles, "teacher")}
+            config = TrainConfig(gradient_checkpointing=self.checkpointing, **train)
+            _check_checkpoint_levers(views, config)
+            _speed_levers(views, config, self.args.fsdp)
 
     @property
     def optim(self) -> dict[str, Any]:

@@ -201,7 +201,7 @@ def test_gpu_check_cpu_mode_runs_every_part(tmp_path):
     module = _load("gpu_check")
     out = tmp_path / "check.json"
     result = module.main(["--device", "cpu", "--throughput-size", "tiny", "--repeats", "1", "--out", str(out),
-                          "--workdir", str(tmp_path / "work"), "--levers", "attention,fused"])
+                          "--workdir", str(tmp_path / "work"), "--levers", "attention,fused,checkpointing"])
     saved = json.loads(out.read_text())
     assert saved == result and result["ok"], [p.get("error") for p in result["parts"] if not p["ok"]]
     parts = {p["name"]: p for p in result["parts"]}
@@ -216,9 +216,10 @@ def test_gpu_check_cpu_mode_runs_every_part(tmp_path):
     assert any(r["metric"] == "Stage 2 step (s)" and r["value"] > 0 for r in rows)
     profile = parts["throughput (tiny)"]["profile"]
     assert set(profile) == {"Stage 1", "Stage 2"} and profile["Stage 1"]["rows"]["recompute"]["linear"] > 0
-    # the math backend stands in for the CUDA ones on the CPU; the fastest exact one joins every other lever
-    assert parts["all levers (tiny, Stage 1 and Stage 2)"]["levers"] == ["train.attention_backend=_native_math",
-                                                                        "optim.fused=true"]
+    measured = {p["levers"][0] for n, p in parts.items() if n.startswith("lever: ")}
+    assert measured == {"train.attention_backend=_native_math", "optim.fused=true",
+                        "train.checkpoint_save=attention", "train.checkpoint_fraction=0.5"}
+    assert set(parts["all levers (tiny, Stage 1 and Stage 2)"]["levers"]) <= measured
 
     table = _load("gpu_table").main([str(out)])
     base_time = next(r["value"] for r in rows if r["metric"] == "Stage 1 step (s)")
@@ -243,10 +244,8 @@ def _profiled(checkpointing: bool):
     x, text = torch.randn((1, 3, 16, 4, 4), generator=g), torch.randn((1, 8, 32), generator=g)
     t, r = torch.full((1,), 700.0), torch.full((1,), 300.0)
 
-    class NoEMA:
-        emas = {}
-
-    with sp.scopes(shared.base, list(shared.base.blocks), NoEMA()), profile() as prof:
+    no_ema = type("NoEMA", (), {"emas": {}})()
+    with sp.scopes(shared.base, list(shared.base.blocks), no_ema), profile() as prof:
         shared.role("student")(x, t, r, text).sum().backward()
     return sp, sp.breakdown(prof.events(), device_time=False)
 
@@ -289,3 +288,32 @@ def test_wan_throughput_levers_are_checked_and_pulled(bench, capsys):
                        "--lever", "optim.fused=true"])
     loss = next(r["value"] for r in rows if r["metric"] == "Stage 1 first-step loss/stage1")
     assert loss > 0
+
+
+def test_gpu_check_picks_the_levers_that_helped_by_measurement():
+    """best_levers: a lever joins 'every lever on' only if it made Stage 1 faster alone with the baseline's
+    first-step loss (bf16 tolerance); the fastest attention backend; compiled blocks or checkpointing that keeps
+    attention, whichever was faster (they are not run together); keeping attention only with a fused backend."""
+    module = _load("gpu_check")
+
+    def rows(t, loss):
+        return [{"metric": "Stage 1 step (s)", "value": t}, {"metric": "Stage 1 first-step loss/stage1", "value": loss}]
+
+    def ctx(levers):
+        c = module.Context(torch.device("cuda"), "1.3b", 1, Path("."), None)
+        c.found = {"baseline": rows(1.0, 2.0), "levers": [(t, s, rows(t, loss)) for s, t, loss in levers]}
+        return c
+
+    measured = [("train.attention_backend=_native_flash", 0.5, 2.01),
+                ("train.attention_backend=_native_cudnn", 0.4, 2.5),       # fastest, but not the same loss
+                ("train.attention_backend=_native_efficient", 0.6, 2.0),
+                ("optim.fused=true", 0.9, 2.0), ("train.compile=blocks", 0.7, 2.0),
+                ("train.checkpoint_save=attention", 0.8, 2.0),
+                ("train.checkpoint_fraction=0.5", 1.1, 2.0)]                # slower than the baseline
+    assert module.best_levers(ctx(measured)) == ["train.attention_backend=_native_flash", "optim.fused=true",
+                                                 "train.compile=blocks"]
+    faster_save = [m if m[0] != "train.checkpoint_save=attention" else (m[0], 0.6, 2.0) for m in measured]
+    assert module.best_levers(ctx(faster_save)) == ["train.attention_backend=_native_flash", "optim.fused=true",
+                                                    "train.checkpoint_save=attention"]
+    math = [("train.attention_backend=_native_math", 0.5, 2.0), ("train.checkpoint_save=attention", 0.6, 2.0)]
+    assert module.best_levers(ctx(math)) == ["train.attention_backend=_native_math"]

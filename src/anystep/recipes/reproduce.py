@@ -69,7 +69,7 @@ RUNS: tuple[Run, ...] = (
     Run("stage2_no_cotrain", "gmm_stage2", 4000, ("stage2.cotrain_weight=0.0",), "stage1",
         "Stage 2, without the co-trained Stage-1 loss"),
     Run("cd", "gmm_consistency", 4000, (), "teacher", "consistency distillation (CD)"),
-    Run("cbs", "gmm_cbs", 1000, (), "cd", "consistency backward simulation + DMD (equal-budget rollouts)"),
+    Run("cbs", "gmm_cbs", 4000, (), "cd", "consistency backward simulation + DMD (Stage 2's budget)"),
 )
 BY_NAME = {r.name: r for r in RUNS}
 TEACHER_ROW = "teacher Euler"

@@ -1,0 +1,65 @@
+"""``anystep reproduce``: the verdict rules on made-up curves (each rule can say yes and no), and the quick mode
+end to end: every run trained in dependency order, one sweep, a report whose numbers are the sweep's, reuse."""
+
+import csv
+
+import pytest
+
+from anystep.cli import main
+from anystep.recipes import reproduce as rp
+
+FALLING, FLAT, U_SHAPED = [0.2, 0.1, 0.06, 0.03, 0.02, 0.018], [0.01] * 6, [0.02, 0.02, 0.03, 0.04, 0.06, 0.1]
+
+
+def _curves(**changes):
+    c = {"stage1": FALLING, "stage2": FLAT, "cd": U_SHAPED, "cbs": U_SHAPED, rp.TEACHER_ROW: [3, 1.5, 0.4, 0.1, 0.06, 0.02]}
+    return {**c, **changes}
+
+
+def test_step_scaling_verdict_follows_its_rule():
+    assert rp.verdict_step_scaling(_curves())[0] == "reproduces"
+    verdict, why = rp.verdict_step_scaling(_curves(stage1=list(reversed(FALLING))))    # Stage 1 gets worse with N
+    assert verdict == "partly" and "NO: the Stage-1 flow map improves with N" in why
+    assert rp._falls([1.0, 1.2, 0.5]) and not rp._falls([1.0, 1.3, 0.5])   # a rise over 25% breaks "falls"
+    nothing = _curves(stage1=[1.0] * 6, stage2=[1.0] * 5 + [2.0], cd=[0.1] * 6, cbs=[0.1] * 6, **{rp.TEACHER_ROW: [0.5] * 6})
+    assert rp.verdict_step_scaling(nothing)[0] == "does not reproduce"
+
+
+def test_ablation_verdicts_follow_their_rules():
+    c = {"stage1": [0.1] * 6, "stage1_uniform": [0.2] * 6, "stage1_normal": [0.05] * 6}
+    verdict, why = rp.verdict_time_weight(c)
+    assert verdict == "partly" and why.index("Normal") < why.index("Beta")      # ranked, best first
+    assert rp.verdict_time_weight({**c, "stage1_normal": [0.3] * 6})[0] == "reproduces"
+    assert rp.verdict_derivative({"stage1": [0.1] * 6, "stage1_jvp": [0.12] * 6, "stage1_eps1": [0.2] * 6})[0] == "partly"
+    assert rp.verdict_cotrain({"stage2": [0.01] * 6, "stage2_no_cotrain": [0.02] * 6})[0] == "reproduces"
+    assert rp.verdict_cotrain({"stage2": [0.03] * 6, "stage2_no_cotrain": [0.02] * 6})[0] == "does not reproduce"
+    norms = {"stage1": [(0, 1.0), (100, 1.05)], "stage1_zero_init": [(0, 1.2), (100, 2.4)]}
+    c7 = {"stage1": [0.1] * 6, "stage1_zero_init": [0.2] * 6}
+    assert rp.verdict_embedding(c7, norms, 1.2)[0] == "reproduces"
+    flipped = {"stage1": [(0, 1.0), (100, 3.0)], "stage1_zero_init": [(0, 1.2), (100, 1.2)]}
+    assert rp.verdict_embedding(c7, flipped, 1.2)[0] == "partly"
+
+
+def test_runs_start_from_runs_that_come_earlier():
+    names = [r.name for r in rp.RUNS]
+    for run in rp.RUNS:
+        assert run.init is None or names.index(run.init) < names.index(run.name), run.name
+
+
+@pytest.mark.slow
+def test_quick_mode_writes_a_report_of_the_sweeps_numbers_and_reuses_finished_runs(tmp_path, capsys):
+    out = tmp_path / "rq"
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    for claim in rp.CLAIMS:
+        assert f"| {claim.key} | {claim.paper} | quick mode: not a measurement |" in report
+        assert (out / "plots" / f"{claim.key.replace(' ', '_')}.png").stat().st_size > 0
+    assert "| exposure bias |" in report and (out / "plots" / "embedding_norm.png").is_file()
+    with open(out / "sweep" / "sweep.csv") as f:       # the report's numbers are the sweep's
+        rows = list(csv.DictReader(f))
+    stage2 = [float(r["fd"]) for r in rows if r["sampler"] == "stage2"]
+    assert len(stage2) == len(rp.NS)
+    assert "| Stage 2 (gradient through every segment, co-trained) | " + " | ".join(f"{v:.4g}" for v in stage2) in report
+    capsys.readouterr()
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 0      # everything finished: nothing retrained
+    assert f"reusing {len(rp.RUNS)} finished run(s)" in capsys.readouterr().out
