@@ -17,7 +17,13 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from anystep.models import far_attention, far_masks
 from anystep.models.architectures import CausalModelConfig
-from anystep.models.far import far_student_from_wan, set_causal_attention, split_chunks, teacher_forced
+from anystep.models.far import (
+    bidirectional,
+    far_student_from_wan,
+    set_causal_attention,
+    split_chunks,
+    teacher_forced,
+)
 from anystep.models.far_cache import ChunkCache
 
 C, TEXT_DIM, H, W = 4, 32, 8, 8
@@ -156,3 +162,17 @@ def test_flex_compile_switch():
     assert far.blocks[0].attn1.processor.flex_compile
     processor = set_causal_attention(far, "flex", flex_compile=False)
     assert all(b.attn1.processor is processor for b in far.blocks) and not processor.flex_compile
+
+
+def test_the_bidirectional_mode_runs_without_a_mask(compiled_calls, monkeypatch):
+    """A one-chunk call without clean copies (critic, teacher, the bidirectional loss) masks nothing: SDPA
+    without a mask (the official code's bidirectional attention), not flex or a dense all-true mask."""
+    far, x, text = _far(), _video(5), _text()
+    with torch.no_grad():
+        set_causal_attention(far, "diffusers")
+        want = bidirectional(far, x, T, R, text)      # diffusers' eager flex under the all-allowing mask
+        processor = set_causal_attention(far, "flex")
+        monkeypatch.setattr(far_masks, "dense_mask", None)
+        got = bidirectional(far, x, T, R, text)
+    assert compiled_calls == [] and processor.mask is None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -203,9 +203,11 @@ def bidirectional(model: AnyFlowFARTransformer3DModel, x: torch.Tensor, t: torch
     """All F frames of ``x`` (B, F, C, H, W) as one chunk: full attention over the clip, no context, no clean
     copies (the official ``is_causal=False`` mode). t, r: (B,) or scalars; returns u (B, F, C, H, W)."""
     batch, frames = x.shape[:2]
+    mask = far_masks.block_mask(model, mode="train", chunk_partition=[frames], height=x.shape[3],
+                                width=x.shape[4], has_clean=False, device=x.device)
     return model(hidden_states=x, timestep=per_frame(t, batch, frames, x.device),
                  r_timestep=per_frame(r, batch, frames, x.device), encoder_hidden_states=text,
-                 chunk_partition=[frames], return_dict=False)[0]
+                 chunk_partition=[frames], attention_mask=mask, return_dict=False)[0]
 
 
 class CausalStudent(nn.Module):

@@ -55,7 +55,8 @@ class FARAttnProcessor:
       :func:`compiled_flex_attention` with ``flex_compile`` (default), else diffusers' own processor (eager
       flex_attention through ``dispatch_attention_fn``); both pad the sequence to a multiple of 128 (the
       mask's block size) and a head dim under 16 to 16 (flex's minimum, with the original head dim's scale).
-    * Mask-less calls (the KV-cache read while denoising a chunk): plain SDPA over [cache | chunk], whatever
+    * Mask-less calls (the KV-cache read while denoising a chunk) and calls with a mask that masks nothing
+      (:func:`far_masks.allows_all`: the bidirectional mode): plain SDPA over [cache | chunk], whatever
       the backend. This is the official semantics; diffusers' flex processor pads query *and* key to a
       multiple of 128 there without a mask, so its zero key padding takes part in the softmax (measured on a
       tiny model, chunks of 16-32 tokens: max abs error 0.1-0.3 on outputs of magnitude ~2).
@@ -80,6 +81,8 @@ class FARAttnProcessor:
                  rotary_emb: dict[str, torch.Tensor] | None = None,
                  kv_cache: dict[str, torch.Tensor] | None = None,
                  kv_cache_flag: dict[str, Any] | None = None) -> torch.Tensor:
+        if attention_mask is not None and far_masks.allows_all(attention_mask):
+            attention_mask = None      # the bidirectional mode: plain SDPA, as the official code
         flex = attention_mask is not None and self.uses_flex(hidden_states.device)
         if flex and not self.flex_compile:
             return self._flex(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,

@@ -6,7 +6,8 @@ KV-cache-prefill forward when none is passed (``create_block_mask`` over the who
 full/compressed split (``full_chunk_limit``, one fewer full chunk in a prefill), the tokens per frame of the full
 and the compressed patch, whether clean copies follow the noisy chunks, and the device. :func:`block_mask`
 builds it once per layout with diffusers' ``model.build_attention_mask`` and returns the same object on every
-later call; :func:`dense_mask_of` keeps the boolean matrix the dense (SDPA) path makes of it beside it.
+later call; :func:`dense_mask_of` keeps the boolean matrix the dense (SDPA) path makes of it beside it, and
+:func:`allows_all` tells the attention that a (one-chunk, bidirectional) mask masks nothing.
 
 Both caches are per process and bounded (:data:`MAX_LAYOUTS` layouts, least recently used dropped): a Stage-1
 run meets at most a few dozen layouts (K chunks x train / prefill).
@@ -41,6 +42,7 @@ class Layout:
 @dataclass
 class _Entry:
     block: BlockMask
+    allows_all: bool                     # one chunk, no clean copies: every (unpadded) pair may attend
     dense: torch.Tensor | None = None
 
 
@@ -70,7 +72,7 @@ def block_mask(model, *, mode: str, chunk_partition: Sequence[int], height: int,
         mask = model.build_attention_mask(chunk_partition=list(key.chunk_partition), height=height, width=width,
                                           has_clean_context=has_clean, device=torch.device(device), mode=mode)
         builds += 1
-        entry = _ENTRIES[key] = _Entry(mask)
+        entry = _ENTRIES[key] = _Entry(mask, allows_all=len(key.chunk_partition) == 1 and not has_clean)
         while len(_ENTRIES) > MAX_LAYOUTS:
             _ENTRIES.popitem(last=False)
     _ENTRIES.move_to_end(key)
@@ -86,10 +88,21 @@ def dense_mask(mask: BlockMask, length: int) -> torch.Tensor:
     return mask.mask_mod(zero, zero, idx[:, None], idx[None, :]).expand(length, length).bool()
 
 
+def _entry(mask: BlockMask) -> _Entry | None:
+    return next((e for e in reversed(_ENTRIES.values()) if e.block is mask), None)
+
+
+def allows_all(mask: BlockMask) -> bool:
+    """Whether ``mask`` is a kept mask that lets every token attend to every token (a one-chunk call without
+    clean copies: the bidirectional mode), so attention needs no mask (the official code runs SDPA there)."""
+    entry = _entry(mask)
+    return entry is not None and entry.allows_all
+
+
 def dense_mask_of(mask: BlockMask, length: int) -> torch.Tensor | None:
     """:func:`dense_mask` of a ``BlockMask`` this module built, made once and kept with it; None for any other
     mask (the caller makes its own)."""
-    entry = next((e for e in reversed(_ENTRIES.values()) if e.block is mask), None)
+    entry = _entry(mask)
     if entry is None:
         return None
     if entry.dense is None or entry.dense.shape[0] != length:
