@@ -116,6 +116,7 @@ def test_tiny_cpu_run_times_the_causal_steps(bench):
         assert values[f"{stage} MFU (%)"] is None      # CPU
     assert values["causal Stage 2 sample-forwards/step (backward = 3)"] > values[
         "causal Stage 1 sample-forwards/step (backward = 3)"]
+    assert bench.far_partition(21) == (1, 3, 3, 3, 3, 3, 3, 2) and bench.far_partition(9) == (1, 3, 3, 2)
 
 
 def test_far_flops_match_torch_flop_counter(bench):
