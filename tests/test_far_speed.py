@@ -176,3 +176,13 @@ def test_the_bidirectional_mode_runs_without_a_mask(compiled_calls, monkeypatch)
         got = bidirectional(far, x, T, R, text)
     assert compiled_calls == [] and processor.mask is None
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_compile_reaches_the_run_s_student():
+    from anystep.build import build_trainer
+    from anystep.config import resolve
+
+    for value, compiled in (("false", False), ("true", True)):
+        cfg = resolve("shapes_far_stage1", [f"model.causal.flex_compile={value}", "train.steps=1"])
+        student = build_trainer(cfg, progress=False).method.roles["student"].transformer
+        assert student.blocks[0].attn1.processor.flex_compile is compiled
