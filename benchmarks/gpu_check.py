@@ -1,7 +1,7 @@
 """The GPU check: anystep's real path run end to end on one device, then how fast it trains (issue 15), one JSON.
 
     bash benchmarks/gpu_check.sh                         # on a GPU machine (installs carried wheels if needed)
-    bash benchmarks/gpu_check.sh --parts all-levers,speedup,big --out gpu_check_2.json   # what the budget skipped
+    bash benchmarks/gpu_check.sh --parts all-levers,speedup,causal,big --out gpu_check_2.json   # what the budget skipped
     python benchmarks/gpu_table.py gpu_check.json gpu_check_2.json                       # the README's tables
     python benchmarks/gpu_check.py --device cpu --throughput-size tiny    # the CPU mode the tests run
 
@@ -26,12 +26,14 @@ on to the next):
                 (:func:`best_levers`): the choice of the CUDA defaults, made on the device.
 ``speedup``     ``anystep_speedup.py``: ``AnyFlowPipeline`` at 1/2/4/8 steps against ``WanPipeline`` at 50 steps
                 x CFG 5, denoising loop and end to end.
+``causal``      the causal (FAR) 1.3B student's Stage 1 (teacher forcing) and Stage 2 (KV-cache self-rollout) at
+                full size on compiled flex attention; Stage 1 again on eager flex (before/after).
 ``big``         the 14B model on one device with every lever on: Stage 1 and Stage 2 time and peak memory
                 (smaller sizes where 81x480x832 does not fit).
 
 ``--budget`` (default 480 s): a part whose estimated H200 time (``PARTS``) no longer fits is skipped and listed
 under "skipped" in the JSON with the command that runs it; the first call fits the chains, the baseline with its
-profile and the levers into about 8 minutes, a second call (``--parts all-levers,speedup,big``) the rest.
+profile and the levers into about 8 minutes, a second call (``--parts all-levers,speedup,causal,big``) the rest.
 ``gpu_table.py`` makes the README's tables from one or more of these JSONs. The CPU mode (``--device cpu
 --throughput-size tiny``) runs the same code in a few minutes and is part of the test suite, so the script cannot
 rot between GPU sessions.
@@ -334,6 +336,18 @@ def part_all_levers(ctx: Context) -> None:
     ctx.check.part(f"all levers ({ctx.size}, Stage 1 and Stage 2)", run)
 
 
+def part_causal(ctx: Context) -> None:
+    """The causal (FAR) student's Stage 1 (teacher forcing) and Stage 2 (KV-cache self-rollout) at full size on
+    compiled flex attention, then Stage 1 on eager flex (``model.causal.flex_compile=false``: what diffusers runs)
+    for the before/after."""
+    def run(extra: tuple[str, ...] = ()):
+        skip = "forward,stage1,stage2" + (",causal-stage2" if extra else "")
+        return {"levers": list(extra), "rows": _throughput(ctx, "--causal", "--skip", skip,
+                                                           *(f"--lever={s}" for s in extra))}
+    ctx.check.part(f"causal ({ctx.size}, compiled flex)", run)
+    ctx.check.part(f"causal ({ctx.size}, eager flex, Stage 1)", lambda: run(("model.causal.flex_compile=false",)))
+
+
 def part_speedup(ctx: Context) -> None:
     def run():
         argv = ["--size", ctx.size, "--device", str(ctx.device)]
@@ -370,6 +384,7 @@ PARTS: dict[str, Part] = {
                                      "checkpointing)"),
     "all-levers": Part(part_all_levers, 120, "Stage 1 and Stage 2 with every lever that helped alone"),
     "speedup": Part(part_speedup, 150, "AnyFlowPipeline at 1/2/4/8 steps vs WanPipeline 50 steps x CFG"),
+    "causal": Part(part_causal, 200, "causal (FAR) 1.3B Stage 1 and Stage 2, compiled flex vs eager"),
     "big": Part(part_big, 300, "14B Stage 1 and Stage 2 on one device, every lever on"),
 }
 

@@ -1,11 +1,11 @@
 """The README's GPU tables, made from what ``benchmarks/gpu_check.py`` wrote (one JSON, or several when the parts
-ran in separate calls: ``--parts chains,throughput,levers`` then ``--parts all-levers,speedup,big``).
+ran in separate calls: ``--parts chains,throughput,levers`` then ``--parts all-levers,speedup,causal,big``).
 
     python benchmarks/gpu_table.py gpu_check.json [more.json ...] > gpu_tables.md
 
 Sections: the levers on Stage 1 (each alone, against the baseline: step time, MFU, peak memory, first-step loss,
-speed-up), before/after every lever on Stage 1 and Stage 2, where a step's time goes (the profile), the 14B rows,
-the any-step speed-up, and what failed or was skipped. Nothing here measures: every number is a JSON value.
+speed-up), before/after every lever on Stage 1 and Stage 2, where a step's time goes (the profile), the causal
+rows (compiled vs eager flex), the 14B rows, the any-step speed-up, and what failed or was skipped. Nothing here measures: every number is a JSON value.
 """
 
 from __future__ import annotations
@@ -120,6 +120,25 @@ def big_table(parts: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def causal_table(parts: dict[str, Any]) -> list[str]:
+    """The causal (FAR) steps on compiled flex attention, and Stage 1 on eager flex."""
+    rows = [(n, p) for n, p in parts.items() if n.startswith("causal (") and p.get("ok")]
+    if not rows:
+        return []
+    out = ["### The causal (FAR) student", "", "| attention | step | size | step (s) | MFU (%) | peak (GiB) |",
+           "|---|---|---|---:|---:|---:|"]
+    for name, part in rows:
+        kernel = name.split(", ", 1)[1].rstrip(")").replace(", Stage 1", "")
+        for stage in ("causal Stage 1", "causal Stage 2"):
+            if value(part["rows"], f"{stage} step (s)") is None:
+                continue
+            out.append(f"| {kernel} | {stage} | {size_of(part['rows'], stage)} | "
+                       f"{fmt(value(part['rows'], f'{stage} step (s)'), 4)} | "
+                       f"{fmt(value(part['rows'], f'{stage} MFU (%)'))} | "
+                       f"{fmt(value(part['rows'], f'{stage} peak memory (GiB)'))} |")
+    return out + [""]
+
+
 def speedup_table(parts: dict[str, Any]) -> list[str]:
     part = next((p for n, p in parts.items() if n.startswith("any-step speed-up") and p.get("ok")), None)
     if part is None:
@@ -140,7 +159,7 @@ def problems(data: dict[str, Any]) -> list[str]:
     return (["### Not measured", "", *failed, *skipped, ""]) if failed or skipped else []
 
 
-SECTIONS = (lever_table, before_after, profile_tables, big_table, speedup_table)
+SECTIONS = (lever_table, before_after, profile_tables, causal_table, big_table, speedup_table)
 
 
 def render(data: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ time and peak memory, and bf16 model FLOP utilisation (MFU).
     python benchmarks/wan_throughput.py                        # Wan2.1-T2V-1.3B sized, on cuda if present
     python benchmarks/wan_throughput.py --size 14b             # Wan2.1-T2V-14B sized
     python benchmarks/wan_throughput.py --size tiny --device cpu --repeats 1   # CPU smoke run (seconds)
+    python benchmarks/wan_throughput.py --causal --skip forward,stage1,stage2   # the causal (FAR) steps only
 
 On a GPU machine: install the project (``pip install -e .``; no torchvision needed), then run the first line
 (an estimated few minutes for 1.3B on an H100, most of it the Stage-2 steps; longer for 14B, whose Stage 2
@@ -49,6 +50,14 @@ Setup, as the official recipe trains (``wan1.3b_stage1`` / ``wan1.3b_stage2`` pr
                ``fully_shard`` per block and root, bf16 gathered weights, fp32 reduction) in one process: what
                the sharding machinery costs in time and memory beside the unsharded rows (with W processes the
                weights per process shrink W-fold; one GPU cannot show that). Rows say "(FSDP2, 1 process)".
+  --causal     also the causal (FAR) student's steps, each on its own FAR base (``AnyFlowFARTransformer3DModel``
+               of the same config, compressed patch 1x4x4, full_chunk_limit 3, chunks [1, 3, ..., 3, rest]:
+               [1, 3, 3, 3, 3, 3, 3, 2] at 21 latent frames; causal attention "auto": compiled flex on CUDA):
+               "causal Stage 1" (teacher forcing, K chunks drawn as in training) and "causal Stage 2"
+               (chunk-by-chunk KV-cache self-rollout on the fixed plan, bidirectional critic and teacher on
+               the same base), same Stage-1/Stage-2 settings as above. Their FLOPs count each FAR call's
+               tokens (compressed context, noisy chunks, clean copies; a chunk's own against the cache) and
+               only the attention pairs its mask allows (:func:`far_forward_flops`).
   sizes        81x480x832 first; on ``torch.OutOfMemoryError`` the measurement is retried at 49, 33 and 17
                frames, then the same at 240x416 (``--sizes`` to choose); the table's size column says which
                size each row was measured at.
@@ -79,9 +88,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AnyFlowTransformer3DModel, WanTransformer3DModel
+from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, WanTransformer3DModel
 
 from anystep.backward_simulation import RolloutPlan
+from anystep.models import far_masks
+from anystep.models.far_attention import set_causal_attention
 from anystep.models.roles import SharedBase
 from anystep.models.wan import _SHARED_KEYS
 from anystep.train import sharding
@@ -380,6 +391,159 @@ def device_name(device: torch.device) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# the causal (FAR) rows (--causal)
+# --------------------------------------------------------------------------------------------------
+FAR_LAYOUT = {"compressed_patch_size": (1, 4, 4), "full_chunk_limit": 3}   # the wanfar presets' (official)
+
+
+def far_partition(latent_frames: int) -> tuple[int, ...]:
+    """The official chunking: a first chunk of 1 latent frame, then chunks of 3, the rest last (21 latent
+    frames: [1, 3, 3, 3, 3, 3, 3, 2], the wanfar presets' ``model.causal.chunk_partition``)."""
+    rest = latent_frames - 1
+    return (1, *[3] * (rest // 3), *([rest % 3] if rest % 3 else []))
+
+
+def far_shared(b: Bench, roles: Sequence[str]) -> SharedBase:
+    """The frozen FAR base (``AnyFlowFARTransformer3DModel`` of the Wan config, random weights, on the device
+    in the base dtype except diffusers' keep-in-fp32 modules) in a :class:`SharedBase`, as a causal LoRA run
+    builds it (its compressed patch embedding trained fully by the student); causal attention ``auto``:
+    compiled flex on CUDA (eager with ``--lever model.causal.flex_compile=false``), dense on the CPU; the
+    ``train.*`` levers pulled as on the bidirectional base."""
+    kwargs = {k: b.cfg[k] for k in _SHARED_KEYS}
+    with torch.device(b.device), default_dtype(b.dtype):
+        base = AnyFlowFARTransformer3DModel(**kwargs, gate_value=0.25, deltatime_type="r", chunk_partition=(1,),
+                                            **FAR_LAYOUT)
+    for name, p in base.named_parameters():
+        if any(k in name.split(".") for k in base._keep_in_fp32_modules or []):
+            p.data = p.data.float()
+    emb = base.condition_embedder
+    emb.delta_embedder.load_state_dict(emb.time_embedder.state_dict())
+    set_causal_attention(base, "auto", flex_compile=b.args.levers.get("model.causal.flex_compile", True))
+    with torch.device(b.device):
+        shared = SharedBase(base, rank=b.args.rank, alpha=b.args.rank, roles=roles)
+    shared.to(b.device)
+    train = train_levers(b.args.levers)
+    if b.checkpointing:
+        shared.enable_gradient_checkpointing(train.get("checkpoint_fraction", 1.0), train.get("checkpoint_save", "none"))
+    b.pull_levers(shared, roles)
+    return shared
+
+
+@dataclass
+class FARCall(Call):
+    tokens: int = 0         # per sample: compressed context + noisy + clean copies, or a cached chunk's own
+    compressed: int = 0     # of them compressed (patch 1x4x4)
+    outputs: int = 0        # of them projected out (noisy ones; none in a prefill)
+    pairs: int = 0          # self-attention query-key pairs the mask allows (cached chunk: N x (cache + N))
+    frames: int = 0         # frames with a time embedding
+
+
+class FARCounter(ForwardCounter):
+    """:class:`ForwardCounter` for the FAR base: every call's tokens and allowed attention pairs (teacher
+    forcing, KV-cache prefill, a chunk against the cache, the bidirectional mode) into :func:`far_forward_flops`."""
+
+    def __init__(self, shared: SharedBase, cfg: dict[str, Any]):
+        super().__init__(shared, cfg)
+        self.layouts: dict[far_masks.Layout, tuple[int, int]] = {}
+
+    def _hook(self, module, args, kwargs, output):
+        x, text, clean = kwargs["hidden_states"], kwargs["encoder_hidden_states"], kwargs.get("clean_hidden_states")
+        flag = kwargs.get("kv_cache_flag") or {}
+        out = output[0] if isinstance(output, tuple) else getattr(output, "sample", None)
+        frames, height, width = x.shape[1], x.shape[3], x.shape[4]
+        if kwargs.get("kv_cache") is not None and not flag.get("is_cache_step"):   # a chunk against the cache
+            n = frames * (height // self.cfg["patch_size"][1]) * (width // self.cfg["patch_size"][2])
+            sizes = (n, 0, n, n * (n + flag["num_cached_full_tokens"] + flag["num_cached_compressed_tokens"]))
+        else:
+            mode = "train" if kwargs.get("kv_cache") is None else "cache"
+            sizes = self._masked(module, mode, kwargs["chunk_partition"], height, width, clean is not None,
+                                 x.device)
+        self.calls.append(FARCall(x.shape[0], (frames, height, width), text.shape[1],
+                                  out is not None and out.requires_grad, self.shared.active_adapter, *sizes,
+                                  frames=frames + (0 if clean is None else clean.shape[1])))
+
+    def _masked(self, model, mode, partition, height, width, has_clean, device) -> tuple[int, int, int, int]:
+        """(tokens, compressed, outputs, allowed pairs) of a masked call, once per layout; the pairs from
+        diffusers' mask evaluated at one token of each group (a chunk's compressed, noisy or clean tokens),
+        within which it is constant."""
+        key = far_masks.layout_of(model, mode=mode, chunk_partition=partition, height=height, width=width,
+                                  has_clean=has_clean, device=device)
+        if key not in self.layouts:
+            limit = key.full_chunk_limit - (mode == "cache")
+            n_comp = max(0, len(partition) - limit)
+            full, comp = key.full_tokens[0] * key.full_tokens[1], key.compressed_tokens[0] * key.compressed_tokens[1]
+            context, noisy = [k * comp for k in partition[:n_comp]], [k * full for k in partition[n_comp:]]
+            sizes = torch.tensor(context + noisy * (2 if has_clean else 1))
+            mask = far_masks.block_mask(model, mode=mode, chunk_partition=partition, height=height, width=width,
+                                        has_clean=has_clean, device=device)
+            starts = (sizes.cumsum(0) - sizes).to(mask.kv_num_blocks.device)
+            zero = torch.zeros((), dtype=torch.long, device=starts.device)
+            allowed = mask.mask_mod(zero, zero, starts[:, None], starts[None, :]).cpu()
+            self.layouts[key] = (int(sizes.sum()), sum(context), 0 if mode == "cache" else sum(noisy),
+                                 int((sizes[:, None] * sizes[None, :] * allowed).sum()))
+        return self.layouts[key]
+
+    def call_flops(self, call: FARCall) -> float:
+        rank = self.shared.adapters[call.adapter].rank if call.adapter else 0
+        return call.batch * far_forward_flops(self.cfg, call, self.lora.get(call.adapter, ()), rank)
+
+
+def far_forward_flops(cfg: dict[str, Any], call: FARCall, lora: Sequence[tuple[int, int, bool]] = (),
+                      rank: int = 0) -> float:
+    """:func:`forward_flops`'s formula for one sample of a FAR call of N = ``call.tokens`` tokens (C of them
+    compressed, O projected out) whose self-attention scores ``call.pairs`` query-key pairs P (the mask's
+    allowed ones: a block-sparse kernel skips the others), with F = ``call.frames`` time embeddings::
+
+        linear    = 2 N l (6 d^2 + 2 d f) + 2 c d [k (N - C) + k_c C] + 2 c k d O    blocks, patch embeddings,
+                    + (the text and per-frame time terms of forward_flops)           proj_out
+        attention = l (4 P d + 4 N L d)
+    """
+    pt, ph, pw = cfg["patch_size"]
+    k, k_c = pt * ph * pw, pt * ph * pw * 4             # the compressed patch: H and W doubled
+    d, f, layers = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"]
+    c = cfg["in_channels"]
+    n, text_len, frames = call.tokens, call.text_len, call.frames
+    linear = (2 * n * layers * (6 * d * d + 2 * d * f) + 2 * c * d * (k * (n - call.compressed) + k_c * call.compressed)
+              + 2 * c * k * d * call.outputs
+              + 2 * text_len * (layers * 2 * d * d + cfg["text_dim"] * d + d * d)
+              + 2 * frames * (2 * (cfg["freq_dim"] * d + d * d) + 6 * d * d))
+    attention = layers * (4 * call.pairs * d + 4 * n * text_len * d)
+    return float(linear + attention + sum(2 * (n if per_token else frames) * rank * (i + o)
+                                          for i, o, per_token in lora))
+
+
+def causal(b: Bench) -> None:
+    """The causal (FAR) student's Stage 1 (teacher forcing: K chunks drawn as in training, the official
+    long-context ratio 0.5, a bidirectional loss with probability 0.1) and Stage 2 (chunk-by-chunk KV-cache
+    self-rollout, each chunk on the fixed --plan; critic and teacher bidirectional on the same base), each on
+    its own base, freed after."""
+    for name, roles in (("stage1", ("student",)), ("stage2", ("student", "critic"))):
+        if f"causal-{name}" in b.args.skip:
+            continue
+        shared = far_shared(b, roles)
+        counter = FARCounter(shared, b.cfg)
+        label = f"causal Stage {name[-1]}"
+        report_steps(b, label, *b.fallback(label, lambda size, n=name, s=shared, c=counter: causal_steps(
+            b, n, s, c, size), shared))
+        counter.remove()
+        del shared, counter
+        free_memory(None, b.device)
+
+
+def causal_steps(b: Bench, name: str, shared: SharedBase, counter: FARCounter, size: VideoSize) -> dict[str, Any]:
+    """Timed steps of kind ``name`` on the FAR base at ``size`` (its chunk partition: :func:`far_partition`)."""
+    shared.base.register_to_config(chunk_partition=far_partition(size.latent[0]))
+    if name == "stage1":
+        method = make_method("stage1", {"student": shared.role("student")}, b.world(size), b.args.batch)
+    else:
+        section = with_section("stage2", "stage2", rollout_steps=(b.args.plan.n,), dmd_batch_size=b.dmd_batch,
+                               real_guidance=3.0)
+        views = {r: shared.role(r) for r in ("student", "critic", "teacher")}
+        method = pin_plan(make_method("stage2", views, b.world(size), b.stage2_batch, stage2=section), b.args.plan)
+    return time_steps(method, name, counter, b.device, b.args.warmup, b.args.repeats)
+
+
+# --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -401,7 +565,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-checkpointing", action="store_true", help="disable gradient checkpointing")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device, TFLOP/s")
     ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 in one process (train.parallel=fsdp)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: forward, stage1, stage2")
+    ap.add_argument("--causal", action="store_true",
+                    help="also the causal (FAR) student's Stage-1 and Stage-2 steps (parts causal-stage1, "
+                         "causal-stage2)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: forward, stage1, stage2, "
+                                               "causal-stage1, causal-stage2")
     ap.add_argument("--lever", action="append", default=[], metavar="KEY=VALUE",
                     help="a speed lever, named by its training config key (repeatable): "
                          + ", ".join(f"{k}={v}" for k, (_, v) in LEVERS.items()))
@@ -427,8 +595,12 @@ def _checked(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.
         args.levers = parse_levers(args.lever, not args.no_checkpointing)
     except ValueError as err:
         ap.error(str(err))
-    if args.skip - {"forward", "stage1", "stage2"}:
-        ap.error(f"--skip takes forward, stage1, stage2; got {sorted(args.skip)}")
+    if args.skip - {"forward", "stage1", "stage2", "causal-stage1", "causal-stage2"}:
+        ap.error(f"--skip takes forward, stage1, stage2, causal-stage1, causal-stage2; got {sorted(args.skip)}")
+    if args.causal and args.fsdp:
+        ap.error("--causal times the unsharded causal steps; run it without --fsdp")
+    if "model.causal.flex_compile" in args.levers and not args.causal:
+        ap.error("--lever model.causal.flex_compile acts on the causal rows: add --causal")
     return args
 
 
@@ -440,6 +612,7 @@ LEVERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "optim.fused": (lambda v: {"true": True, "false": False}[v.lower()], "true"),
     "train.checkpoint_fraction": (float, "0.5"),
     "train.checkpoint_save": (str, "attention"),
+    "model.causal.flex_compile": (lambda v: {"true": True, "false": False}[v.lower()], "false"),   # --causal
 }
 
 
@@ -678,6 +851,8 @@ def _run(b: Bench) -> list[dict[str, Any]]:
     if "stage2" not in b.args.skip:
         stage2(b)
         free_memory(None, b.device)
+    if b.args.causal:
+        causal(b)
     print_table(b.rows)
     if b.profiles:
         print(f"profile: {step_profile.write(b.profiles, Path(b.args.profile))}")

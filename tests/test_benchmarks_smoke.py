@@ -106,6 +106,57 @@ def test_forward_flops_match_torch_flop_counter(bench):
     assert counter.calls[-1].backward and counter.forward_equivalents() == 2 * 1 + 2 * 3
 
 
+def test_tiny_cpu_run_times_the_causal_steps(bench):
+    """``--causal``: the FAR student's Stage 1 (teacher forcing) and Stage 2 (KV-cache self-rollout) steps."""
+    rows = bench.main(["--size", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--causal",
+                       "--skip", "forward,stage1,stage2"])
+    values = {r["metric"]: r["value"] for r in rows}
+    for stage in ("causal Stage 1", "causal Stage 2"):
+        assert values[f"{stage} step (s)"] > 0 and values[f"{stage} model TFLOP/step"] > 0
+        assert values[f"{stage} MFU (%)"] is None      # CPU
+    assert values["causal Stage 2 sample-forwards/step (backward = 3)"] > values[
+        "causal Stage 1 sample-forwards/step (backward = 3)"]
+    assert bench.far_partition(21) == (1, 3, 3, 3, 3, 3, 3, 2) and bench.far_partition(9) == (1, 3, 3, 2)
+
+
+def test_far_flops_match_torch_flop_counter(bench):
+    """The FAR counter's FLOPs of every kind of call against torch's FLOP counter (math SDPA): exact where
+    attention is unmasked (bidirectional, a chunk against the KV cache); for the masked calls the dense path
+    computes all L^2 pairs, the formula only the allowed ones, counted independently from the dense mask."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from anystep.causal import TeacherForcing
+    from anystep.models import far_masks
+
+    b = bench.setup(["--size", "tiny", "--device", "cpu", "--base-dtype", "float32", "--no-checkpointing"])
+    shared = bench.far_shared(b, ("student",))
+    shared.base.register_to_config(chunk_partition=(1, 1, 1, 1, 1))     # 2 compressed context chunks
+    counter = bench.FARCounter(shared, b.cfg)
+    g = torch.Generator().manual_seed(0)
+    x, text, t = torch.randn(2, 5, 16, 8, 8, generator=g), torch.randn(2, 7, 32, generator=g), torch.full((2,), 5e2)
+    student, cache = shared.role("student"), shared.role("student").cache()
+    per_pair = 4 * b.cfg["num_layers"] * b.cfg["num_attention_heads"] * b.cfg["attention_head_dim"] * 2  # x batch
+    calls = {"bidirectional": lambda: shared.role("teacher").bidirectional(x, t, t, text),
+             "teacher forcing": lambda: student(x[:, 2:], t, t, TeacherForcing(text, x[:, 2:], x[:, :2])),
+             "prefill": lambda: cache.prefill(x[:, :4], text, [1, 1, 1, 1]),
+             "chunk": lambda: cache(x[:, 4:], t, t, text)}
+    for name, run in calls.items():
+        counter.reset()
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            run()
+        (call,) = counter.calls
+        masked = name in ("teacher forcing", "prefill")
+        if masked:
+            mode, has_clean = ("train", True) if name == "teacher forcing" else ("cache", False)
+            mask = far_masks.block_mask(shared.base, mode=mode, chunk_partition=[1, 1, 1, 1, 1][:4 + has_clean],
+                                        height=8, width=8, has_clean=has_clean, device=torch.device("cpu"))
+            assert call.pairs == int(far_masks.dense_mask(mask, call.tokens).sum()) < call.tokens ** 2, name
+        skipped = call.tokens ** 2 - call.pairs if masked else 0
+        assert counter.call_flops(call) == fc.get_total_flops() - per_pair * skipped, name
+    assert (call.tokens, call.pairs) == (16, 16 * (16 + 2 * 4 + 2 * 16))   # 2 compressed + 2 full cached frames
+
+
 def test_out_of_memory_falls_back_to_the_next_size(bench, capsys):
     sizes = [bench.VideoSize.parse(s) for s in ("81x480x832", "49x480x832", "17x240x416")]
     tried = []
@@ -208,7 +259,8 @@ def test_gpu_check_cpu_mode_runs_every_part(tmp_path):
     for part in ("Stage 2 (LoRA roles on one base)", "AnyFlowPipeline at 1 and 4 steps", "causal Stage 2",
                  "AnyFlowFARPipeline at 1 and 4 steps (T2V, I2V)", "throughput (tiny)",
                  "lever: attention math (tiny, Stage 1)", "lever: fused AdamW (tiny, Stage 1)",
-                 "all levers (tiny, Stage 1 and Stage 2)", "any-step speed-up (tiny)", "throughput (tiny, all levers)"):
+                 "all levers (tiny, Stage 1 and Stage 2)", "any-step speed-up (tiny)", "throughput (tiny, all levers)",
+                 "causal (tiny, compiled flex)", "causal (tiny, eager flex, Stage 1)"):
         assert part in parts, part
     assert "lever: compiled blocks (tiny, Stage 1)" not in parts          # --levers leaves it out
     assert parts["AnyFlowPipeline at 1 and 4 steps"]["N=4"]["shape"] == [1, 17, 32, 32, 3]
@@ -228,7 +280,8 @@ def test_gpu_check_cpu_mode_runs_every_part(tmp_path):
     assert f"| none (baseline) | {base_time:.4g} |" in table
     assert f"| optim.fused=true | {fused:.4g} |" in table and f"{base_time / fused:.2f}x" in table
     for heading in ("### Each lever alone, Stage 1", "### Before and after, every lever on",
-                    "### Where the time goes", "### tiny on one device", "### The any-step speed-up"):
+                    "### Where the time goes", "### tiny on one device", "### The any-step speed-up",
+                    "### The causal (FAR) student"):
         assert heading in table, heading
 
 

@@ -368,23 +368,28 @@ def _check_checkpoint_levers(roles: dict[str, Any], train: Any) -> None:
 
 def _speed_levers(roles: dict[str, Any], train: Any, fsdp: bool) -> None:
     """``train.attention_backend`` and ``train.compile`` on every transformer of the run (numerics unchanged, to
-    float tolerance); a ConfigError where a lever cannot apply."""
+    float tolerance); a ConfigError where a lever cannot apply (an attention backend on a causal model, whose
+    causal attention is chosen by ``model.causal.attention`` / ``model.causal.flex_compile``)."""
     if train.attention_backend == "auto" and train.compile == "none":
         return
     transformers = [n for n in networks(roles.values()) if isinstance(n, ModelMixin)]
     if not transformers:
         raise ConfigError("train.attention_backend / train.compile act on Wan-family transformers; this run's "
                           "networks have none")
-    if any(getattr(t.config, "chunk_partition", None) is not None for t in transformers):
-        raise ConfigError("train.attention_backend / train.compile do not apply to a causal (FAR) model yet (its "
-                          "attention is anystep's own processor)")
+    if train.attention_backend != "auto" and any(_is_far(t) for t in transformers):
+        raise ConfigError("train.attention_backend does not apply to a causal (FAR) model: its self-attention is "
+                          "anystep's own processor (model.causal.attention, model.causal.flex_compile)")
     if fsdp and train.compile != "none":
         raise ConfigError("train.compile=blocks has not run with train.parallel=fsdp here: use one of the two")
     if train.attention_backend != "auto":
         _set_attention_backend(transformers, train.attention_backend)
-    if train.compile == "blocks":
+    if train.compile == "blocks":   # the FAR class names its blocks too (_repeated_blocks)
         for t in transformers:
             t.compile_repeated_blocks(fullgraph=False)
+
+
+def _is_far(transformer: nn.Module) -> bool:
+    return getattr(transformer.config, "chunk_partition", None) is not None
 
 
 def _set_attention_backend(transformers: list[nn.Module], backend: str) -> None:

@@ -43,6 +43,7 @@ class CausalModelConfig:
     compressed_patch_size: tuple[int, int, int] | None = None     # None: the patch with H, W doubled (1x4x4)
     attention: str = "auto"                    # causal attention: 'auto' (flex on CUDA, dense SDPA on CPU),
                                                # 'dense' or 'flex'
+    flex_compile: bool | None = None           # flex through torch.compile (None: yes; false: eager flex)
 
     def __post_init__(self):
         chunk_bounds(self.chunk_partition)     # validates
@@ -50,3 +51,13 @@ class CausalModelConfig:
             raise ValueError(f"model.causal.full_chunk_limit must be >= 2, got {self.full_chunk_limit}")
         if self.attention not in CAUSAL_ATTENTION:
             raise ValueError(f"model.causal.attention must be one of {CAUSAL_ATTENTION}, got {self.attention!r}")
+        if self.flex_compile is not None and self.attention == "dense":
+            raise ValueError("model.causal.flex_compile picks how flex attention runs; with "
+                             "model.causal.attention=dense no call runs flex: leave it unset")
+
+    @property
+    def compiled_flex(self) -> bool:
+        """Whether the flex calls (attention 'auto' on CUDA, 'flex') run a ``torch.compile``-d flex_attention
+        (one fused kernel per sequence length, as the official code) rather than diffusers' eager call, which
+        materialises the whole score matrix (:mod:`anystep.models.far_attention`)."""
+        return self.flex_compile is not False

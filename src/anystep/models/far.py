@@ -35,6 +35,7 @@ from diffusers import AnyFlowFARTransformer3DModel, AnyFlowTransformer3DModel, W
 from torch import nn
 
 from ..causal import TeacherForcing, chunks_covering
+from . import far_masks
 from .architectures import CausalModelConfig
 from .far_attention import set_causal_attention
 from .far_cache import ChunkCache, per_frame
@@ -48,7 +49,8 @@ _SHARED_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_c
 def far_student_from_wan(wan: WanTransformer3DModel | AnyFlowTransformer3DModel, *,
                          chunk_partition: Sequence[int], full_chunk_limit: int = 3,
                          compressed_patch_size: tuple[int, int, int] | None = None, gate_value: float = 0.25,
-                         deltatime_type: str = "r", attention: str = "auto") -> AnyFlowFARTransformer3DModel:
+                         deltatime_type: str = "r", attention: str = "auto",
+                         flex_compile: bool = True) -> AnyFlowFARTransformer3DModel:
     """An ``AnyFlowFARTransformer3DModel`` initialised from a Wan (or bidirectional AnyFlow) transformer.
 
     Every shared weight is copied (the state-dict keys are identical between the three classes); for a Wan
@@ -58,7 +60,8 @@ def far_student_from_wan(wan: WanTransformer3DModel | AnyFlowTransformer3DModel,
     this from its random init, so it is redone here after loading). ``compressed_patch_size`` defaults to the
     patch size with height and width doubled. ``chunk_partition`` is stored in the config (the pipeline's
     default). ``gate_value``/``deltatime_type`` are used as given, also for an AnyFlow source. The causal
-    blocks get :func:`set_causal_attention` with ``attention`` ("auto": dense on CPU, flex on CUDA).
+    blocks get :func:`set_causal_attention` with ``attention`` ("auto": dense on CPU, flex on CUDA) and
+    ``flex_compile`` (flex through ``torch.compile``).
     Raises on a Wan variant the FAR class cannot hold and on any state-dict key that does not map.
     """
     cfg = wan.config
@@ -87,7 +90,7 @@ def far_student_from_wan(wan: WanTransformer3DModel | AnyFlowTransformer3DModel,
         raise KeyError(f"state-dict keys do not map onto AnyFlowFARTransformer3DModel: unmapped source keys "
                        f"{sorted(set(state) - expected)}, missing FAR keys {sorted(expected - set(state))}")
     far.load_state_dict(state, strict=True, assign=True)
-    set_causal_attention(far, attention)
+    set_causal_attention(far, attention, flex_compile)
     return far.train(wan.training)
 
 
@@ -100,7 +103,8 @@ def causal_student_network(source: WanTransformer3DModel | AnyFlowTransformer3DM
     if not isinstance(source, AnyFlowFARTransformer3DModel):
         return far_student_from_wan(source, chunk_partition=cfg.chunk_partition, full_chunk_limit=cfg.full_chunk_limit,
                                     compressed_patch_size=cfg.compressed_patch_size, gate_value=gate_value,
-                                    deltatime_type=deltatime_type, attention=cfg.attention)
+                                    deltatime_type=deltatime_type, attention=cfg.attention,
+                                    flex_compile=cfg.compiled_flex)
     own = source.config
     wanted = {"chunk_partition": tuple(cfg.chunk_partition), "full_chunk_limit": cfg.full_chunk_limit,
               "gate_value": gate_value, "deltatime_type": deltatime_type}
@@ -111,7 +115,7 @@ def causal_student_network(source: WanTransformer3DModel | AnyFlowTransformer3DM
         if theirs != value:
             raise ValueError(f"the causal base has {key}={theirs!r}, but {value!r} was asked for: set it to the "
                              "base's")
-    set_causal_attention(source, cfg.attention)
+    set_causal_attention(source, cfg.attention, cfg.compiled_flex)
     return source
 
 
@@ -155,7 +159,8 @@ def teacher_forced(model: AnyFlowFARTransformer3DModel, noisy: torch.Tensor, t: 
 
     B may be k * B' (conditional and unconditional calls batched together): ``clean`` and ``context`` are
     then repeated as ``torch.cat([x] * k)`` (block order, matching a caller's ``torch.cat([a, b])``).
-    Runs under autograd (dense attention on CPU).
+    Runs under autograd (dense attention on CPU). The attention mask is built once per layout
+    (:func:`~anystep.models.far_masks.block_mask`).
 
     In diffusers' terms: ``hidden_states`` = [context | noisy] (B, Fc + Fn, ...), ``timestep`` and
     ``r_timestep`` (B, Fc + Fn) = 0 on the context frames and t resp. r on the noisy ones,
@@ -185,9 +190,12 @@ def teacher_forced(model: AnyFlowFARTransformer3DModel, noisy: torch.Tensor, t: 
     zeros = torch.zeros(batch, fc, device=noisy.device)
     t_frames = torch.cat([zeros, per_frame(t, batch, frames, noisy.device)], 1)
     r_frames = torch.cat([zeros, per_frame(r, batch, frames, noisy.device)], 1)
+    mask = far_masks.block_mask(model, mode="train", chunk_partition=chunk_partition, height=noisy.shape[3],
+                                width=noisy.shape[4], has_clean=True, device=noisy.device)
     return model(hidden_states=noisy_in, timestep=t_frames, r_timestep=r_frames, encoder_hidden_states=text,
                  chunk_partition=list(chunk_partition), clean_hidden_states=clean.to(noisy.dtype),
-                 clean_timestep=torch.zeros(batch, frames, device=noisy.device), return_dict=False)[0]
+                 clean_timestep=torch.zeros(batch, frames, device=noisy.device), attention_mask=mask,
+                 return_dict=False)[0]
 
 
 def bidirectional(model: AnyFlowFARTransformer3DModel, x: torch.Tensor, t: torch.Tensor | float,
@@ -195,9 +203,11 @@ def bidirectional(model: AnyFlowFARTransformer3DModel, x: torch.Tensor, t: torch
     """All F frames of ``x`` (B, F, C, H, W) as one chunk: full attention over the clip, no context, no clean
     copies (the official ``is_causal=False`` mode). t, r: (B,) or scalars; returns u (B, F, C, H, W)."""
     batch, frames = x.shape[:2]
+    mask = far_masks.block_mask(model, mode="train", chunk_partition=[frames], height=x.shape[3],
+                                width=x.shape[4], has_clean=False, device=x.device)
     return model(hidden_states=x, timestep=per_frame(t, batch, frames, x.device),
                  r_timestep=per_frame(r, batch, frames, x.device), encoder_hidden_states=text,
-                 chunk_partition=[frames], return_dict=False)[0]
+                 chunk_partition=[frames], attention_mask=mask, return_dict=False)[0]
 
 
 class CausalStudent(nn.Module):

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from diffusers import AnyFlowFARTransformer3DModel
 
+from . import far_masks
+
 
 class ChunkCache:
     """The KV-cache rollout of one FAR model (official ``training_rollout``/``encode_kv_cache``); ``active``
@@ -23,7 +25,8 @@ class ChunkCache:
     ``prefill(prefix, text, chunk_partition)`` re-encodes the whole generated prefix at t = r = 0 without
     gradient (the official code does it after every chunk) and replaces the cache: the newest
     ``full_chunk_limit - 1`` prefix chunks at full resolution, older ones compressed, chunk-causal attention.
-    Keys are cached before RoPE. ``cache(x_chunk, t, r, text)`` then gives u for the next chunk, which
+    Keys are cached before RoPE; the prefill's attention mask is built once per layout
+    (:func:`~anystep.models.far_masks.block_mask`). ``cache(x_chunk, t, r, text)`` then gives u for the next chunk, which
     attends to the cache and to itself; it runs under autograd (the cache is a constant). Call it any number
     of times (one per denoising step) between prefills. Without a prefill the cache is empty (chunk 0).
 
@@ -54,10 +57,12 @@ class ChunkCache:
         self._cache = self._allocate(batch, n_comp, n_full, prefix.device)
         zeros = torch.zeros(batch, frames, device=prefix.device)
         flag = {"num_cached_chunks": len(chunk_partition), "is_cache_step": True}
+        mask = far_masks.block_mask(self.model, mode="cache", chunk_partition=chunk_partition, height=height,
+                                    width=width, has_clean=False, device=prefix.device)
         with self._active():
             self.model(hidden_states=prefix.to(self._dtype), timestep=zeros, r_timestep=zeros,
                        encoder_hidden_states=text, chunk_partition=list(chunk_partition), kv_cache=self._cache,
-                       kv_cache_flag=flag, return_dict=False)
+                       kv_cache_flag=flag, attention_mask=mask, return_dict=False)
         self.chunk_partition = list(chunk_partition)
 
     def __call__(self, x_chunk: torch.Tensor, t: torch.Tensor | float, r: torch.Tensor | float,
