@@ -1,17 +1,20 @@
-"""``anystep reproduce``: the paper's claims checked on the toy gmm world, one markdown report with plots.
+"""``anystep reproduce``: the paper's claims checked on the toy worlds, one markdown report with plots.
 
 Every claim is a row of :data:`CLAIMS`: what the paper says (its figure or table), the runs that measure it,
 and a verdict rule written down before looking at the numbers (:func:`verdict_*`). The runs (:data:`RUNS`) are
-the gmm presets with one switch changed each, trained from the same teacher (one thread each, ``jobs`` of them
-at a time, in dependency order), then swept together at N = 1, 2, 4, 8, 16, 32 on one evaluation set (the
+presets with one switch changed each (one thread each, ``jobs`` of them at a time, in dependency order). The
+gmm runs, all from one teacher, are swept together at N = 1, 2, 4, 8, 16, 32 on one evaluation set (the
 Fréchet distance to the exact class moments, lower is better; the exact ODE scores ~0.004 with 4000 samples).
-Runs already finished in the output folder are reused (a killed report resumes where it stopped).
+The two causal runs (shapes world, teacher-forced Stage 1 and on-policy Stage 2 from the shipped causal-world
+teacher) are measured for exposure bias (:mod:`anystep.evaluate.exposure_bias`). Runs already finished in the
+output folder are reused (a killed report resumes where it stopped; delete a run's folder to retrain it).
 
-``--quick`` trains each run for a fiftieth of its steps and sweeps 500 samples: the whole pipeline in a few
-minutes (the tests run it); its numbers measure nothing, and its report says so on every verdict.
+``--quick`` trains each run for a fiftieth of its steps and sweeps 500 samples (causal: 20 clips): the whole
+pipeline in a few minutes (the tests run it); its numbers measure nothing, and its report says so on every
+verdict.
 
-Not covered here yet (the report lists them as "not measured"): the exposure-bias claim (causal shapes world),
-the shapes-world video teacher, and Table 4's costs (``benchmarks/training_cost.py`` measures those).
+Not covered here (the report lists them as "not measured"): the shapes-world video teacher and Table 4's costs
+(``benchmarks/training_cost.py`` measures those).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +73,12 @@ RUNS: tuple[Run, ...] = (
         "Stage 2, without the co-trained Stage-1 loss"),
     Run("cd", "gmm_consistency", 4000, (), "teacher", "consistency distillation (CD)"),
     Run("cbs", "gmm_cbs", 4000, (), "cd", "consistency backward simulation + DMD (Stage 2's budget)"),
+    Run("far_stage1", "shapes_far_stage1", 800, (), None, "causal Stage 1 (teacher forcing; shapes world)"),
+    Run("far_stage2", "shapes_far_stage2", 300, (), "far_stage1", "causal Stage 2 (on-policy: its own rollouts)"),
 )
+GMM_RUNS = tuple(r.name for r in RUNS if r.preset.startswith("gmm_") and r.name != "teacher")
+CAUSAL_RUNS = ("far_stage1", "far_stage2")
+CAUSAL_SAMPLES, CAUSAL_TAIL = 128, 2    # the causal sweep's clips; chunks generated after the real history
 BY_NAME = {r.name: r for r in RUNS}
 TEACHER_ROW = "teacher Euler"
 
@@ -78,7 +86,20 @@ TEACHER_ROW = "teacher Euler"
 # --------------------------------------------------------------------------------------------------
 # verdicts: rules fixed before the numbers, each returning (verdict, why)
 # --------------------------------------------------------------------------------------------------
-Curves = dict[str, list[float]]       # run name (or TEACHER_ROW) -> FD at each N of NS
+Curves = dict[str, list[float]]       # run name (or TEACHER_ROW) -> a value at each N of NS
+
+
+@dataclass
+class Measured:
+    """What the report judges: the gmm runs' FD curves (and the teacher's Euler), the embedding norms of Fig. 7a
+    (step, mean |e(t, r)|) per Stage-1 run with their pretrained reference, and the causal runs' exposure bias
+    E per N (:mod:`anystep.evaluate.exposure_bias`) with its per-chunk rows."""
+
+    curves: Curves
+    norms: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    reference: float = float("nan")
+    exposure: Curves = field(default_factory=dict)
+    exposure_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def _log_mean(curve: Sequence[float]) -> float:
@@ -97,7 +118,8 @@ def _grade(checks: list[tuple[bool, str]]) -> tuple[str, str]:
     return verdict, "; ".join(f"{'yes' if ok else 'NO'}: {what}" for ok, what in checks)
 
 
-def verdict_step_scaling(c: Curves) -> tuple[str, str]:
+def verdict_step_scaling(m: Measured) -> tuple[str, str]:
+    c = m.curves
     s1, s2, cd, cbs, teacher = c["stage1"], c["stage2"], c["cd"], c["cbs"], c[TEACHER_ROW]
     few = range(3)   # N = 1, 2, 4
     return _grade([
@@ -114,7 +136,8 @@ def _best_of(c: Curves, names: Sequence[str]) -> str:
     return min(names, key=lambda n: _log_mean(c[n]))
 
 
-def verdict_time_weight(c: Curves) -> tuple[str, str]:
+def verdict_time_weight(m: Measured) -> tuple[str, str]:
+    c = m.curves
     names = ("stage1", "stage1_uniform", "stage1_normal")
     ranked = sorted(names, key=lambda n: _log_mean(c[n]))
     verdict = "reproduces" if ranked[0] == "stage1" else "partly" if ranked[1] == "stage1" else "does not reproduce"
@@ -122,7 +145,8 @@ def verdict_time_weight(c: Curves) -> tuple[str, str]:
                                                              for n in ranked)
 
 
-def verdict_embedding(c: Curves, norms: dict[str, list[tuple[int, float]]], reference: float) -> tuple[str, str]:
+def verdict_embedding(m: Measured) -> tuple[str, str]:
+    c, norms, reference = m.curves, m.norms, m.reference
     zero, copy = norms.get("stage1_zero_init"), norms.get("stage1")
     drift = {k: abs(v[-1][1] / v[0][1] - 1) for k, v in (("zero", zero), ("copy", copy)) if v}
     checks = [(_log_mean(c["stage1"]) < _log_mean(c["stage1_zero_init"]),
@@ -140,7 +164,8 @@ def _ratio_close(a: Sequence[float], b: Sequence[float], within: float = 1.25) -
     return max(_log_mean(a), _log_mean(b)) / min(_log_mean(a), _log_mean(b)) <= within
 
 
-def verdict_derivative(c: Curves) -> tuple[str, str]:
+def verdict_derivative(m: Measured) -> tuple[str, str]:
+    c = m.curves
     return _grade([
         (_ratio_close(c["stage1"], c["stage1_jvp"]), (f"central difference (eps 5) within 25% of the exact JVP "
          f"(geometric mean FD {_log_mean(c['stage1']):.4g} vs {_log_mean(c['stage1_jvp']):.4g})")),
@@ -149,28 +174,42 @@ def verdict_derivative(c: Curves) -> tuple[str, str]:
     ])
 
 
-def verdict_rollout_grad(c: Curves) -> tuple[str, str]:
+def verdict_rollout_grad(m: Measured) -> tuple[str, str]:
+    c = m.curves
     return _grade([(_log_mean(c["stage2"]) <= _log_mean(c["stage2_one"]),
                     (f"gradient through every segment is at least as good as the fine step only (geometric mean FD "
                     f"{_log_mean(c['stage2']):.4g} vs {_log_mean(c['stage2_one']):.4g})"))])
 
 
-def verdict_cotrain(c: Curves) -> tuple[str, str]:
+def verdict_cotrain(m: Measured) -> tuple[str, str]:
+    c = m.curves
     return _grade([(c["stage2"][-1] <= c["stage2_no_cotrain"][-1] * 1.1,
                     (f"the co-trained Stage-1 loss keeps many-step (N=32) quality: {c['stage2'][-1]:.4g} vs "
                     f"{c['stage2_no_cotrain'][-1]:.4g} without it"))])
 
 
-def verdict_rebalance(c: Curves) -> tuple[str, str]:
+def verdict_rebalance(m: Measured) -> tuple[str, str]:
+    c = m.curves
     better = _log_mean(c["stage1"]) < _log_mean(c["stage1_power1"])
     return ("departure measured", (f"power 0.5 (this world's default) {'beats' if better else 'does not beat'} the "
             f"official power 1: geometric mean FD {_log_mean(c['stage1']):.4g} vs {_log_mean(c['stage1_power1']):.4g}"))
 
 
-def verdict_rollouts(c: Curves) -> tuple[str, str]:
+def verdict_rollouts(m: Measured) -> tuple[str, str]:
+    c = m.curves
     return _grade([(all(a <= b for a, b in zip(c["stage2"], c["cbs"])),
                     ("flow-map backward simulation + DMD beats consistency backward simulation + DMD at every N "
                     "(both from their own Stage-1-like start, DMD against the same exact teacher)"))])
+
+
+def verdict_exposure(m: Measured) -> tuple[str, str]:
+    s1, s2 = m.exposure["far_stage1"], m.exposure["far_stage2"]
+    return _grade([
+        (max(s1) > 0.01, (f"the teacher-forced (Stage 1) causal student shows exposure bias: E > 0.01 at some N "
+                         f"(max {max(s1):+.3f})")),
+        (all(b < a for a, b in zip(s1, s2)), ("Stage 2 (trained on its own rollouts) has less exposure bias than "
+                                             "Stage 1 at every N")),
+    ])
 
 
 @dataclass(frozen=True)
@@ -178,7 +217,9 @@ class Claim:
     key: str
     paper: str
     rows: tuple[str, ...]
-    verdict: Callable[..., tuple[str, str]]
+    verdict: Callable[[Measured], tuple[str, str]]
+    measure: str = "curves"          # the Measured field holding the rows' values per N
+    ylabel: str = "FD to the exact moments (lower is better)"
 
 
 CLAIMS: tuple[Claim, ...] = (
@@ -198,12 +239,14 @@ CLAIMS: tuple[Claim, ...] = (
           ("stage2", "stage2_no_cotrain"), verdict_cotrain),
     Claim("flow map vs consistency rollouts", "Flow-map backward simulation beats consistency backward simulation "
           "at equal budget", ("stage2", "cbs"), verdict_rollouts),
+    Claim("exposure bias", "Sec. 5: on-policy training (Stage 2 on the causal model's own rollouts) reduces exposure "
+          "bias, the quality lost when a causal model continues its own history instead of a real one",
+          CAUSAL_RUNS, verdict_exposure, "exposure",
+          "E = late-chunk quality, real history - own (lower is better)"),
     Claim("rebalance power", "(a departure of this world, not a paper claim) Stage 1's adaptive rebalance power "
           "0.5 vs the official 1", ("stage1", "stage1_power1"), verdict_rebalance),
 )
 NOT_MEASURED = (
-    ("exposure bias", "on-policy training reduces the causal model's late-chunk drift", ("needs the causal shapes "
-     "world; see the README's causal section for the measurement so far (the gap grew after Stage 2)")),
     ("training cost", "Table 4: Stage 1 and Stage 2 cost per iteration", "benchmarks/training_cost.py measures it"),
 )
 
@@ -267,11 +310,10 @@ def train_all(out: Path, quick: bool, jobs: int, log: Callable[[str], None] = pr
 # measuring and reporting
 # --------------------------------------------------------------------------------------------------
 def curves(out: Path, quick: bool) -> tuple[Curves, list[dict[str, Any]]]:
-    """Every run (but the teacher) swept at NS on one evaluation set, with the exact teacher's Euler row."""
+    """Every gmm run (but the teacher) swept at NS on one evaluation set, with the exact teacher's Euler row."""
     from .sweep import sweep
 
-    names = [r.name for r in RUNS if r.name != "teacher"]
-    result = sweep([str(out / "runs" / n) for n in names], labels=names, out=out / "sweep", progress=False,
+    result = sweep([str(out / "runs" / n) for n in GMM_RUNS], labels=GMM_RUNS, out=out / "sweep", progress=False,
                    settings={"steps": NS, "num_samples": QUICK_SAMPLES if quick else FULL_SAMPLES})
     table: Curves = {}
     for row in result.rows:
@@ -303,6 +345,24 @@ def embedding_norms(out: Path) -> tuple[dict[str, list[tuple[int, float]]], floa
     return norms, reference
 
 
+def exposure(out: Path, quick: bool) -> dict[str, list[dict[str, Any]]]:
+    """Each causal run's exposure bias at NS (:func:`~anystep.evaluate.exposure_bias.exposure_bias`): its own
+    rollouts against its continuations of the real clips (all but the last ``CAUSAL_TAIL`` chunks given), on the
+    sweep's evaluation set (seed and shift of the run's ``sweep`` settings)."""
+    from ..api import load
+    from ..build import build_world
+    from ..evaluate.exposure_bias import exposure_bias
+
+    rows = {}
+    for name in CAUSAL_RUNS:
+        model = load(out / "runs" / name)
+        world, sweep_cfg = build_world(model.config), model.config.sweep
+        ev = world.eval_set(QUICK_SAMPLES // 25 if quick else CAUSAL_SAMPLES, sweep_cfg.seed)
+        rows[name] = exposure_bias(model.network, world.judge(), world.world.render(ev.meta), ev.noise, ev.cond,
+                                   ev.meta, NS, shift=sweep_cfg.shift, tail=CAUSAL_TAIL)
+    return rows
+
+
 def plot_claim(claim: Claim, c: Curves, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -312,8 +372,8 @@ def plot_claim(claim: Claim, c: Curves, path: Path) -> None:
     for name in claim.rows:
         if name in c:
             ax.plot(NS, c[name], marker="o", label=BY_NAME[name].label if name in BY_NAME else name)
-    ax.set(xscale="log", yscale="log", xlabel="sampling steps N", ylabel="FD to the exact moments (lower is better)",
-           title=claim.key)
+    ax.set(xscale="log", yscale="log" if claim.measure == "curves" else "linear", xlabel="sampling steps N",
+           ylabel=claim.ylabel, title=claim.key)
     ax.set_xticks(NS, [str(n) for n in NS])
     ax.legend(fontsize=6.5)
     fig.tight_layout()
@@ -338,16 +398,15 @@ def plot_norms(norms: dict[str, list[tuple[int, float]]], reference: float, path
     plt.close(fig)
 
 
-def report(out: Path, quick: bool, c: Curves, seconds: dict[str, float], norms, reference: float) -> str:
+def report(out: Path, quick: bool, m: Measured, seconds: dict[str, float]) -> str:
     """The markdown report: the verdict table, then per claim the paper's statement, the curves and the why."""
     (out / "plots").mkdir(parents=True, exist_ok=True)
     verdicts = []
     for claim in CLAIMS:
-        args = (c, norms, reference) if claim.verdict is verdict_embedding else (c,)
-        verdict, why = claim.verdict(*args)
+        verdict, why = claim.verdict(m)
         verdicts.append((claim, "quick mode: not a measurement" if quick else verdict, why))
-        plot_claim(claim, c, out / "plots" / f"{claim.key.replace(' ', '_')}.png")
-    plot_norms(norms, reference, out / "plots" / "embedding_norm.png")
+        plot_claim(claim, getattr(m, claim.measure), out / "plots" / f"{claim.key.replace(' ', '_')}.png")
+    plot_norms(m.norms, m.reference, out / "plots" / "embedding_norm.png")
     lines = ["# What the paper claims, measured on the gmm world", "",
              ("**Quick mode** (each run a fiftieth of its budget, 500 samples): the pipeline ran; the numbers and "
               "verdicts below measure nothing." if quick else
@@ -359,16 +418,13 @@ def report(out: Path, quick: bool, c: Curves, seconds: dict[str, float], norms, 
     lines += [f"| {key} | {paper} | not measured here: {why} |" for key, paper, why in NOT_MEASURED]
     header = "| sampler | " + " | ".join(f"N={n}" for n in NS) + " |"
     for claim, verdict, why in verdicts:
-        lines += ["", f"## {claim.key}: {verdict}", "", claim.paper, "", f"Why: {why}", "", header,
-                  "|---|" + "---:|" * len(NS)]
-        lines += [f"| {BY_NAME[n].label if n in BY_NAME else n} | " + " | ".join(f"{v:.4g}" for v in c[n]) + " |"
-                  for n in claim.rows if n in c]
+        values = getattr(m, claim.measure)
+        lines += ["", f"## {claim.key}: {verdict}", "", claim.paper, "", f"Why: {why}", "", f"Values: {claim.ylabel}.",
+                  "", header, "|---|" + "---:|" * len(NS)]
+        lines += [f"| {BY_NAME[n].label if n in BY_NAME else n} | " + " | ".join(f"{v:.4g}" for v in values[n]) + " |"
+                  for n in claim.rows if n in values]
         lines += ["", f"![{claim.key}](plots/{claim.key.replace(' ', '_')}.png)"]
-        if claim.verdict is verdict_embedding:
-            lines += ["", "Mean |e(t, r)| by training step (pretrained |E(t)| "
-                      f"{reference:.4g}): " + "; ".join(f"{BY_NAME[k].label}: " + ", ".join(
-                          f"{s}: {v:.4g}" for s, v in pts) for k, pts in norms.items()),
-                      "", "![embedding norm](plots/embedding_norm.png)"]
+        lines += EXTRAS.get(claim.key, lambda _: [])(m)
     lines += ["", "## Runs", "", "| run | preset | switches | steps | training seconds (0: reused) |",
               "|---|---|---|---:|---:|"]
     lines += [f"| {r.name} | {r.preset} | {' '.join(r.overrides) or '-'} | "
@@ -378,6 +434,26 @@ def report(out: Path, quick: bool, c: Curves, seconds: dict[str, float], norms, 
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
+
+
+def _norm_lines(m: Measured) -> list[str]:
+    return ["", f"Mean |e(t, r)| by training step (pretrained |E(t)| {m.reference:.4g}): " + "; ".join(
+        f"{BY_NAME[k].label}: " + ", ".join(f"{s}: {v:.4g}" for s, v in pts) for k, pts in m.norms.items()),
+        "", "![embedding norm](plots/embedding_norm.png)"]
+
+
+def _exposure_lines(m: Measured) -> list[str]:
+    """Per causal run and N: the per-chunk quality of its own rollout and of its continuation of real clips."""
+    lines = ["", (f"Per-chunk quality (mean over the clips; the last {CAUSAL_TAIL} chunks generated after the real "
+             "history in the continuation):"), "", "| run | N | own rollout, per chunk | continued from real, per chunk |",
+             "|---|---:|---|---|"]
+    for name, rows in m.exposure_rows.items():
+        lines += [f"| {name} | {r['N']} | {' '.join(f'{q:.3f}' for q in r['own_chunks'])} | "
+                  f"{' '.join(f'{q:.3f}' for q in r['continued_chunks'])} |" for r in rows]
+    return lines
+
+
+EXTRAS: dict[str, Callable[[Measured], list[str]]] = {"embedding init": _norm_lines, "exposure bias": _exposure_lines}
 
 
 def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, jobs: int = 2,
@@ -390,6 +466,9 @@ def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, jobs: int
     log("sweeping every run at N = " + ", ".join(map(str, NS)))
     c, _ = curves(out, quick)
     norms, reference = embedding_norms(out)
-    report(out, quick, c, seconds, norms, reference)
+    log("measuring the causal students' exposure bias")
+    rows = exposure(out, quick)
+    measured = Measured(c, norms, reference, {k: [r["exposure_bias"] for r in v] for k, v in rows.items()}, rows)
+    report(out, quick, measured, seconds)
     log(f"report: {out / 'report.md'} ({time.time() - start:.0f} s)")
     return out / "report.md"
