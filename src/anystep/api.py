@@ -169,10 +169,9 @@ class Model:
 
     @property
     def guidance(self) -> float:
-        """Its default CFG scale: a student's ``sweep.student_guidance`` (1: its guidance is fused), else the
-        run's ``sweep.teacher_guidance``."""
-        sweep = self.config.sweep
-        return sweep.student_guidance if self.role == "student" else sweep.teacher_guidance
+        """Its default CFG scale (``SweepConfig.guidance_for`` its role): a student's ``sweep.student_guidance``
+        (1: its guidance is fused), else the run's ``sweep.teacher_guidance``."""
+        return self.config.sweep.guidance_for(self.role)
 
     @cached_property
     def world(self) -> World:

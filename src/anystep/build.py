@@ -238,7 +238,7 @@ def build_validation(cfg: RunConfig, roles: dict[str, Any], world: Any, processe
     if cfg.validation.every == 0:
         return None
     spec = cfg.spec
-    guidance = cfg.sweep.student_guidance if spec.product == "student" else cfg.sweep.teacher_guidance
+    guidance = cfg.sweep.guidance_for(spec.product)
     sampler = Sampler(f"{spec.product} (EMA)", roles[spec.product], guidance, spec.sampler)
     teacher = teacher or (lambda: roles["teacher"])
     return Validation(cfg.validation, sampler, world, cfg.sweep, _judge_maker(cfg, teacher, world, processes),

@@ -82,13 +82,19 @@ def checkpoint_path(spec: str) -> Path:
 def open_run(spec: str | Path) -> Run:
     """The run ``spec`` names (a CheckpointError when there is none, or its config is corrupt)."""
     path = checkpoint_path(str(spec))
-    return Run(str(spec), path, _read_config(path / "config.yaml", path.stat().st_mtime_ns))
+    return Run(str(spec), path, read_config(path / "config.yaml"))
+
+
+def read_config(path: Path) -> RunConfig:
+    """A run's ``config.yaml`` (a CheckpointError when it is missing or corrupt), cached while the file is
+    unchanged."""
+    return _read_config(path, path.stat().st_mtime_ns if path.is_file() else -1)
 
 
 @lru_cache(maxsize=64)
 def _read_config(path: Path, mtime: int) -> RunConfig:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file missing: {path}")
+        raise CheckpointError(f"config missing: {path}")
     try:
         return parse_run(yaml.safe_load(path.read_text()))
     except (yaml.YAMLError, ValueError) as err:

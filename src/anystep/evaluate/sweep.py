@@ -43,6 +43,11 @@ class SweepConfig:
                                        # the judges score CPU copies of the samples
     batch_size: int = 64               # clips sampled at once (a real Wan clip wants a few)
 
+    def guidance_for(self, role: str) -> float:
+        """The CFG scale ``role``'s network samples with: a student's ``student_guidance`` (1: its guidance is
+        fused), any other role's (a teacher, a critic) ``teacher_guidance``."""
+        return self.student_guidance if role == "student" else self.teacher_guidance
+
     def __post_init__(self):
         if not self.steps or min(self.steps) < 1 or self.num_samples < 1 or not self.shift > 0:
             raise ValueError(f"sweep needs steps >= 1, num_samples >= 1 and shift > 0, got {self}")

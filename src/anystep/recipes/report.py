@@ -24,8 +24,8 @@ import yaml
 
 from ..config import ConfigError, RunConfig, parse_run, resolve, to_dict
 from ..errors import UsageError
-from ..lineage import SHIPPED_PREFIX, checkpoint_path
-from ..train.checkpoint import CHECKPOINTS, CheckpointError, complete_checkpoints, newest_checkpoint
+from ..lineage import SHIPPED_PREFIX, checkpoint_path, read_config
+from ..train.checkpoint import CHECKPOINTS, complete_checkpoints, newest_checkpoint
 from .export import not_exportable
 from .train import ORIGIN, Origin, read_origin
 
@@ -110,15 +110,6 @@ def locate(spec: str) -> RunFiles:
         return RunFiles(spec, path, newest_checkpoint(root) if root.is_dir() else None, path / "config.yaml")
     raise UsageError(f"{path} is not a run folder (no config.yaml: a run writes it when training starts) nor a "
                      "checkpoint folder (step_* with .safetensors files)")
-
-
-def read_config(path: Path) -> RunConfig:
-    if not path.is_file():
-        raise CheckpointError(f"config missing: {path}")
-    try:
-        return parse_run(yaml.safe_load(path.read_text()))
-    except (yaml.YAMLError, ValueError) as err:
-        raise CheckpointError(f"corrupt config in {path}: {err}") from err
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
