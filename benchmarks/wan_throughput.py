@@ -58,6 +58,17 @@ Setup, as the official recipe trains (``wan1.3b_stage1`` / ``wan1.3b_stage2`` pr
                the same base), same Stage-1/Stage-2 settings as above. Their FLOPs count each FAR call's
                tokens (compressed context, noisy chunks, clean copies; a chunk's own against the cache) and
                only the attention pairs its mask allows (:func:`far_forward_flops`).
+  --lever      a speed lever by its training config key, as a run sets it (repeatable): train.attention_backend,
+               train.compile, train.checkpoint_fraction, train.checkpoint_save, optim.fused (every trained
+               role's ``OptimConfig``), model.causal.flex_compile (the causal rows); pulled by the library
+               functions a run's builder calls, so an impossible combination is the same ConfigError. Every
+               step's first warm-up step's losses are reported ("first-step loss/..."): same seed and batch, so
+               a lever that changes the numerics shows there.
+  --profile    one more Stage-1 and Stage-2 step under ``torch.profiler`` (``step_profile.py``): device time per
+               phase (forward, backward, recompute, optimizer, EMA) x operator class (attention, LoRA, other
+               linears, norms/modulation/RoPE/elementwise, copies, syncs), host syncs counted; DIR/profile.md,
+               profile.json and Chrome traces. The breakdown on a GPU is to be written here from the first run
+               of ``gpu_check.sh`` (none has run on a GPU yet).
   sizes        81x480x832 first; on ``torch.OutOfMemoryError`` the measurement is retried at 49, 33 and 17
                frames, then the same at 240x416 (``--sizes`` to choose); the table's size column says which
                size each row was measured at.
