@@ -10,6 +10,7 @@
     anystep sweep    RUN [RUN ...] --steps 1,2,4,...  metrics vs N: table, plot, video grid
     anystep report   RUN                              what a run did: config diff, progress, losses, validation,
                                                       files, the commands to resume and export (RUN/report.md)
+    anystep reproduce [--quick]                       the paper's claims checked on the toy worlds: one report
 
   the real Wan2.1 path (local diffusers folders; nothing is downloaded):
     anystep cache      --model WAN_DIR --videos VIDEOS --out CACHE   videos + captions -> latents + embeddings
@@ -51,12 +52,13 @@ DESCRIPTIONS = {
         sampler: table, plot, videos. Every run starts fresh (again in --out: replaced).
     """,
     "reproduce": """
-        The paper's claims checked on the gmm world: a dozen runs (AnyFlow Stage 1 and Stage 2 with one
-        switch changed each: time weight, embedding init, derivative, rollout gradient, co-trained
-        loss, rebalance power; the consistency baselines), two at a time, then one sweep and a
-        markdown report with plots: per claim, the paper's statement, the measured curves, and a
-        verdict by a rule stated in the report. About an hour on 2 idle cores; finished runs in --out
-        are reused. --quick runs the same pipeline in minutes (its numbers measure nothing).
+        The paper's claims checked on the toy worlds: a dozen gmm runs (AnyFlow Stage 1 and Stage 2
+        with one switch changed each: time weight, embedding init, derivative, rollout gradient,
+        co-trained loss, rebalance power; the consistency baselines) and the causal shapes students
+        (exposure bias), two at a time, then one sweep and a markdown report with plots: per claim,
+        the paper's statement, the measured curves, and a verdict by a rule stated in the report.
+        About an hour on 2 idle cores; finished runs in --out are reused. --quick runs the same
+        pipeline in minutes (its numbers measure nothing).
     """,
     "sample": """
         Sample a trained student (flow-map Euler) or teacher (Euler + CFG) at N steps; writes mp4,
@@ -240,7 +242,7 @@ def _report_parser(sub) -> None:
 
 
 def _reproduce_parser(sub) -> None:
-    r = sub.add_parser("reproduce", help="check the paper's claims on the gmm world: one markdown report",
+    r = sub.add_parser("reproduce", help="check the paper's claims on the toy worlds: one markdown report",
                        description=DESCRIPTIONS["reproduce"])
     r.add_argument("--out", default=None, metavar="DIR",
                    help="where the runs, the sweep and report.md go (default runs/reproduce, with --quick "
