@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +24,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+import anystep
 from anystep.config import resolve
 from anystep.recipes import build_trainer, train
 
+LIBRARY = str(Path(anystep.__file__).parent) + "/"   # the library's files (not the tests', wherever the clone is)
 SIZED = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
          torch.ops.aten.masked_select.default}
 
@@ -49,8 +52,8 @@ class DeviceSyncs(TorchDispatchMode):
         stack = traceback.extract_stack()
         if any("/torch/optim/" in f.filename for f in stack):
             return
-        line = next((f for f in reversed(stack) if "/anystep/" in f.filename), None)
-        self.where.append(f"{what} at {line.filename.split('/anystep/')[-1]}:{line.lineno}" if line else what)
+        line = next((f for f in reversed(stack) if f.filename.startswith(LIBRARY)), None)
+        self.where.append(f"{what} at {line.filename[len(LIBRARY):]}:{line.lineno}" if line else what)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         inputs = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
