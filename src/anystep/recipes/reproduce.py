@@ -348,18 +348,31 @@ def embedding_norms(out: Path) -> tuple[dict[str, list[tuple[int, float]]], floa
 def exposure(out: Path, quick: bool) -> dict[str, list[dict[str, Any]]]:
     """Each causal run's exposure bias at NS (:func:`~anystep.evaluate.exposure_bias.exposure_bias`): its own
     rollouts against its continuations of the real clips (all but the last ``CAUSAL_TAIL`` chunks given), on the
-    sweep's evaluation set (seed and shift of the run's ``sweep`` settings)."""
+    sweep's evaluation set (seed and shift of the run's ``sweep`` settings). Each run's rows are kept in
+    ``out/exposure/<run>.json`` with what they were measured on (the checkpoint, the clips, N, the tail) and
+    reused while that is unchanged."""
+    import json
+
     from ..api import load
     from ..build import build_world
     from ..evaluate.exposure_bias import exposure_bias
 
     rows = {}
     for name in CAUSAL_RUNS:
+        clips = QUICK_SAMPLES // 25 if quick else CAUSAL_SAMPLES
+        ckpt = newest_checkpoint(out / "runs" / name / "checkpoints")
+        key = {"checkpoint": str(ckpt), "clips": clips, "steps": list(NS), "tail": CAUSAL_TAIL}
+        cache = out / "exposure" / f"{name}.json"
+        if cache.is_file() and (kept := json.loads(cache.read_text())).get("measured_on") == key:
+            rows[name] = kept["rows"]
+            continue
         model = load(out / "runs" / name)
         world, sweep_cfg = build_world(model.config), model.config.sweep
-        ev = world.eval_set(QUICK_SAMPLES // 25 if quick else CAUSAL_SAMPLES, sweep_cfg.seed)
+        ev = world.eval_set(clips, sweep_cfg.seed)
         rows[name] = exposure_bias(model.network, world.judge(), world.world.render(ev.meta), ev.noise, ev.cond,
                                    ev.meta, NS, shift=sweep_cfg.shift, tail=CAUSAL_TAIL)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"measured_on": key, "rows": rows[name]}, indent=1) + "\n")
     return rows
 
 
