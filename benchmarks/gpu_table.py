@@ -47,6 +47,12 @@ def fmt(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
+def cells(rows: list[dict[str, Any]], stage: str) -> str:
+    """``step (s) | MFU (%) | peak (GiB)`` of ``stage``'s rows."""
+    return (f"{fmt(value(rows, f'{stage} step (s)'), 4)} | {fmt(value(rows, f'{stage} MFU (%)'))} | "
+            f"{fmt(value(rows, f'{stage} peak memory (GiB)'))}")
+
+
 def _loss(rows: list[dict[str, Any]], stage: str) -> float | None:
     key = "loss/stage1" if stage == "Stage 1" else "loss/dmd"
     return value(rows, f"{stage} first-step {key}")
@@ -80,15 +86,15 @@ def before_after(parts: dict[str, Any]) -> list[str]:
     if base is None or after is None:
         return []
     out = [f"### Before and after, every lever on ({', '.join(after['levers'])})", "",
-           ("| step | size | before (s) | after (s) | MFU before (%) | MFU after (%) | peak before (GiB) | "
-           "peak after (GiB) | first-step loss before / after |"), "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+           "| step | levers | size | step (s) | MFU (%) | peak (GiB) | first-step loss | speed-up |",
+           "|---|---|---|---:|---:|---:|---:|---:|"]
     for stage in ("Stage 1", "Stage 2"):
-        b, a = base["rows"], after["rows"]
-        out.append(f"| {stage} | {size_of(a, stage)} | {fmt(value(b, f'{stage} step (s)'), 4)} | "
-                   f"{fmt(value(a, f'{stage} step (s)'), 4)} | {fmt(value(b, f'{stage} MFU (%)'))} | "
-                   f"{fmt(value(a, f'{stage} MFU (%)'))} | {fmt(value(b, f'{stage} peak memory (GiB)'))} | "
-                   f"{fmt(value(a, f'{stage} peak memory (GiB)'))} | {fmt(_loss(b, stage), 6)} / "
-                   f"{fmt(_loss(a, stage), 6)} |")
+        before = value(base["rows"], f"{stage} step (s)")
+        for label, rows in (("none", base["rows"]), ("all", after["rows"])):
+            t = value(rows, f"{stage} step (s)")
+            speed = f"{before / t:.2f}x" if before and t else "n/a"
+            out.append(f"| {stage} | {label} | {size_of(rows, stage)} | {cells(rows, stage)} | "
+                       f"{fmt(_loss(rows, stage), 6)} | {speed} |")
     return out + [""]
 
 
@@ -113,10 +119,7 @@ def big_table(parts: dict[str, Any]) -> list[str]:
         return []
     out = [f"### {big['size']} on one device ({', '.join(big['levers']) or 'no lever'})", "",
            "| step | size | step (s) | MFU (%) | peak (GiB) |", "|---|---|---:|---:|---:|"]
-    for stage in ("Stage 1", "Stage 2"):
-        rows = big["rows"]
-        out.append(f"| {stage} | {size_of(rows, stage)} | {fmt(value(rows, f'{stage} step (s)'), 4)} | "
-                   f"{fmt(value(rows, f'{stage} MFU (%)'))} | {fmt(value(rows, f'{stage} peak memory (GiB)'))} |")
+    out += [f"| {stage} | {size_of(big['rows'], stage)} | {cells(big['rows'], stage)} |" for stage in ("Stage 1", "Stage 2")]
     return out + [""]
 
 
@@ -132,10 +135,7 @@ def causal_table(parts: dict[str, Any]) -> list[str]:
         for stage in ("causal Stage 1", "causal Stage 2"):
             if value(part["rows"], f"{stage} step (s)") is None:
                 continue
-            out.append(f"| {kernel} | {stage} | {size_of(part['rows'], stage)} | "
-                       f"{fmt(value(part['rows'], f'{stage} step (s)'), 4)} | "
-                       f"{fmt(value(part['rows'], f'{stage} MFU (%)'))} | "
-                       f"{fmt(value(part['rows'], f'{stage} peak memory (GiB)'))} |")
+            out.append(f"| {kernel} | {stage} | {size_of(part['rows'], stage)} | {cells(part['rows'], stage)} |")
     return out + [""]
 
 
