@@ -420,7 +420,7 @@ def report(out: Path, quick: bool, m: Measured, seconds: dict[str, float]) -> st
         verdicts.append((claim, "quick mode: not a measurement" if quick else verdict, why))
         plot_claim(claim, getattr(m, claim.measure), out / "plots" / f"{claim.key.replace(' ', '_')}.png")
     plot_norms(m.norms, m.reference, out / "plots" / "embedding_norm.png")
-    lines = ["# What the paper claims, measured on the gmm world", "",
+    lines = ["# What the paper claims, measured on the toy worlds", "",
              ("**Quick mode** (each run a fiftieth of its budget, 500 samples): the pipeline ran; the numbers and "
               "verdicts below measure nothing." if quick else
               f"Full budgets, one thread per run; sweep on {FULL_SAMPLES} samples (seed 0 of the sweep); the "
@@ -438,12 +438,12 @@ def report(out: Path, quick: bool, m: Measured, seconds: dict[str, float]) -> st
                   for n in claim.rows if n in values]
         lines += ["", f"![{claim.key}](plots/{claim.key.replace(' ', '_')}.png)"]
         lines += EXTRAS.get(claim.key, lambda _: [])(m)
-    lines += ["", "## Runs", "", "| run | preset | switches | steps | training seconds (0: reused) |",
-              "|---|---|---|---:|---:|"]
+    lines += ["", "## Runs", "", ("| run | preset | switches | steps | seconds trained by the call that wrote this "
+              "(0: reused) |"), "|---|---|---|---:|---:|"]
     lines += [f"| {r.name} | {r.preset} | {' '.join(r.overrides) or '-'} | "
               f"{run_config(r, out, quick).train.steps} | {seconds.get(r.name, 0):.0f} |" for r in RUNS]
-    lines += ["", (f"Reproduce: `anystep reproduce --out {out}{' --quick' if quick else ''}` (finished runs are "
-              "reused; delete a run's folder to retrain it).")]
+    lines += ["", (f"Reproduce: `anystep reproduce{' --quick' if quick else ''}` (this report: `--out {out.name}`; finished "
+              "runs in the folder are reused, delete a run's folder to retrain it).")]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
