@@ -47,6 +47,24 @@ def test_ablation_verdicts_follow_their_rules():
     assert verdict == "partly" and "NO: Stage 2" in why
 
 
+def _late_rows(late: float) -> list[dict]:
+    return [{"N": n, "late_continued": late} for n in rp.NS]
+
+
+def test_stage2_diagnosis_names_the_ingredient_whose_removal_recovers_most():
+    rows = {"far_stage1": _late_rows(0.65), "far_stage2": _late_rows(0.45), "far_stage2_no_dmd": _late_rows(0.63),
+            "far_stage2_no_cotrain": _late_rows(0.40), "far_stage2_unguided": _late_rows(0.50)}
+    lines = rp.stage2_diagnosis(rp.Measured({}, exposure_rows=rows))
+    assert "Without DMD: 0.630, 90% of Stage 2's loss recovered." in lines
+    assert "Without the co-trained loss: 0.400, -25% of Stage 2's loss recovered." in lines
+    assert lines[-1] == "The ingredient whose removal recovers most: DMD (90%)."
+    rows["far_stage2_no_dmd"] = _late_rows(0.48)
+    assert rp.stage2_diagnosis(rp.Measured({}, exposure_rows=rows))[-1].startswith(
+        "No single ingredient's removal recovers half of it (best: the teacher's guidance in DMD (CFG 4), 25%)")
+    rows["far_stage2"] = _late_rows(0.66)                               # Stage 2 costs nothing: nothing to attribute
+    assert rp.stage2_diagnosis(rp.Measured({}, exposure_rows=rows))[-1].startswith("Stage 2 does not lower it")
+
+
 def test_runs_start_from_runs_that_come_earlier():
     names = [r.name for r in rp.RUNS]
     for run in rp.RUNS:
@@ -63,6 +81,9 @@ def test_quick_mode_writes_a_report_of_the_sweeps_numbers_and_reuses_finished_ru
         assert (out / "plots" / f"{claim.key.replace(' ', '_')}.png").stat().st_size > 0
     assert "| training cost |" in report and (out / "plots" / "embedding_norm.png").is_file()
     assert "| far_stage2 | 32 |" in report                              # the per-chunk exposure rows
+    for run in rp.CAUSAL_RUNS:                                          # every causal run's late chunks, N = 4 and 32
+        assert f"| {rp.BY_NAME[run].label} | 32 | " in report and f"| {rp.BY_NAME[run].label} | 4 | " in report
+    assert f"| {rp.CAUSAL_TEACHER} | 32 | " in report and "Late-chunk quality after the real history" in report
     with open(out / "sweep" / "sweep.csv") as f:       # the report's numbers are the sweep's
         rows = list(csv.DictReader(f))
     stage2 = [float(r["fd"]) for r in rows if r["sampler"] == "stage2"]
@@ -96,5 +117,9 @@ def test_exposure_bias_continues_the_real_history_it_is_given():
         assert len(r["own_chunks"]) == 5 and torch.allclose(torch.tensor(r["continued_chunks"][:3]), expected[:3])
         assert r["exposure_bias"] == pytest.approx(r["late_continued"] - r["late_own"])
         assert r["late_own"] == pytest.approx(sum(r["own_chunks"][-2:]) / 2)
+        real_scores = judge.judge_chunks(real, ev.meta, (1, 2, 2, 2, 2))      # every score, not just quality
+        assert set(r["continued_scores"]) == set(real_scores) and r["own_scores"]["quality"] == r["own_chunks"]
+        for key, v in real_scores.items():
+            assert torch.allclose(torch.tensor(r["continued_scores"][key][:3]), v.mean(0)[:3]), key
     with pytest.raises(ValueError, match="tail"):
         exposure_bias(student, judge, real, ev.noise, ev.cond, ev.meta, (1,), shift=5.0, tail=5)

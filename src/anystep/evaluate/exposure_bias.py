@@ -22,17 +22,21 @@ import torch
 from ..causal import chunks_covering, sample_causal
 
 
-def _chunk_quality(judge: Any, clips: torch.Tensor, specs: Sequence[Any], partition: Sequence[int]) -> list[float]:
-    """The judge's quality of every chunk, averaged over the clips."""
-    return judge.judge_chunks(clips.clamp(-1, 1), specs, partition)["quality"].mean(0).tolist()
+def chunk_scores(judge: Any, clips: torch.Tensor, specs: Sequence[Any], partition: Sequence[int]) -> dict[str, list[float]]:
+    """Every score of the judge's per-chunk judge (quality, consistency, smoothness, drift, ...) of every chunk,
+    averaged over the clips: ``{score: [chunk 0, chunk 1, ...]}``."""
+    scores = judge.judge_chunks(clips.clamp(-1, 1), specs, partition)
+    return {k: v.mean(0).tolist() for k, v in scores.items()}
 
 
 def exposure_bias(student: Any, judge: Any, real: torch.Tensor, noise: torch.Tensor, cond: Any,
                   specs: Sequence[Any], steps: Sequence[int], *, shift: float, tail: int = 1,
                   batch: int = 64) -> list[dict[str, Any]]:
     """Per N in ``steps``: the per-chunk quality of the student's own rollout and of its continuation of the real
-    clips ``real`` (their first chunks given, the last ``tail`` generated), and E (module docstring). ``noise``,
-    ``cond``: the evaluation set's noises and conditions (rows of ``real``); ``specs``: what the judge reads."""
+    clips ``real`` (their first chunks given, the last ``tail`` generated), and E (module docstring); with every
+    per-chunk score of both (``own_scores``, ``continued_scores``: :func:`chunk_scores`), which say *what* the late
+    chunks lose. ``noise``, ``cond``: the evaluation set's noises and conditions (rows of ``real``); ``specs``: what
+    the judge reads."""
     partition = tuple(student.chunk_partition)
     if not 1 <= tail < len(partition):
         raise ValueError(f"tail must leave at least one given chunk: 1 <= tail < {len(partition)}, got {tail}")
@@ -51,9 +55,11 @@ def exposure_bias(student: Any, judge: Any, real: torch.Tensor, noise: torch.Ten
 
     rows = []
     for n in steps:
-        own = _chunk_quality(judge, rollout(n, None), specs, partition)
-        cont = _chunk_quality(judge, rollout(n, real[:, :given]), specs, partition)
+        own_scores = chunk_scores(judge, rollout(n, None), specs, partition)
+        cont_scores = chunk_scores(judge, rollout(n, real[:, :given]), specs, partition)
+        own, cont = own_scores["quality"], cont_scores["quality"]
         late_own, late_real = sum(own[-tail:]) / tail, sum(cont[-tail:]) / tail
         rows.append({"N": n, "own_chunks": own, "continued_chunks": cont, "late_own": late_own,
-                     "late_continued": late_real, "exposure_bias": late_real - late_own})
+                     "late_continued": late_real, "exposure_bias": late_real - late_own,
+                     "own_scores": own_scores, "continued_scores": cont_scores})
     return rows

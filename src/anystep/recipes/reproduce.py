@@ -5,16 +5,19 @@ and a verdict rule written down before looking at the numbers (:func:`verdict_*`
 presets with one switch changed each (one thread each, ``jobs`` of them at a time, in dependency order). The
 gmm runs, all from one teacher, are swept together at N = 1, 2, 4, 8, 16, 32 on one evaluation set (the
 Fréchet distance to the exact class moments, lower is better; the exact ODE scores ~0.004 with 4000 samples).
-The two causal runs (shapes world, teacher-forced Stage 1 and on-policy Stage 2 from the shipped causal-world
-teacher) are measured for exposure bias (:mod:`anystep.evaluate.exposure_bias`). Runs already finished in the
+The causal runs (shapes world, teacher-forced Stage 1 and on-policy Stage 2 from the shipped causal-world
+teacher, and Stage 2 with one ingredient taken away each: DMD, the co-trained loss, the teacher's guidance) are
+measured for exposure bias (:mod:`anystep.evaluate.exposure_bias`) with every per-chunk score, beside the
+teacher's own per-chunk scores: what Stage 2 changes in the late chunks, and which ingredient does it. Runs already finished in the
 output folder are reused (a killed report resumes where it stopped; delete a run's folder to retrain it).
 
 ``--quick`` trains each run for a fiftieth of its steps and sweeps 500 samples (causal: 20 clips): the whole
 pipeline in a few minutes (the tests run it); its numbers measure nothing, and its report says so on every
 verdict.
 
-Not covered here (the report lists them as "not measured"): the shapes-world video teacher and Table 4's costs
-(``benchmarks/training_cost.py`` measures those).
+Not covered here (the report lists them as "not measured"): Table 4's costs (``benchmarks/training_cost.py``
+measures those) and the step scaling of students of the fine shapes teacher (``shipped:shapes_teacher_fine``,
+whose own sweep the README shows; its students cost about 4x the demo's per step).
 """
 
 from __future__ import annotations
@@ -75,9 +78,19 @@ RUNS: tuple[Run, ...] = (
     Run("cbs", "gmm_cbs", 4000, (), "cd", "consistency backward simulation + DMD (Stage 2's budget)"),
     Run("far_stage1", "shapes_far_stage1", 800, (), None, "causal Stage 1 (teacher forcing; shapes world)"),
     Run("far_stage2", "shapes_far_stage2", 300, (), "far_stage1", "causal Stage 2 (on-policy: its own rollouts)"),
+    # What in causal Stage 2 costs the late chunks: each run takes one ingredient away.
+    Run("far_stage2_no_dmd", "shapes_far_stage2", 300, ("stage2.dmd_weight=0.0",), "far_stage1",
+        "causal Stage 2 without DMD (co-trained loss only)"),
+    Run("far_stage2_no_cotrain", "shapes_far_stage2", 300, ("stage2.cotrain_weight=0.0",), "far_stage1",
+        "causal Stage 2 without the co-trained loss (DMD only)"),
+    Run("far_stage2_unguided", "shapes_far_stage2", 300, ("stage2.real_guidance=0.0",), "far_stage1",
+        "causal Stage 2, DMD toward the unguided teacher (CFG 1, not 4)"),
 )
 GMM_RUNS = tuple(r.name for r in RUNS if r.preset.startswith("gmm_") and r.name != "teacher")
-CAUSAL_RUNS = ("far_stage1", "far_stage2")
+CAUSAL_RUNS = ("far_stage1", "far_stage2", "far_stage2_no_dmd", "far_stage2_no_cotrain", "far_stage2_unguided")
+STAGE2_PARTS = {"far_stage2_no_dmd": "DMD", "far_stage2_no_cotrain": "the co-trained loss",
+                "far_stage2_unguided": "the teacher's guidance in DMD (CFG 4)"}   # run -> what it takes away
+CAUSAL_TEACHER = "causal-world teacher (bidirectional, Euler, CFG 3)"
 CAUSAL_SAMPLES, CAUSAL_TAIL = 128, 2    # the causal sweep's clips; chunks generated after the real history
 BY_NAME = {r.name: r for r in RUNS}
 TEACHER_ROW = "teacher Euler"
@@ -100,6 +113,7 @@ class Measured:
     reference: float = float("nan")
     exposure: Curves = field(default_factory=dict)
     exposure_rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    teacher_chunks: list[dict[str, Any]] = field(default_factory=list)   # per N: the causal teacher's chunk scores
 
 
 def _log_mean(curve: Sequence[float]) -> float:
@@ -248,6 +262,9 @@ CLAIMS: tuple[Claim, ...] = (
 )
 NOT_MEASURED = (
     ("training cost", "Table 4: Stage 1 and Stage 2 cost per iteration", "benchmarks/training_cost.py measures it"),
+    ("video step scaling", "Fig. 1 / Table 2 on video", ("the fine shapes teacher's students (about 4x the demo's cost "
+     "per step) are not trained here; the teacher's own sweep is in the README, the demo's coarse world's students "
+     "in its demo table")),
 )
 
 
@@ -361,7 +378,7 @@ def exposure(out: Path, quick: bool) -> dict[str, list[dict[str, Any]]]:
     for name in CAUSAL_RUNS:
         clips = QUICK_SAMPLES // 25 if quick else CAUSAL_SAMPLES
         ckpt = newest_checkpoint(out / "runs" / name / "checkpoints")
-        key = {"checkpoint": str(ckpt), "clips": clips, "steps": list(NS), "tail": CAUSAL_TAIL}
+        key = {"checkpoint": str(ckpt), "clips": clips, "steps": list(NS), "tail": CAUSAL_TAIL, "scores": "all"}
         cache = out / "exposure" / f"{name}.json"
         if cache.is_file() and (kept := json.loads(cache.read_text())).get("measured_on") == key:
             rows[name] = kept["rows"]
@@ -373,6 +390,38 @@ def exposure(out: Path, quick: bool) -> dict[str, list[dict[str, Any]]]:
                                    ev.meta, NS, shift=sweep_cfg.shift, tail=CAUSAL_TAIL)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"measured_on": key, "rows": rows[name]}, indent=1) + "\n")
+    return rows
+
+
+def causal_teacher_chunks(out: Path, quick: bool) -> list[dict[str, Any]]:
+    """The causal Stage 2's teacher (the bidirectional causal-world teacher that scores its rollouts) sampled by
+    its Euler sampler with CFG at NS on the exposure clips, every per-chunk score: how good the late chunks are
+    that DMD pulls the student toward. Kept in ``out/exposure/teacher.json`` like :func:`exposure`'s rows."""
+    import json
+
+    from ..api import load
+    from ..build import build_world
+    from ..evaluate.exposure_bias import chunk_scores
+    from ..evaluate.sweep import Sampler, sample_batched
+
+    student = load(out / "runs" / "far_stage2")
+    spec = student.config.stage2.teacher
+    if spec is None:
+        raise ValueError("far_stage2 names no stage2.teacher: the report needs the teacher its DMD scored against")
+    clips = QUICK_SAMPLES // 25 if quick else CAUSAL_SAMPLES
+    world, sweep_cfg = build_world(student.config), student.config.sweep
+    key = {"teacher": spec, "clips": clips, "steps": list(NS), "guidance": sweep_cfg.teacher_guidance}
+    cache = out / "exposure" / "teacher.json"
+    if cache.is_file() and (kept := json.loads(cache.read_text())).get("measured_on") == key:
+        return kept["rows"]
+    teacher, ev = load(spec), world.eval_set(clips, sweep_cfg.seed)
+    sampler = Sampler("teacher", teacher.network, sweep_cfg.teacher_guidance, "euler")
+    partition = tuple(student.network.chunk_partition)
+    rows = [{"N": n, "scores": chunk_scores(world.judge(), sample_batched(sampler, world.null_cond, ev.noise, ev.cond,
+                                                                          n, sweep_cfg.shift), ev.meta, partition)}
+            for n in NS]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"measured_on": key, "rows": rows}, indent=1) + "\n")
     return rows
 
 
@@ -466,7 +515,67 @@ def _exposure_lines(m: Measured) -> list[str]:
     return lines
 
 
-EXTRAS: dict[str, Callable[[Measured], list[str]]] = {"embedding init": _norm_lines, "exposure bias": _exposure_lines}
+LATE_SCORES = ("quality", "background", "consistency", "smoothness", "direction", "drift")
+
+
+def _late(scores: dict[str, list[float]], key: str) -> float:
+    return sum(scores[key][-CAUSAL_TAIL:]) / CAUSAL_TAIL
+
+
+def late_after_real(m: Measured, name: str) -> float:
+    """A causal run's late-chunk quality after the real history, averaged over NS (E's first term)."""
+    rows = m.exposure_rows[name]
+    return sum(r["late_continued"] for r in rows) / len(rows)
+
+
+def stage2_diagnosis(m: Measured) -> list[str]:
+    """Which ingredient of causal Stage 2 costs the late chunks: for each run that takes one away, the share of
+    Stage 2's loss in late-chunk quality after real history (Stage 1 minus Stage 2, averaged over N) it recovers
+    (100%: back to Stage 1; 0%: as Stage 2; negative: worse than Stage 2)."""
+    s1, s2 = late_after_real(m, "far_stage1"), late_after_real(m, "far_stage2")
+    lost = s1 - s2
+    lines = [f"Late-chunk quality after the real history, mean over N: Stage 1 {s1:.3f}, Stage 2 {s2:.3f}."]
+    if lost <= 0.005:
+        return lines + ["Stage 2 does not lower it (by more than 0.005): nothing to attribute."]
+    shares = {}
+    for name, part in STAGE2_PARTS.items():
+        if name in m.exposure_rows:
+            shares[part] = (late_after_real(m, name) - s2) / lost
+            lines.append(f"Without {part}: {late_after_real(m, name):.3f}, {100 * shares[part]:.0f}% of Stage 2's "
+                         "loss recovered.")
+    if shares:
+        part, share = max(shares.items(), key=lambda kv: kv[1])
+        lines.append(f"The ingredient whose removal recovers most: {part} ({100 * share:.0f}%)." if share >= 0.5 else
+                     f"No single ingredient's removal recovers half of it (best: {part}, {100 * share:.0f}%).")
+    return lines
+
+
+def _diagnosis_lines(m: Measured) -> list[str]:
+    """What Stage 2 changes in the late chunks (each per-chunk score, after the real history) and which ingredient
+    does it, beside the teacher's own late chunks."""
+    if "far_stage1" not in m.exposure_rows or "far_stage2" not in m.exposure_rows:
+        return []
+    lines = ["", "### What Stage 2 changes in the late chunks, and which ingredient does it", "",
+             (f"Mean over the last {CAUSAL_TAIL} chunks of each per-chunk score (the per-chunk judge), the students "
+              f"continued from the real history, the teacher on its own samples ({CAUSAL_TEACHER}):"), "",
+             "| run | N | " + " | ".join(LATE_SCORES) + " |", "|---|---:|" + "---:|" * len(LATE_SCORES)]
+    for n in (NS[2], NS[-1]):
+        for name, rows in m.exposure_rows.items():
+            r = next(r for r in rows if r["N"] == n)
+            lines.append(f"| {BY_NAME[name].label} | {n} | "
+                         + " | ".join(f"{_late(r['continued_scores'], k):.3f}" for k in LATE_SCORES) + " |")
+        t = next((r for r in m.teacher_chunks if r["N"] == n), None)
+        if t is not None:
+            lines.append(f"| {CAUSAL_TEACHER} | {n} | " + " | ".join(f"{_late(t['scores'], k):.3f}" for k in LATE_SCORES)
+                         + " |")
+    return lines + [""] + stage2_diagnosis(m)
+
+
+def _exposure_all(m: Measured) -> list[str]:
+    return _exposure_lines(m) + _diagnosis_lines(m)
+
+
+EXTRAS: dict[str, Callable[[Measured], list[str]]] = {"embedding init": _norm_lines, "exposure bias": _exposure_all}
 
 
 def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, jobs: int = 2,
@@ -481,7 +590,8 @@ def reproduce(out: str | Path = "runs/reproduce", quick: bool = False, jobs: int
     norms, reference = embedding_norms(out)
     log("measuring the causal students' exposure bias")
     rows = exposure(out, quick)
-    measured = Measured(c, norms, reference, {k: [r["exposure_bias"] for r in v] for k, v in rows.items()}, rows)
+    measured = Measured(c, norms, reference, {k: [r["exposure_bias"] for r in v] for k, v in rows.items()}, rows,
+                        causal_teacher_chunks(out, quick))
     report(out, quick, measured, seconds)
     log(f"report: {out / 'report.md'} ({time.time() - start:.0f} s)")
     return out / "report.md"
