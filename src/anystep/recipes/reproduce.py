@@ -8,8 +8,9 @@ Fréchet distance to the exact class moments, lower is better; the exact ODE sco
 The causal runs (shapes world, teacher-forced Stage 1 and on-policy Stage 2 from the shipped causal-world
 teacher, and Stage 2 with one ingredient taken away each: DMD, the co-trained loss, the teacher's guidance) are
 measured for exposure bias (:mod:`anystep.evaluate.exposure_bias`) with every per-chunk score, beside the
-teacher's own per-chunk scores: what Stage 2 changes in the late chunks, and which ingredient does it. Runs already finished in the
-output folder are reused (a killed report resumes where it stopped; delete a run's folder to retrain it).
+teacher's own per-chunk scores: what Stage 2 changes in the late chunks, and which ingredient does it. Runs
+already finished in the output folder are reused (a killed report resumes where it stopped; delete a run's
+folder to retrain it).
 
 ``--quick`` trains each run for a fiftieth of its steps and sweeps 500 samples (causal: 20 clips): the whole
 pipeline in a few minutes (the tests run it); its numbers measure nothing, and its report says so on every
