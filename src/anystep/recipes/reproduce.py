@@ -363,34 +363,46 @@ def embedding_norms(out: Path) -> tuple[dict[str, list[tuple[int, float]]], floa
     return norms, reference
 
 
+def _kept(cache: Path, key: dict[str, Any], measure: Callable[[], Any]) -> Any:
+    """``measure()``'s result, kept in ``cache`` (JSON) with what it was measured on (``key``) and reused while that
+    is unchanged."""
+    import json
+
+    if cache.is_file() and (kept := json.loads(cache.read_text())).get("measured_on") == key:
+        return kept["rows"]
+    rows = measure()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"measured_on": key, "rows": rows}, indent=1) + "\n")
+    return rows
+
+
+def causal_clips(quick: bool) -> int:
+    """How many clips the causal measurements use."""
+    return QUICK_SAMPLES // 25 if quick else CAUSAL_SAMPLES
+
+
 def exposure(out: Path, quick: bool) -> dict[str, list[dict[str, Any]]]:
     """Each causal run's exposure bias at NS (:func:`~anystep.evaluate.exposure_bias.exposure_bias`): its own
     rollouts against its continuations of the real clips (all but the last ``CAUSAL_TAIL`` chunks given), on the
     sweep's evaluation set (seed and shift of the run's ``sweep`` settings). Each run's rows are kept in
     ``out/exposure/<run>.json`` with what they were measured on (the checkpoint, the clips, N, the tail) and
     reused while that is unchanged."""
-    import json
-
     from ..api import load
     from ..build import build_world
     from ..evaluate.exposure_bias import exposure_bias
 
-    rows = {}
-    for name in CAUSAL_RUNS:
-        clips = QUICK_SAMPLES // 25 if quick else CAUSAL_SAMPLES
-        ckpt = newest_checkpoint(out / "runs" / name / "checkpoints")
-        key = {"checkpoint": str(ckpt), "clips": clips, "steps": list(NS), "tail": CAUSAL_TAIL, "scores": "all"}
-        cache = out / "exposure" / f"{name}.json"
-        if cache.is_file() and (kept := json.loads(cache.read_text())).get("measured_on") == key:
-            rows[name] = kept["rows"]
-            continue
+    def measure(name: str) -> list[dict[str, Any]]:
         model = load(out / "runs" / name)
         world, sweep_cfg = build_world(model.config), model.config.sweep
-        ev = world.eval_set(clips, sweep_cfg.seed)
-        rows[name] = exposure_bias(model.network, world.judge(), world.world.render(ev.meta), ev.noise, ev.cond,
-                                   ev.meta, NS, shift=sweep_cfg.shift, tail=CAUSAL_TAIL)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"measured_on": key, "rows": rows[name]}, indent=1) + "\n")
+        ev = world.eval_set(causal_clips(quick), sweep_cfg.seed)
+        return exposure_bias(model.network, world.judge(), world.world.render(ev.meta), ev.noise, ev.cond, ev.meta,
+                             NS, shift=sweep_cfg.shift, tail=CAUSAL_TAIL)
+
+    rows = {}
+    for name in CAUSAL_RUNS:
+        key = {"checkpoint": str(newest_checkpoint(out / "runs" / name / "checkpoints")), "clips": causal_clips(quick),
+               "steps": list(NS), "tail": CAUSAL_TAIL, "scores": "all"}
+        rows[name] = _kept(out / "exposure" / f"{name}.json", key, lambda name=name: measure(name))
     return rows
 
 
@@ -398,8 +410,6 @@ def causal_teacher_chunks(out: Path, quick: bool) -> list[dict[str, Any]]:
     """The causal Stage 2's teacher (the bidirectional causal-world teacher that scores its rollouts) sampled by
     its Euler sampler with CFG at NS on the exposure clips, every per-chunk score: how good the late chunks are
     that DMD pulls the student toward. Kept in ``out/exposure/teacher.json`` like :func:`exposure`'s rows."""
-    import json
-
     from ..api import load
     from ..build import build_world
     from ..evaluate.exposure_bias import chunk_scores
@@ -409,21 +419,17 @@ def causal_teacher_chunks(out: Path, quick: bool) -> list[dict[str, Any]]:
     spec = student.config.stage2.teacher
     if spec is None:
         raise ValueError("far_stage2 names no stage2.teacher: the report needs the teacher its DMD scored against")
-    clips = QUICK_SAMPLES // 25 if quick else CAUSAL_SAMPLES
     world, sweep_cfg = build_world(student.config), student.config.sweep
-    key = {"teacher": spec, "clips": clips, "steps": list(NS), "guidance": sweep_cfg.teacher_guidance}
-    cache = out / "exposure" / "teacher.json"
-    if cache.is_file() and (kept := json.loads(cache.read_text())).get("measured_on") == key:
-        return kept["rows"]
-    teacher, ev = load(spec), world.eval_set(clips, sweep_cfg.seed)
-    sampler = Sampler("teacher", teacher.network, sweep_cfg.teacher_guidance, "euler")
-    partition = tuple(student.network.chunk_partition)
-    rows = [{"N": n, "scores": chunk_scores(world.judge(), sample_batched(sampler, world.null_cond, ev.noise, ev.cond,
-                                                                          n, sweep_cfg.shift), ev.meta, partition)}
-            for n in NS]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"measured_on": key, "rows": rows}, indent=1) + "\n")
-    return rows
+
+    def measure() -> list[dict[str, Any]]:
+        ev = world.eval_set(causal_clips(quick), sweep_cfg.seed)
+        sampler = Sampler("teacher", load(spec).network, sweep_cfg.teacher_guidance, "euler")
+        partition = tuple(student.network.chunk_partition)
+        return [{"N": n, "scores": chunk_scores(world.judge(), sample_batched(
+                    sampler, world.null_cond, ev.noise, ev.cond, n, sweep_cfg.shift), ev.meta, partition)} for n in NS]
+
+    key = {"teacher": spec, "clips": causal_clips(quick), "steps": list(NS), "guidance": sweep_cfg.teacher_guidance}
+    return _kept(out / "exposure" / "teacher.json", key, measure)
 
 
 def plot_claim(claim: Claim, c: Curves, path: Path) -> None:
